@@ -1,0 +1,106 @@
+"""Training iterator, real-image samples and dataset size for a `data` config."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import grain
+import numpy as np
+
+from dfm_jax.data.config import get
+from dfm_jax.data.config import validate_data_config
+from dfm_jax.data.sources import ArraySource
+from dfm_jax.data.sources import open_source
+from dfm_jax.data.transforms import to_unit_range
+
+
+@dataclasses.dataclass(frozen=True)
+class _FlipAndScale(grain.transforms.RandomMap):
+    """uint8 image -> float32 in [-1, 1] (latents: times `latent_scale`), maybe mirrored."""
+
+    random_flip: bool
+    pixels: bool
+    latent_scale: float
+
+    def random_map(self, element, rng: np.random.Generator):
+        image = element["image"]
+        if self.random_flip and rng.random() < 0.5:
+            image = image[:, ::-1]
+        if self.pixels:
+            image = to_unit_range(image)
+        else:
+            image = image * np.float32(self.latent_scale)
+        return {"image": np.ascontiguousarray(image, np.float32), "label": element["label"]}
+
+
+def _read_options(source, num_workers: int) -> grain.ReadOptions:
+    # Buffers hold whole local batches; decoding threads help only when PIL does the work.
+    if isinstance(source, ArraySource) or not source.pixels:
+        return grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
+    threads = 4 if num_workers else 8
+    return grain.ReadOptions(num_threads=threads, prefetch_buffer_size=threads)
+
+
+def make_train_iterator(data, *, global_batch_size: int, seed: int, process_index: int = 0,
+                        process_count: int = 1) -> grain.DatasetIterator:
+    """Infinite, checkpointable (`get_state`/`set_state`) iterator of this process's batches.
+
+    Yields {'image': float32 [L, H, W, C] in [-1, 1] (latents: scaled by data.latent_scale,
+    unclipped), 'label': int32 [L]} with L = global_batch_size // process_count. For a given
+    seed, process p's batch k equals rows [p*L, (p+1)*L) of batch k of the process_count=1
+    iterator, whatever num_workers is. Each epoch is reshuffled.
+    """
+    validate_data_config(data)
+    if process_count < 1 or not 0 <= process_index < process_count:
+        raise ValueError(f"process_index={process_index} must lie in [0, process_count="
+                         f"{process_count})")
+    if global_batch_size < 1 or global_batch_size % process_count:
+        raise ValueError(f"global_batch_size={global_batch_size} must be a positive multiple of "
+                         f"process_count={process_count}")
+    local_batch = global_batch_size // process_count
+    source = open_source(data)
+    shuffle_seed, flip_seed = (int(s) for s in np.random.SeedSequence(seed).generate_state(2))
+    ds = grain.MapDataset.source(source).shuffle(seed=shuffle_seed).repeat()
+    # Augmentation randomness is keyed by the global position, so sharding cannot change it.
+    ds = ds.random_map(_FlipAndScale(bool(get(data, "random_flip")), source.pixels,
+                                     float(get(data, "latent_scale"))), seed=flip_seed)
+    # Consecutive chunks of L rows: process p takes chunks p, p + P, p + 2P, ... (P processes),
+    # i.e. rows [p*L, (p+1)*L) of each global batch.
+    ds = ds.batch(local_batch, drop_remainder=True)[process_index::process_count]
+    num_workers = get(data, "num_workers")
+    it = ds.to_iter_dataset(_read_options(source, num_workers))
+    if num_workers > 0:
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+    return iter(it)
+
+
+def load_images(data, num: int, *, split: str | None = None,
+                seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A deterministic sample of `num` distinct real images, cropped as for training, no flip.
+
+    Returns images uint8 [num, H, W, C] and labels int32 [num]; `split` (tfds only) overrides
+    data.split.
+    """
+    validate_data_config(data)
+    if get(data, "source") == "latents":
+        raise ValueError("data.source='latents' holds no pixels; FID reference statistics and "
+                         "classifiers need pixel data (a 'folder', 'tfds', 'idx' or 'mnist5k' "
+                         "source)")
+    source = open_source(data, split)
+    n = len(source)
+    if not 0 < num <= n:
+        raise ValueError(f"load_images: num={num} must lie in [1, {n}] (dataset size)")
+    order = np.random.default_rng(seed).permutation(n)[:num]
+    if isinstance(source, ArraySource):
+        images, labels = source.arrays()
+        return images[order], labels[order]
+    ds = grain.MapDataset.range(num).map(lambda k: source[int(order[k])])
+    elements = list(ds.to_iter_dataset(grain.ReadOptions(num_threads=8, prefetch_buffer_size=32)))
+    return (np.stack([e["image"] for e in elements]),
+            np.array([e["label"] for e in elements], np.int32))
+
+
+def dataset_size(data) -> int:
+    """Number of records in data.split (before any skipping of corrupt records)."""
+    validate_data_config(data)
+    return len(open_source(data))
