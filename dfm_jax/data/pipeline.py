@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from absl import flags
 import grain
 import numpy as np
 
@@ -70,6 +71,10 @@ def make_train_iterator(data, *, global_batch_size: int, seed: int, process_inde
     num_workers = get(data, "num_workers")
     it = ds.to_iter_dataset(_read_options(source, num_workers))
     if num_workers > 0:
+        if not flags.FLAGS.is_parsed():
+            # Grain reads its absl flags when it starts workers; outside absl.app nothing has
+            # parsed them and the read fails, so take their defaults.
+            flags.FLAGS.mark_as_parsed()
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
     return iter(it)
 
