@@ -1,0 +1,312 @@
+"""The DFM DiT (Flax NNX): a DiT with adaLN-Zero and per-stage inputs, time embedders and heads.
+
+Every stage s gets its own patch embedding, chosen so that all stages yield the same token grid
+(stage 1 with ``patch_size``, finer stages with proportionally larger patches); the embeddings
+are summed into one token sequence. Per-stage timestep embedders are summed, with the class
+embedding (and optionally a stage-index embedding), into the adaLN conditioning. Each stage has
+its own zero-initialised output head. With one stage this is exactly a DiT.
+
+Images: stage arrays ``[B, H_s, W_s, C_s]``; videos ``[B, T_s, H_s, W_s, C_s]`` (frames are
+patchified independently unless the decomposition also halves time, in which case finer stages
+use a temporal patch too). Times ``t [B, S]`` follow t = 0 noise, t = 1 data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dfm_jax import positions
+
+# Standard DiT sizes: (hidden size, depth, heads).
+SIZES = {"S": (384, 12, 6), "B": (768, 12, 12), "L": (1024, 24, 16), "XL": (1152, 28, 16)}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class DiTConfig:
+  """Model hyperparameters. ``stage_shapes`` exclude the batch axis, coarse to fine."""
+  stage_shapes: tuple[tuple[int, ...], ...]
+  patch_size: int = 2
+  hidden_size: int = 384
+  depth: int = 12
+  num_heads: int = 6
+  mlp_ratio: float = 4.0
+  num_classes: int = 1000  # the null class (for classifier-free guidance) is index num_classes
+  pos_embed: str = "rope"  # 'rope' or 'sincos'
+  stage_index_embed: bool = True
+  dtype: str = "float32"  # compute dtype; parameters, norms and residuals stay float32
+  remat: bool = False
+  time_scale: float = 1000.0  # t in [0, 1] is multiplied by this before the sinusoid
+  freq_dim: int = 256
+
+  def __post_init__(self):
+    object.__setattr__(self, "stage_shapes", tuple(tuple(int(d) for d in s)
+                                                   for s in self.stage_shapes))
+    if self.pos_embed not in ("rope", "sincos"):
+      raise ValueError(f"pos_embed must be 'rope' or 'sincos', got {self.pos_embed!r}")
+    if self.dtype not in DTYPES:
+      raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+    if self.hidden_size % self.num_heads:
+      raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads "
+                       f"{self.num_heads}")
+    token_layout(self.stage_shapes, self.patch_size)  # validates the patch geometry
+
+  @property
+  def num_stages(self) -> int:
+    return len(self.stage_shapes)
+
+  @classmethod
+  def from_size(cls, size: str, **kw) -> "DiTConfig":
+    if size not in SIZES:
+      raise ValueError(f"unknown DiT size {size!r}; choose one of {', '.join(SIZES)}")
+    hidden, depth, heads = SIZES[size]
+    return cls(hidden_size=hidden, depth=depth, num_heads=heads, **kw)
+
+
+def token_layout(stage_shapes: Sequence[Sequence[int]], patch_size: int
+                 ) -> tuple[tuple[int, ...], tuple[tuple[int, ...], ...]]:
+  """The shared token grid and each stage's patch size per grid axis.
+
+  Images use a 2D grid ``(H_1 / p, W_1 / p)``; videos a 3D grid ``(T_1, H_1 / p, W_1 / p)``.
+  Raises ValueError when stages cannot all be cut into the same number of tokens.
+  """
+  first = stage_shapes[0]
+  if len(first) not in (3, 4):
+    raise ValueError(f"stage shapes must be [H, W, C] or [T, H, W, C], got {first}")
+  spatial0 = first[-3:-1]
+  for d in spatial0:
+    if d < patch_size or d % patch_size:
+      raise ValueError(
+          f"the coarsest stage {tuple(first)} cannot be cut into {patch_size}x{patch_size} "
+          f"patches: its spatial size must be a positive multiple of the patch size")
+  base = ((1,) if len(first) == 4 else ()) + (patch_size, patch_size)
+  grid = tuple(d // p for d, p in zip(first[:-1], base))
+  patches = []
+  for shape in stage_shapes:
+    if len(shape) != len(first):
+      raise ValueError(f"all stages must have the same rank, got {tuple(stage_shapes)}")
+    patch = []
+    for d, g in zip(shape[:-1], grid):
+      if d % g:
+        raise ValueError(
+            f"stage of shape {tuple(shape)} cannot give the same token grid {grid} as the "
+            f"coarsest stage (size {d} is not a multiple of {g}); every stage must be an "
+            f"integer multiple of the coarsest stage's grid")
+      patch.append(d // g)
+    patches.append(tuple(patch))
+  return grid, tuple(patches)
+
+
+def patchify(x: jax.Array, patch: Sequence[int]) -> jax.Array:
+  """``[B, d_1..d_k, C]`` -> ``[B, N, prod(patch) * C]`` with row-major tokens."""
+  b, *dims, c = x.shape
+  k = len(dims)
+  grid = [d // p for d, p in zip(dims, patch)]
+  shape = [b] + [v for g, p in zip(grid, patch) for v in (g, p)] + [c]
+  x = x.reshape(shape)
+  perm = [0] + [1 + 2 * i for i in range(k)] + [2 + 2 * i for i in range(k)] + [1 + 2 * k]
+  return x.transpose(perm).reshape(b, int(np.prod(grid)), -1)
+
+
+def unpatchify(tokens: jax.Array, grid: Sequence[int], patch: Sequence[int],
+               channels: int) -> jax.Array:
+  """Inverse of :func:`patchify`: ``[B, N, prod(patch) * C]`` -> ``[B, d_1..d_k, C]``."""
+  b = tokens.shape[0]
+  k = len(grid)
+  x = tokens.reshape([b] + list(grid) + list(patch) + [channels])
+  perm = [0] + [v for i in range(k) for v in (1 + i, 1 + k + i)] + [1 + 2 * k]
+  return x.transpose(perm).reshape([b] + [g * p for g, p in zip(grid, patch)] + [channels])
+
+
+def _dense(rngs, din, dout, names, *, init="xavier", dtype=jnp.float32, use_bias=True):
+  inits = {"xavier": nnx.initializers.xavier_uniform(), "zeros": nnx.initializers.zeros_init(),
+           "normal": nnx.initializers.normal(0.02)}
+  return nnx.Linear(
+      din, dout, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
+      kernel_init=nnx.with_partitioning(inits[init], names, eager_sharding=False),
+      bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), names[1:],
+                                      eager_sharding=False),
+      rngs=rngs)
+
+
+def layer_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
+  """Parameter-free LayerNorm over the last axis, computed in float32."""
+  x = x.astype(jnp.float32)
+  mean = x.mean(-1, keepdims=True)
+  var = jnp.square(x - mean).mean(-1, keepdims=True)
+  return (x - mean) * jax.lax.rsqrt(var + eps)
+
+
+def modulate(x, shift, scale):
+  return x * (1 + scale[:, None, :]) + shift[:, None, :]
+
+
+class TimestepEmbedder(nnx.Module):
+  """``t [B]`` in [0, 1] -> ``[B, D]`` via sinusoidal features of ``t * time_scale`` and an MLP."""
+
+  def __init__(self, cfg: DiTConfig, rngs: nnx.Rngs):
+    self.time_scale = cfg.time_scale
+    self.freq_dim = cfg.freq_dim
+    self.fc1 = _dense(rngs, cfg.freq_dim, cfg.hidden_size, (None, "embed"), init="normal")
+    self.fc2 = _dense(rngs, cfg.hidden_size, cfg.hidden_size, ("mlp", "embed"), init="normal")
+
+  def __call__(self, t):
+    h = positions.timestep_embedding(t * self.time_scale, self.freq_dim)
+    return self.fc2(nnx.silu(self.fc1(h)))
+
+
+class Attention(nnx.Module):
+
+  def __init__(self, cfg: DiTConfig, rngs: nnx.Rngs):
+    dtype = DTYPES[cfg.dtype]
+    self.num_heads = cfg.num_heads
+    self.qkv = _dense(rngs, cfg.hidden_size, 3 * cfg.hidden_size, ("embed", "heads"), dtype=dtype)
+    self.proj = _dense(rngs, cfg.hidden_size, cfg.hidden_size, ("heads", "embed"), dtype=dtype)
+
+  def __call__(self, x, rope):
+    b, n, d = x.shape
+    q, k, v = jnp.split(self.qkv(x).reshape(b, n, 3 * self.num_heads, d // self.num_heads),
+                        3, axis=2)
+    if rope is not None:
+      q = positions.apply_rope(q, *rope)
+      k = positions.apply_rope(k, *rope)
+    out = jax.nn.dot_product_attention(q, k, v)
+    return self.proj(out.reshape(b, n, d))
+
+
+class MLP(nnx.Module):
+
+  def __init__(self, cfg: DiTConfig, rngs: nnx.Rngs):
+    dtype = DTYPES[cfg.dtype]
+    hidden = int(cfg.hidden_size * cfg.mlp_ratio)
+    self.fc1 = _dense(rngs, cfg.hidden_size, hidden, ("embed", "mlp"), dtype=dtype)
+    self.fc2 = _dense(rngs, hidden, cfg.hidden_size, ("mlp", "embed"), dtype=dtype)
+
+  def __call__(self, x):
+    return self.fc2(nnx.gelu(self.fc1(x), approximate=True))
+
+
+class DiTBlock(nnx.Module):
+  """adaLN-Zero transformer block; the residual stream stays float32."""
+
+  def __init__(self, cfg: DiTConfig, rngs: nnx.Rngs):
+    self.dtype = DTYPES[cfg.dtype]
+    self.attn = Attention(cfg, rngs)
+    self.mlp = MLP(cfg, rngs)
+    self.ada = _dense(rngs, cfg.hidden_size, 6 * cfg.hidden_size, ("embed", "mlp"), init="zeros")
+
+  def __call__(self, x, c, rope):
+    shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(self.ada(nnx.silu(c)), 6, axis=-1)
+    h = modulate(layer_norm(x), shift1, scale1).astype(self.dtype)
+    x = x + gate1[:, None, :] * self.attn(h, rope).astype(jnp.float32)
+    h = modulate(layer_norm(x), shift2, scale2).astype(self.dtype)
+    return x + gate2[:, None, :] * self.mlp(h).astype(jnp.float32)
+
+
+class StageHead(nnx.Module):
+  """Final adaLN + zero-initialised linear + unpatchify for one stage."""
+
+  def __init__(self, cfg: DiTConfig, out_dim: int, rngs: nnx.Rngs):
+    self.ada = _dense(rngs, cfg.hidden_size, 2 * cfg.hidden_size, ("embed", "mlp"), init="zeros")
+    self.linear = _dense(rngs, cfg.hidden_size, out_dim, ("embed", None), init="zeros")
+
+  def __call__(self, x, c):
+    shift, scale = jnp.split(self.ada(nnx.silu(c)), 2, axis=-1)
+    return self.linear(modulate(layer_norm(x), shift, scale))
+
+
+class DFMDiT(nnx.Module):
+  """The DFM DiT. ``S = 1`` is a plain class-conditional DiT.
+
+  Call: ``model(stages, t, labels, stage_index)`` with ``stages`` a tuple of S noisy stage
+  arrays ``[B, *stage_shapes[s]]``, ``t [B, S]``, ``labels`` int ``[B]`` (``num_classes`` is the
+  null class) and ``stage_index`` int ``[B]`` (the main / most recently started stage, 0-based;
+  ignored unless ``stage_index_embed``). Returns a tuple of S float32 velocities, one per stage.
+  """
+
+  def __init__(self, cfg: DiTConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.grid, self.patches = token_layout(cfg.stage_shapes, cfg.patch_size)
+    d = cfg.hidden_size
+    self.embedders = nnx.List([
+        _dense(rngs, int(np.prod(p)) * shape[-1], d, ("patch", "embed"))
+        for p, shape in zip(self.patches, cfg.stage_shapes)])
+    self.time_embedders = nnx.List([TimestepEmbedder(cfg, rngs) for _ in cfg.stage_shapes])
+    self.label_embed = nnx.Embed(
+        cfg.num_classes + 1, d, param_dtype=jnp.float32, rngs=rngs,
+        embedding_init=nnx.with_partitioning(nnx.initializers.normal(0.02), ("vocab", "embed"),
+                                             eager_sharding=False))
+    self.stage_embed = (nnx.Embed(
+        cfg.num_stages, d, param_dtype=jnp.float32, rngs=rngs,
+        embedding_init=nnx.with_partitioning(nnx.initializers.normal(0.02), (None, "embed"),
+                                             eager_sharding=False))
+                        if cfg.stage_index_embed else None)
+    self.blocks = nnx.List([DiTBlock(cfg, rngs) for _ in range(cfg.depth)])
+    self.heads = nnx.List([StageHead(cfg, int(np.prod(p)) * shape[-1], rngs)
+                           for p, shape in zip(self.patches, cfg.stage_shapes)])
+    if cfg.pos_embed == "sincos":
+      self.pos = nnx.Cache(jnp.asarray(positions.sincos_embedding(d, self.grid)))
+    else:
+      cos, sin = positions.rope_frequencies(d // cfg.num_heads, self.grid)
+      self.rope_cos = nnx.Cache(jnp.asarray(cos))
+      self.rope_sin = nnx.Cache(jnp.asarray(sin))
+
+  def __call__(self, stages: Sequence[jax.Array], t: jax.Array, labels: jax.Array,
+               stage_index: jax.Array | None = None) -> tuple[jax.Array, ...]:
+    cfg = self.cfg
+    if len(stages) != cfg.num_stages:
+      raise ValueError(f"model has {cfg.num_stages} stages, got {len(stages)} inputs")
+    for x, shape in zip(stages, cfg.stage_shapes):
+      if tuple(x.shape[1:]) != shape:
+        raise ValueError(f"stage input of shape {x.shape[1:]} does not match the model's "
+                         f"stage shape {shape}")
+    dtype = DTYPES[cfg.dtype]
+    x = sum(emb(patchify(s.astype(dtype), p)).astype(jnp.float32)
+            for emb, s, p in zip(self.embedders, stages, self.patches))
+    c = self.label_embed(labels)
+    for s, temb in enumerate(self.time_embedders):
+      c = c + temb(t[:, s])
+    if self.stage_embed is not None:
+      if stage_index is None:
+        raise ValueError("this model embeds the stage index: pass stage_index")
+      c = c + self.stage_embed(stage_index)
+    rope = None
+    if cfg.pos_embed == "sincos":
+      x = x + self.pos[...][None]
+    else:
+      rope = (self.rope_cos[...], self.rope_sin[...])
+    for block in self.blocks:
+      if cfg.remat:
+        x = nnx.remat(lambda blk, x, c: blk(x, c, rope))(block, x, c)
+      else:
+        x = block(x, c, rope)
+    out = []
+    for head, p, shape in zip(self.heads, self.patches, cfg.stage_shapes):
+      out.append(unpatchify(head(x, c).astype(jnp.float32), self.grid, p, shape[-1]))
+    return tuple(out)
+
+
+def parameter_summary(model: nnx.Module) -> str:
+  """A table of parameter counts per top-level module and the total."""
+  params = nnx.state(model, nnx.Param)
+  counts: dict[str, int] = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    top = str(getattr(path[0], "key", getattr(path[0], "name", path[0])))
+    counts[top] = counts.get(top, 0) + int(np.prod(leaf.shape))
+  total = sum(counts.values())
+  width = max(len(k) for k in counts) + 2
+  lines = [f"{'module':<{width}}{'params':>14}"]
+  lines += [f"{k:<{width}}{v:>14,}" for k, v in counts.items()]
+  lines.append(f"{'total':<{width}}{total:>14,}  ({total / 1e6:.2f}M)")
+  return "\n".join(lines)
+
+
+def count_parameters(model: nnx.Module) -> int:
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+

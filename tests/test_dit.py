@@ -1,0 +1,171 @@
+"""The DFM DiT: shapes, zero-initialised heads, token geometry, and S = 1 against a plain DiT."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from dfm_jax import dit, positions
+
+
+def _cfg(stage_shapes, **kw):
+  base = dict(patch_size=2, hidden_size=32, depth=2, num_heads=4, num_classes=10)
+  base.update(kw)
+  return dit.DiTConfig(stage_shapes=stage_shapes, **base)
+
+
+def _randomise(model, seed=0):
+  """Replaces every parameter by random values so zero-initialised layers do something."""
+  state = nnx.state(model, nnx.Param)
+  leaves, tree = jax.tree.flatten(state)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  leaves = [jax.random.normal(k, x.shape) * 0.2 for k, x in zip(keys, leaves)]
+  nnx.update(model, jax.tree.unflatten(tree, leaves))
+
+
+def _inputs(cfg, batch=2, seed=0):
+  keys = jax.random.split(jax.random.key(seed), cfg.num_stages)
+  stages = tuple(jax.random.normal(k, (batch,) + s) for k, s in zip(keys, cfg.stage_shapes))
+  t = jnp.linspace(0.1, 0.9, batch * cfg.num_stages).reshape(batch, cfg.num_stages)
+  return stages, t, jnp.arange(batch) % 10, jnp.zeros(batch, jnp.int32)
+
+
+@pytest.mark.parametrize("pos_embed", ["rope", "sincos"])
+def test_stage_outputs_shapes_and_zero_at_init(pos_embed):
+  cfg = _cfg(((8, 8, 3), (16, 16, 3), (32, 32, 3)), pos_embed=pos_embed)
+  model = dit.DFMDiT(cfg, rngs=nnx.Rngs(0))
+  out = model(*_inputs(cfg))
+  assert [o.shape for o in out] == [(2, 8, 8, 3), (2, 16, 16, 3), (2, 32, 32, 3)]
+  for o in out:
+    assert o.dtype == jnp.float32
+    np.testing.assert_array_equal(o, 0.0)
+  _randomise(model)
+  out = model(*_inputs(cfg))
+  assert all(float(jnp.abs(o).mean()) > 0 for o in out)
+
+
+def test_equal_token_counts_and_patch_sizes():
+  grid, patches = dit.token_layout(((16, 16, 16), (32, 32, 16)), 1)
+  assert grid == (16, 16) and patches == ((1, 1), (2, 2))  # the paper's 32 + 64 latent pyramid
+  grid, patches = dit.token_layout(((8, 8, 3), (8, 8, 9), (16, 16, 9)), 2)  # Haar stages
+  assert grid == (4, 4) and patches == ((2, 2), (2, 2), (4, 4))
+  grid, patches = dit.token_layout(((2, 4, 4, 3), (4, 8, 8, 3)), 2)  # video halving time
+  assert grid == (2, 2, 2) and patches == ((1, 2, 2), (2, 4, 4))
+
+
+def test_impossible_patch_geometry_errors():
+  with pytest.raises(ValueError, match="cannot be cut into 4x4 patches"):
+    _cfg(((2, 2, 3), (4, 4, 3)), patch_size=4)
+  with pytest.raises(ValueError, match="same token grid"):
+    _cfg(((8, 8, 3), (10, 10, 3)), patch_size=2)
+
+
+def test_patchify_round_trip_and_conv_equivalence():
+  x = jax.random.normal(jax.random.key(0), (2, 8, 12, 3))
+  tokens = dit.patchify(x, (2, 2))
+  assert tokens.shape == (2, 24, 12)
+  np.testing.assert_array_equal(dit.unpatchify(tokens, (4, 6), (2, 2), 3), x)
+  w = jax.random.normal(jax.random.key(1), (2, 2, 3, 5))
+  conv = jax.lax.conv_general_dilated(x, w, (2, 2), "VALID",
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  np.testing.assert_allclose(tokens @ w.reshape(12, 5), conv.reshape(2, 24, 5), atol=1e-5)
+
+
+def _reference_dit(model, x, t, y):
+  """An independent single-stage DiT forward (conv patch embed, explicit softmax attention)."""
+  p = nnx.state(model, nnx.Param)
+  c_cfg = model.cfg
+  d, heads, ps = c_cfg.hidden_size, c_cfg.num_heads, c_cfg.patch_size
+  ln = lambda h: (h - h.mean(-1, keepdims=True)) / jnp.sqrt(h.var(-1, keepdims=True) + 1e-6)
+  dense = lambda h, q: h @ q["kernel"][...] + q["bias"][...]
+  b, hh, ww, ch = x.shape
+  w = p["embedders"][0]["kernel"][...].reshape(ps, ps, ch, d)
+  tok = jax.lax.conv_general_dilated(x, w, (ps, ps), "VALID",
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  tok = tok.reshape(b, -1, d) + p["embedders"][0]["bias"][...]
+  gh, gw = hh // ps, ww // ps
+  tok = tok + positions.sincos_embedding(d, (gh, gw))[None]
+  half = 128
+  freqs = np.exp(-np.log(10000.0) * np.arange(half) / half)
+  args = (t * 1000.0)[:, None] * freqs[None]
+  temb = jnp.concatenate([np.cos(args), np.sin(args)], -1)
+  te = p["time_embedders"][0]
+  c = dense(jax.nn.silu(dense(temb, te["fc1"])), te["fc2"])
+  c = c + p["label_embed"]["embedding"][...][y]
+  for i in range(c_cfg.depth):
+    blk = p["blocks"][i]
+    mods = jnp.split(dense(jax.nn.silu(c), blk["ada"]), 6, -1)
+    h = ln(tok) * (1 + mods[1][:, None]) + mods[0][:, None]
+    qkv = dense(h, blk["attn"]["qkv"]).reshape(b, -1, 3, heads, d // heads)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    att = jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(d // heads), -1)
+    o = jnp.einsum("bhqk,bkhd->bqhd", att, v).reshape(b, -1, d)
+    tok = tok + mods[2][:, None] * dense(o, blk["attn"]["proj"])
+    h = ln(tok) * (1 + mods[4][:, None]) + mods[3][:, None]
+    m = dense(jax.nn.gelu(dense(h, blk["mlp"]["fc1"]), approximate=True), blk["mlp"]["fc2"])
+    tok = tok + mods[5][:, None] * m
+  hd = p["heads"][0]
+  shift, scale = jnp.split(dense(jax.nn.silu(c), hd["ada"]), 2, -1)
+  out = dense(ln(tok) * (1 + scale[:, None]) + shift[:, None], hd["linear"])
+  out = out.reshape(b, gh, gw, ps, ps, ch).transpose(0, 1, 3, 2, 4, 5)
+  return out.reshape(b, hh, ww, ch)
+
+
+def test_single_stage_is_a_plain_dit():
+  cfg = _cfg(((8, 8, 3),), pos_embed="sincos", stage_index_embed=False)
+  model = dit.DFMDiT(cfg, rngs=nnx.Rngs(0))
+  _randomise(model, seed=3)
+  x = jax.random.normal(jax.random.key(1), (2, 8, 8, 3))
+  t = jnp.array([0.2, 0.7])
+  y = jnp.array([3, 10])  # 10 is the null class
+  (out,) = model((x,), t[:, None], y)
+  np.testing.assert_allclose(out, _reference_dit(model, x, t, y), rtol=2e-4, atol=2e-4)
+
+
+def test_video_rope_3d_and_jit_grad():
+  cfg = _cfg(((4, 4, 4, 2), (4, 8, 8, 2)), pos_embed="rope")
+  model = dit.DFMDiT(cfg, rngs=nnx.Rngs(0))
+  _randomise(model)
+  stages, t, y, s = _inputs(cfg)
+
+  @nnx.jit
+  def loss(m, stages):
+    return sum(jnp.mean(o ** 2) for o in m(stages, t, y, s))
+
+  grads = nnx.grad(loss)(model, stages)
+  norms = [float(jnp.abs(g).sum()) for g in jax.tree.leaves(nnx.state(grads, nnx.Param))]
+  assert all(np.isfinite(norms)) and sum(norms) > 0
+  assert model.grid == (4, 2, 2)
+
+
+def test_bf16_compute_matches_float32():
+  shapes = ((8, 8, 3), (16, 16, 3))
+  m32 = dit.DFMDiT(_cfg(shapes), rngs=nnx.Rngs(0))
+  m16 = dit.DFMDiT(_cfg(shapes, dtype="bfloat16", remat=True), rngs=nnx.Rngs(0))
+  _randomise(m32)
+  _randomise(m16)
+  for leaf in jax.tree.leaves(nnx.state(m16, nnx.Param)):
+    assert leaf.dtype == jnp.float32
+  args = _inputs(m32.cfg)
+  for a, b in zip(m32(*args), m16(*args)):
+    assert b.dtype == jnp.float32
+    rel = float(jnp.linalg.norm(a - b) / jnp.linalg.norm(a))
+    assert rel < 0.05
+
+
+def test_logical_axis_names_on_every_parameter():
+  model = dit.DFMDiT(_cfg(((8, 8, 3), (16, 16, 3))), rngs=nnx.Rngs(0))
+  names = set()
+  for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    axes = var.get_metadata().get("out_sharding")
+    assert axes is not None and len(axes) == var[...].ndim, path
+    names.update(a for a in axes if a)
+  assert {"embed", "mlp", "heads", "vocab"} <= names
+
+
+def test_parameter_summary_counts():
+  model = dit.DFMDiT(_cfg(((8, 8, 3), (16, 16, 3))), rngs=nnx.Rngs(0))
+  text = dit.parameter_summary(model)
+  assert "blocks" in text and "heads" in text
+  assert f"{dit.count_parameters(model):,}" in text
