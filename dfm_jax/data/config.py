@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import os
 import zipfile
-from typing import Any
+from typing import Any, NoReturn
 
 import ml_collections
 
@@ -47,7 +47,7 @@ def get(data, name: str):
     return data.get(name, _DEFAULTS[name]) if hasattr(data, "get") else getattr(data, name)
 
 
-def _fail(field: str, problem: str):
+def _fail(field: str, problem: str) -> NoReturn:
     raise ValueError(f"data.{field}: {problem}")
 
 
@@ -120,7 +120,10 @@ def _validate_idx(data, crop: str, resolution: int):
     except ValueError as err:
         _fail("label_path", str(err).removeprefix("data.label_path "))
     _check_file("label_path", label_path)
-    _, label_shape = arrays.read_idx_header(label_path)
+    try:
+        _, label_shape = arrays.read_idx_header(label_path)
+    except (ValueError, OSError) as err:
+        _fail("label_path", f"cannot read idx labels {label_path!r}: {err}")
     if label_shape != shape[:1]:
         _fail("label_path", f"{label_path!r} holds labels of shape {label_shape} for {shape[0]} "
                             f"images in {path!r}")
@@ -165,8 +168,8 @@ def _validate_tfds(data, crop: str, resolution: int, num_classes: int):
     split = get(data, "split")
     try:
         info.splits[split]
-    except (KeyError, ValueError) as err:
-        _fail("split", f"{name!r} has no split {split!r} (splits: {sorted(info.splits)}): {err}")
+    except (KeyError, ValueError):
+        _fail("split", f"{name!r} has no split {split!r} (splits: {sorted(info.splits)})")
     image_key, label_key = get(data, "image_key"), get(data, "label_key")
     if image_key not in info.features:
         _fail("image_key", f"{name!r} has no feature {image_key!r} (features: "

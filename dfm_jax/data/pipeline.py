@@ -16,22 +16,31 @@ from dfm_jax.data.transforms import to_unit_range
 
 
 @dataclasses.dataclass(frozen=True)
-class _FlipAndScale(grain.transforms.RandomMap):
-    """uint8 image -> float32 in [-1, 1] (latents: times `latent_scale`), maybe mirrored."""
+class _RandomFlip(grain.transforms.RandomMap):
+    """Mirrors the [H, W, C] image left-right with probability 1/2 when enabled."""
 
-    random_flip: bool
+    enabled: bool
+
+    def random_map(self, element, rng: np.random.Generator):
+        if self.enabled and rng.random() < 0.5:
+            element = {**element, "image": element["image"][:, ::-1]}
+        return element
+
+
+@dataclasses.dataclass(frozen=True)
+class _ToModelRange(grain.transforms.Map):
+    """Batch of uint8 images -> float32 in [-1, 1]; latents -> float32 times `latent_scale`."""
+
     pixels: bool
     latent_scale: float
 
-    def random_map(self, element, rng: np.random.Generator):
-        image = element["image"]
-        if self.random_flip and rng.random() < 0.5:
-            image = image[:, ::-1]
+    def map(self, batch):
+        image = batch["image"]
         if self.pixels:
             image = to_unit_range(image)
         else:
-            image = image * np.float32(self.latent_scale)
-        return {"image": np.ascontiguousarray(image, np.float32), "label": element["label"]}
+            image = image.astype(np.float32) * np.float32(self.latent_scale)
+        return {"image": image, "label": batch["label"]}
 
 
 def _read_options(source, num_workers: int) -> grain.ReadOptions:
@@ -62,9 +71,8 @@ def make_train_iterator(data, *, global_batch_size: int, seed: int, process_inde
     source = open_source(data)
     shuffle_seed, flip_seed = (int(s) for s in np.random.SeedSequence(seed).generate_state(2))
     ds = grain.MapDataset.source(source).shuffle(seed=shuffle_seed).repeat()
-    # Augmentation randomness is keyed by the global position, so sharding cannot change it.
-    ds = ds.random_map(_FlipAndScale(bool(get(data, "random_flip")), source.pixels,
-                                     float(get(data, "latent_scale"))), seed=flip_seed)
+    # Flip randomness is keyed by the global position, so sharding cannot change it.
+    ds = ds.random_map(_RandomFlip(bool(get(data, "random_flip"))), seed=flip_seed)
     # Consecutive chunks of L rows: process p takes chunks p, p + P, p + 2P, ... (P processes),
     # i.e. rows [p*L, (p+1)*L) of each global batch.
     ds = ds.batch(local_batch, drop_remainder=True)[process_index::process_count]
@@ -76,12 +84,15 @@ def make_train_iterator(data, *, global_batch_size: int, seed: int, process_inde
             # parsed them and the read fails, so take their defaults.
             flags.FLAGS.mark_as_parsed()
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+    # Scaling after the workers sends uint8 (4x smaller) batches between processes.
+    it = it.map(_ToModelRange(source.pixels, float(get(data, "latent_scale"))))
     return iter(it)
 
 
 def load_images(data, num: int, *, split: str | None = None,
                 seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """A deterministic sample of `num` distinct real images, cropped as for training, no flip.
+    """A deterministic sample of `num` distinct records as real images, cropped as for training,
+    not flipped (with data.skip_corrupt an unreadable record repeats its successor).
 
     Returns images uint8 [num, H, W, C] and labels int32 [num]; `split` (tfds only) overrides
     data.split.

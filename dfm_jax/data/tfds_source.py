@@ -26,7 +26,7 @@ def dataset_info(name: str, data_dir: str | None):
     root = os.fspath(data_dir) if data_dir else tfds.core.constants.DATA_DIR
     base = name.split(":")[0].split("/")[0]
     # Without local files tfds.builder would fall back to fetching metadata over the network.
-    if not os.path.isdir(os.path.join(root, base)):
+    if "://" not in root and not os.path.isdir(os.path.join(root, base)):
         raise ValueError(f"tfds dataset {name!r} is not prepared under data_dir {root!r} "
                          f"(no folder {base!r}); build it first, e.g. `tfds build {base} "
                          f"--data_dir {root}`")
