@@ -284,3 +284,15 @@ def test_fields_missing_from_the_config_take_defaults():
 def test_global_batch_must_divide_among_processes():
     with pytest.raises(ValueError, match="multiple of process_count=3"):
         D.make_train_iterator(cfg(), global_batch_size=8, seed=0, process_count=3)
+
+
+_FASHION = "/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz"
+
+
+@pytest.mark.skipif(not os.path.exists(_FASHION), reason="Debian dataset-fashion-mnist absent")
+def test_fashion_mnist_idx_from_debian_package():
+    c = cfg(source="idx", path=_FASHION)
+    assert D.dataset_size(c) == 10000
+    images, labels = D.load_images(c, 10000)
+    assert images.shape == (10000, 32, 32, 1)
+    np.testing.assert_array_equal(np.bincount(labels), [1000] * 10)

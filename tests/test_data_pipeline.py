@@ -5,6 +5,7 @@ import json
 import grain
 import numpy as np
 import pytest
+from PIL import Image
 
 from dfm_jax import data as D
 
@@ -49,13 +50,15 @@ def test_epochs_cover_the_data_once_and_are_reshuffled(tmp_path):
     assert not np.array_equal(first, second)
 
 
-def _asymmetric_idx(tmp_path, n=64):
-    from test_data import write_idx  # pylint: disable=g-import-not-at-top
+def _write_uint8_idx(path, array):
+    header = bytes([0, 0, 0x08, array.ndim]) + np.array(array.shape, ">u4").tobytes()
+    path.write_bytes(header + array.astype(np.uint8).tobytes())
 
+
+def _asymmetric_idx(tmp_path, n=64):
     rng = np.random.default_rng(7)
-    write_idx(str(tmp_path / "t-images-idx3-ubyte"), rng.integers(0, 256, (n, 8, 8),
-                                                                   dtype=np.uint8), False)
-    write_idx(str(tmp_path / "t-labels-idx1-ubyte"), np.arange(n, dtype=np.uint8) % 10, False)
+    _write_uint8_idx(tmp_path / "t-images-idx3-ubyte", rng.integers(0, 256, (n, 8, 8)))
+    _write_uint8_idx(tmp_path / "t-labels-idx1-ubyte", np.arange(n) % 10)
     return str(tmp_path / "t-images-idx3-ubyte")
 
 
@@ -130,12 +133,11 @@ def test_two_processes_see_row_blocks_of_the_global_batch():
 def test_worker_processes_keep_the_row_blocks_and_resume(tmp_path):
     # Spawned workers take seconds to start, so this one test covers mp_prefetch: process 1
     # of 2 with two workers against the in-process global batches, then a restore.
-    from test_data import write_png  # pylint: disable=g-import-not-at-top
-
     rng = np.random.default_rng(8)
     for k in range(10):
-        write_png(str(tmp_path / f"c{k % 2}" / f"{k}.png"),
-                  rng.integers(0, 256, (10, 14, 3), dtype=np.uint8))
+        (tmp_path / f"c{k % 2}").mkdir(exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (10, 14, 3), dtype=np.uint8)).save(
+            tmp_path / f"c{k % 2}" / f"{k}.png")
     c = cfg(source="folder", path=str(tmp_path), resolution=8, channels=3, crop="center",
             random_flip=True, num_classes=2)
     global_batches = _local_batches(c, 4, 3, 0, process_count=1)
