@@ -2,8 +2,8 @@
 {'image': uint8 [R, R, C] at the training resolution (float32 [h, w, c] for latents),
  'label': int32 []}.
 
-Sources hold no open files or decoded arrays when pickled, so `mp_prefetch` workers rebuild
-their caches on first access.
+In-memory sources drop their arrays when pickled: `mp_prefetch` workers reload them on first
+access instead of receiving a copy.
 """
 
 from __future__ import annotations
