@@ -105,7 +105,8 @@ def test_loader_reports_mismatches(tiny_config):
 
     bad = dict(state)
     bad["blocks.0.mlp.fc1.weight"] = np.zeros((256, 128), np.float32)
-    with pytest.raises(ValueError, match=r"blocks\.0\.mlp\.fc1\.weight.*\(256, 128\).*\(512, 128\)"):
+    shapes = r"blocks\.0\.mlp\.fc1\.weight.*\(256, 128\).*\(512, 128\)"
+    with pytest.raises(ValueError, match=shapes):
         D.dinov2_from_state_dict(bad, tiny_config)
 
     with pytest.raises(KeyError, match=r"missing keys blocks\.2\."):

@@ -191,7 +191,8 @@ def train_classifier(
         order = rng.permutation(len(images))
         for i in range(steps_per_epoch):
             idx = order[i * config.batch_size : (i + 1) * config.batch_size]
-            params, opt_state = step(params, opt_state, _shift(images[idx], rng, config.max_shift), labels[idx])
+            batch = _shift(images[idx], rng, config.max_shift)
+            params, opt_state = step(params, opt_state, batch, labels[idx])
     return nnx.merge(graphdef, params)
 
 
@@ -208,16 +209,14 @@ def _fingerprint(images: np.ndarray, labels: np.ndarray, config: TrainConfig) ->
     return h.hexdigest()
 
 
-def _flat_params(state: nnx.State) -> dict[str, np.ndarray]:
-    flat = {}
-    for path, value in jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(state)):
-        flat["/".join(str(k.key) for k in path)] = np.asarray(value)
-    return flat
+def _key(path) -> str:
+    return "/".join(str(k.key) for k in path)
 
 
 def _save(path: Path, model: SmallCNN, fingerprint: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    arrays = _flat_params(nnx.state(model, nnx.Param))
+    pure = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    arrays = {_key(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(pure)}
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz")
     with os.fdopen(fd, "wb") as f:
         np.savez(f, __fingerprint__=np.array(fingerprint), **arrays)
@@ -225,25 +224,18 @@ def _save(path: Path, model: SmallCNN, fingerprint: str) -> None:
 
 
 def _load(path: Path, fingerprint: str) -> SmallCNN:
-    model = nnx.eval_shape(lambda: SmallCNN(rngs=nnx.Rngs(0)))
-    graphdef, state = nnx.split(model)
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: SmallCNN(rngs=nnx.Rngs(0))))
+    pure = nnx.to_pure_dict(state)
+    expected = {_key(p) for p, _ in jax.tree_util.tree_leaves_with_path(pure)}
     with np.load(path) as data:
-        stored = str(data["__fingerprint__"])
-        if stored != fingerprint:
+        if str(data["__fingerprint__"]) != fingerprint:
             raise ValueError(
                 f"{path} was trained on different data or with another recipe; pass another "
                 "name or delete the file to retrain"
             )
-        expected = _flat_params(state)
-        if set(data.files) - {"__fingerprint__"} != set(expected):
+        if set(data.files) - {"__fingerprint__"} != expected:
             raise ValueError(f"{path} does not hold SmallCNN weights")
-        pure = nnx.to_pure_dict(state)
-        for key in expected:
-            node = pure
-            *parents, leaf = key.split("/")
-            for part in parents:
-                node = node[part]
-            node[leaf] = jnp.asarray(data[key])
+        pure = jax.tree_util.tree_map_with_path(lambda p, _: jnp.asarray(data[_key(p)]), pure)
     nnx.replace_by_pure_dict(state, pure)
     return nnx.merge(graphdef, state)
 

@@ -308,16 +308,20 @@ def _summary(keys: list[str], limit: int = 12) -> str:
 
 
 def load_dinov2(path: str | os.PathLike, config: DinoV2Config | str) -> DinoV2:
-    """Load an official checkpoint, e.g. ``load_dinov2(".../dinov2_vits14_pretrain.pth", "vits14")``.
+    """Load an official DINOv2 checkpoint file, e.g. ``dinov2_vits14_pretrain.pth``.
 
-    `config` is ``"vits14"``, ``"vitb14"`` or a `DinoV2Config`. Key and shape mismatches raise
-    (see `dinov2_from_state_dict`).
+    Example: ``load_dinov2("dinov2_vits14_pretrain.pth", "vits14")``. `config` is ``"vits14"``,
+    ``"vitb14"`` or a `DinoV2Config`. Key and shape mismatches raise (see
+    `dinov2_from_state_dict`).
     """
     return dinov2_from_state_dict(load_torch_file(path), config)
 
 
 def preprocess_for_fdd(images_uint8: jax.Array) -> jax.Array:
-    """uint8 images [B, H, W, C in {1, 3}] -> normalised float32 [B, 224, 224, 3] (see module doc)."""
+    """uint8 images [B, H, W, C in {1, 3}] -> normalised float32 [B, 224, 224, 3].
+
+    Bicubic antialiased resize to 224x224, rounding to the uint8 grid, ImageNet normalisation.
+    """
     x = images_uint8.astype(jnp.float32)
     if x.shape[-1] == 1:
         x = jnp.repeat(x, 3, axis=-1)
