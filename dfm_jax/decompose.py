@@ -136,6 +136,15 @@ class Decomposition:
   num_stages: int
   halve_time: bool = False
   stats: StageStats | None = None
+  level_gaps: tuple[int, ...] = ()  # halvings between consecutive stages; () = all 1
+
+  @property
+  def gaps(self) -> tuple[int, ...]:
+    return self.level_gaps or (1,) * (self.num_stages - 1)
+
+  def stage_level(self, s: int) -> int:
+    """How many times stage s (0-based) is halved relative to the input (pyramid kinds)."""
+    return sum(self.gaps[s:])
 
   # -- geometry ---------------------------------------------------------------------------------
 
@@ -158,7 +167,7 @@ class Decomposition:
     axes = self.halved_axes(len(shape))
     if isinstance(min_stage_size, int):
       min_stage_size = (min_stage_size,) * len(axes)
-    levels = self.num_stages - 1
+    levels = sum(self.gaps)
     for axis, minimum in zip(axes, min_stage_size):
       factor = (2 ** levels) * int(minimum)
       n = shape[axis]
@@ -187,7 +196,7 @@ class Decomposition:
       if self.kind == "dwt":
         level = self.num_stages - 1 if s == 0 else self.num_stages - s
       else:
-        level = self.num_stages - 1 - s
+        level = self.stage_level(s)
       st = list(shape)
       for a in axes:
         st[a] //= 2 ** level
@@ -239,26 +248,27 @@ class Decomposition:
 
   # -- implementations ---------------------------------------------------------------------------
 
-  def _resample(self, x, axes, which):
+  def _resample(self, x, axes, which, times=1):
     fn = _RESAMPLERS[self.kind][which]
-    for a in axes:
-      x = fn(x, a)
+    for _ in range(times):
+      for a in axes:
+        x = fn(x, a)
     return x
 
   def _split_pyramid(self, x, axes):
-    levels = [x]  # levels[i] = down^i(x)
-    for _ in range(self.num_stages - 1):
-      levels.append(self._resample(levels[-1], axes, 0))
+    levels = [x]  # the input at every stage's resolution, fine to coarse
+    for gap in reversed(self.gaps):
+      levels.append(self._resample(levels[-1], axes, 0, gap))
     levels = levels[::-1]  # coarse to fine
     stages = [levels[0]]
     for s in range(1, self.num_stages):
-      stages.append(levels[s] - self._resample(levels[s - 1], axes, 1))
+      stages.append(levels[s] - self._resample(levels[s - 1], axes, 1, self.gaps[s - 1]))
     return tuple(stages)
 
   def _merge_pyramid(self, stages, axes):
     x = stages[0]
-    for st in stages[1:]:
-      x = self._resample(x, axes, 1) + st
+    for gap, st in zip(self.gaps, stages[1:]):
+      x = self._resample(x, axes, 1, gap) + st
     return x
 
   def _split_dwt(self, x, axes):
@@ -283,7 +293,8 @@ class Decomposition:
 
 
 def build(kind: str = "laplacian", num_stages: int = 2, *, halve_time: bool = False,
-          stats: StageStats | dict | None = None) -> Decomposition:
+          stats: StageStats | dict | None = None,
+          level_gaps: Sequence[int] | None = None) -> Decomposition:
   """Makes a decomposition.
 
   Args:
@@ -291,6 +302,8 @@ def build(kind: str = "laplacian", num_stages: int = 2, *, halve_time: bool = Fa
     num_stages: S >= 1; S = 1 is the identity (plain flow matching).
     halve_time: for videos, also halve the time axis at each level.
     stats: optional per-stage standardisation (see :func:`estimate_stats`).
+    level_gaps: for the pyramid kinds, the number of halvings between consecutive stages
+      (S - 1 entries, default all 1); e.g. ``(2,)`` gives the paper's 256 -> 1024 px split.
   """
   if kind not in KINDS:
     raise ValueError(f"unknown decomposition {kind!r}; choose one of {', '.join(KINDS)}")
@@ -298,7 +311,12 @@ def build(kind: str = "laplacian", num_stages: int = 2, *, halve_time: bool = Fa
     raise ValueError(f"num_stages must be an integer >= 1, got {num_stages!r}")
   if isinstance(stats, dict):
     stats = StageStats.from_dict(stats)
-  return Decomposition(kind, int(num_stages), bool(halve_time)).with_stats(stats)
+  gaps = tuple(int(g) for g in level_gaps) if level_gaps else ()
+  if gaps and (len(gaps) != num_stages - 1 or min(gaps) < 1):
+    raise ValueError(f"level_gaps needs {num_stages - 1} entries >= 1, got {tuple(level_gaps)}")
+  if gaps and kind == "dwt" and max(gaps) > 1:
+    raise ValueError("the dwt decomposition halves once between stages; level_gaps must be 1")
+  return Decomposition(kind, int(num_stages), bool(halve_time), level_gaps=gaps).with_stats(stats)
 
 
 def estimate_stats(decomposition: Decomposition, batches, eps: float = 1e-6) -> StageStats:

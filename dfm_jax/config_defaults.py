@@ -1,0 +1,146 @@
+"""Every configuration field with its default; the files in ``configs/`` override these.
+
+The ``fm`` twin of a DFM config (``get_config('fm')`` in the config files, through
+:func:`flow_matching_twin`) keeps the backbone, the token count and the total sampling steps and
+drops to one stage: plain flow matching at equal compute.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from dfm_jax import data as data_lib
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.total_steps = 1000
+  c.batch_size = 64  # global, over all devices and processes
+  c.log_every = 50
+  c.checkpoint_every = 500
+  c.sample_every = 500
+  c.keep_checkpoints = 3
+  c.num_grid_samples = 40  # images in each periodic sample grid
+  c.stop_on_nonfinite = True
+
+  c.data = data_lib.default_data_config()
+
+  c.decomposition = ml_collections.ConfigDict()
+  c.decomposition.kind = "laplacian"  # laplacian | dct | dwt
+  c.decomposition.num_stages = 2
+  c.decomposition.halve_time = False  # videos: also halve the time axis
+  c.decomposition.level_gaps = ()  # halvings between consecutive stages; () = one each
+  c.decomposition.standardize = False  # per-stage unit std, estimated from data
+  c.decomposition.stats_batches = 20  # batches used to estimate the statistics
+
+  c.model = ml_collections.ConfigDict()
+  c.model.size = "custom"  # S | B | L | XL set width, depth and heads; custom uses the fields
+  c.model.hidden_size = 384
+  c.model.depth = 12
+  c.model.num_heads = 6
+  c.model.mlp_ratio = 4.0
+  c.model.patch_size = 2  # patch of the coarsest stage; finer stages scale up
+  c.model.pos_embed = "rope"  # rope | sincos
+  c.model.stage_index_embed = True
+  c.model.dtype = "float32"  # float32 | bfloat16 (compute; parameters stay float32)
+  c.model.remat = False
+
+  c.flow = ml_collections.ConfigDict()
+  c.flow.stage_probs = (0.9, 0.1)  # p_q
+  c.flow.main_loc = 0.0
+  c.flow.main_scale = 1.0
+  c.flow.early_loc = 1.5  # the re-implementation: 2.0
+  c.flow.early_scale = 1.0
+  c.flow.per_sample_stage = True  # False: one main stage per batch
+  c.flow.stage_weights = ml_collections.config_dict.placeholder(tuple)  # None: all 1
+  c.flow.label_dropout = 0.1
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.learning_rate = 1e-4
+  c.optim.warmup_steps = 10_000
+  c.optim.schedule = "constant"  # constant | cosine (after warm-up)
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.99
+  c.optim.eps = 1e-8
+  c.optim.weight_decay = 0.01
+  c.optim.grad_clip = 1.0
+  c.optim.ema_decay = 0.9999
+
+  c.sampler = ml_collections.ConfigDict()
+  c.sampler.steps_per_stage = (30, 10)
+  c.sampler.thresholds = (0.7,)
+  c.sampler.solver = "euler"  # euler | heun
+  c.sampler.cfg_scale = 1.0
+  c.sampler.guidance_interval = (0.0, 1.0)
+  c.sampler.num_samples = 64  # --mode=sample
+  c.sampler.batch_size = 64
+  c.sampler.checkpoint_step = -1  # -1: latest
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.num_samples = 1000
+  c.eval.batch_size = 100
+  c.eval.num_real = 5000  # real images for the reference statistics
+  c.eval.real_split = "train"
+  c.eval.classifier = ""  # name of a digit/clothes classifier for 28x28 data ('' = none)
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.shape = (-1, 1, 1)  # (data, fsdp, tensor); one axis may be -1
+  # Logical parameter axes -> mesh axes. FSDP shards 'embed' over 'fsdp'; tensor parallelism
+  # shards 'mlp' and 'heads' over 'tensor'.
+  c.mesh.axis_rules = (
+      ("embed", "fsdp"), ("mlp", "tensor"), ("heads", "tensor"), ("vocab", None),
+      ("patch", None),
+  )
+
+  c.distributed = ml_collections.ConfigDict()
+  c.distributed.initialize = False  # call jax.distributed.initialize() (TPU pods, clusters)
+  c.distributed.coordinator_address = ""  # empty: auto-detect (Cloud TPU, SLURM)
+  c.distributed.num_processes = 0
+  c.distributed.process_id = -1
+  return c
+
+
+def paper_imagenet_config() -> ml_collections.ConfigDict:
+  """The paper's ImageNet training setup (section 6 of the method notes) on latents."""
+  c = base_config()
+  c.batch_size = 256
+  c.log_every = 100
+  c.checkpoint_every = 5000
+  c.sample_every = 10_000
+  c.data.source = "latents"
+  c.data.num_classes = 1000
+  c.data.num_workers = 8
+  c.data.channels = 16  # latent channels of the 16-channel autoencoder
+  c.model.size = "XL"
+  c.model.pos_embed = "rope"
+  c.model.stage_index_embed = True
+  c.model.dtype = "bfloat16"
+  c.model.remat = True
+  c.flow.stage_probs = (0.9, 0.1)
+  c.flow.main_loc = 0.0
+  c.flow.early_loc = 1.5
+  c.optim.learning_rate = 1e-4
+  c.optim.warmup_steps = 10_000
+  c.optim.b1, c.optim.b2 = 0.9, 0.99
+  c.optim.weight_decay = 0.01
+  c.optim.grad_clip = 1.0
+  c.optim.ema_decay = 0.9999
+  c.sampler.cfg_scale = 1.0
+  c.eval.batch_size = 250
+  return c
+
+
+def flow_matching_twin(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The single-stage twin of a DFM config with the same backbone and token count."""
+  c = ml_collections.ConfigDict(c.to_dict())
+  stages = c.decomposition.num_stages
+  levels = sum(c.decomposition.level_gaps) if c.decomposition.level_gaps else stages - 1
+  c.model.patch_size = c.model.patch_size * 2 ** levels
+  c.decomposition.num_stages = 1
+  c.decomposition.level_gaps = ()
+  c.flow.stage_probs = (1.0,)
+  c.flow.stage_weights = None
+  c.sampler.steps_per_stage = (sum(c.sampler.steps_per_stage),)
+  c.sampler.thresholds = ()
+  return c

@@ -1,0 +1,136 @@
+"""Turns a config into the typed pieces of a run, validating everything before heavy work starts."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import ml_collections
+import numpy as np
+
+from dfm_jax import data as data_lib
+from dfm_jax import decompose, dit, flow, sampler
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+  """The typed pieces a run is made of (see :func:`from_config`)."""
+  decomposition: decompose.Decomposition
+  model: dit.DiTConfig
+  timesteps: flow.TimestepConfig
+  sampler: sampler.SamplerConfig
+  sample_shape: tuple[int, ...]  # one sample, without the batch axis: [H, W, C]
+  null_label: int
+
+
+def _sample_shape(config, check_data: bool) -> tuple[int, ...]:
+  """[H, W, C] of one sample; for latents ``resolution`` / ``channels`` give the latent grid."""
+  d = config.data
+  shape = (int(d.resolution), int(d.resolution), int(d.channels))
+  if d.source == "latents" and check_data:
+    found = tuple(int(v) for v in data_lib.arrays.npz_array_specs(d.path)["latents"][0][1:])
+    if found != shape:
+      raise ValueError(f"data.path {d.path} holds latents of shape {found}, but the config says "
+                       f"resolution {d.resolution} and channels {d.channels} ({shape})")
+  return shape
+
+
+def mesh_shape(config, num_devices: int) -> tuple[int, int, int]:
+  """The (data, fsdp, tensor) mesh shape with a single -1 filled from the device count."""
+  shape = [int(v) for v in config.mesh.shape]
+  if len(shape) != 3:
+    raise ValueError(f"mesh.shape must have 3 entries (data, fsdp, tensor), got {shape}")
+  if shape.count(-1) > 1 or any(v == 0 or v < -1 for v in shape):
+    raise ValueError(f"mesh.shape entries must be positive with at most one -1, got {shape}")
+  known = int(np.prod([v for v in shape if v != -1]))
+  if -1 in shape:
+    if num_devices % known:
+      raise ValueError(f"mesh.shape {tuple(shape)} does not divide the {num_devices} devices")
+    shape[shape.index(-1)] = num_devices // known
+  if int(np.prod(shape)) != num_devices:
+    raise ValueError(f"mesh.shape {tuple(shape)} needs {int(np.prod(shape))} devices, "
+                     f"{num_devices} are available")
+  return tuple(shape)
+
+
+def from_config(config: ml_collections.ConfigDict, num_devices: int = 1,
+                check_data: bool = True) -> Experiment:
+  """Validates ``config`` and builds the typed pieces; raises one ValueError naming every problem.
+
+  ``num_devices`` is the global device count (for the batch and mesh checks). ``check_data``
+  also validates the data block (paths exist, sizes fit).
+  """
+  problems: list[str] = []
+
+  def attempt(fn):
+    try:
+      return fn()
+    except (ValueError, KeyError, FileNotFoundError) as e:
+      problems.append(str(e).strip("'\""))
+      return None
+
+  if check_data:
+    attempt(lambda: data_lib.validate_data_config(config.data))
+  for name in ("total_steps", "batch_size", "log_every", "checkpoint_every", "sample_every"):
+    if int(config[name]) <= 0:
+      problems.append(f"{name} must be > 0, got {config[name]}")
+  mesh = attempt(lambda: mesh_shape(config, num_devices))
+  if mesh is not None and config.batch_size % (mesh[0] * mesh[1]):
+    problems.append(f"batch_size {config.batch_size} is not divisible by the "
+                    f"{mesh[0] * mesh[1]} data-parallel devices (mesh data x fsdp = "
+                    f"{mesh[0]} x {mesh[1]})")
+  dec_cfg = config.decomposition
+  decomposition = attempt(lambda: decompose.build(
+      dec_cfg.kind, dec_cfg.num_stages, halve_time=dec_cfg.halve_time,
+      level_gaps=tuple(dec_cfg.level_gaps) or None))
+  stages = int(dec_cfg.num_stages)
+  if len(config.flow.stage_probs) != stages:
+    problems.append(f"flow.stage_probs has {len(config.flow.stage_probs)} entries for "
+                    f"{stages} stages")
+  timesteps = attempt(lambda: flow.TimestepConfig(
+      stage_probs=tuple(config.flow.stage_probs), main_loc=config.flow.main_loc,
+      main_scale=config.flow.main_scale, early_loc=config.flow.early_loc,
+      early_scale=config.flow.early_scale, per_sample_stage=config.flow.per_sample_stage))
+  weights = config.flow.stage_weights
+  if weights is not None and len(weights) != stages:
+    problems.append(f"flow.stage_weights has {len(weights)} entries for {stages} stages")
+  if not 0.0 <= config.flow.label_dropout < 1.0:
+    problems.append(f"flow.label_dropout must be in [0, 1), got {config.flow.label_dropout}")
+  if len(config.sampler.steps_per_stage) != stages:
+    problems.append(f"sampler.steps_per_stage has {len(config.sampler.steps_per_stage)} "
+                    f"entries for {stages} stages")
+  sampler_cfg = attempt(lambda: sampler.SamplerConfig(
+      tuple(config.sampler.steps_per_stage), tuple(config.sampler.thresholds),
+      solver=config.sampler.solver, cfg_scale=config.sampler.cfg_scale,
+      guidance_interval=tuple(config.sampler.guidance_interval)))
+  for name in ("warmup_steps",):
+    if config.optim[name] < 0:
+      problems.append(f"optim.{name} must be >= 0")
+  if config.optim.schedule not in ("constant", "cosine"):
+    problems.append(f"optim.schedule must be 'constant' or 'cosine', got "
+                    f"{config.optim.schedule!r}")
+  if not 0.0 <= config.optim.ema_decay < 1.0:
+    problems.append(f"optim.ema_decay must be in [0, 1), got {config.optim.ema_decay}")
+
+  shape = attempt(lambda: _sample_shape(config, check_data))
+  model_cfg = None
+  if decomposition is not None and shape is not None:
+    full = (1,) + tuple(shape)
+    ok = attempt(lambda: decomposition.check_shape(full, min_stage_size=config.model.patch_size))
+    if ok is None and not problems:
+      stage_shapes = tuple(s[1:] for s in decomposition.stage_shapes(full))
+      model_kw = dict(
+          stage_shapes=stage_shapes, patch_size=config.model.patch_size,
+          mlp_ratio=config.model.mlp_ratio, num_classes=config.data.num_classes,
+          pos_embed=config.model.pos_embed, stage_index_embed=config.model.stage_index_embed,
+          dtype=config.model.dtype, remat=config.model.remat)
+      if config.model.size == "custom":
+        model_cfg = attempt(lambda: dit.DiTConfig(
+            hidden_size=config.model.hidden_size, depth=config.model.depth,
+            num_heads=config.model.num_heads, **model_kw))
+      else:
+        model_cfg = attempt(lambda: dit.DiTConfig.from_size(config.model.size, **model_kw))
+  if problems:
+    raise ValueError("invalid configuration:\n  - " + "\n  - ".join(problems))
+  return Experiment(decomposition=decomposition, model=model_cfg, timesteps=timesteps,
+                    sampler=sampler_cfg, sample_shape=tuple(shape),
+                    null_label=int(config.data.num_classes))

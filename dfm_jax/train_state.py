@@ -1,0 +1,94 @@
+"""The train state (model, optimizer, EMA) and the pure, jit-able training step."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from dfm_jax import dit, flow
+from dfm_jax.experiment import Experiment
+
+
+def make_optimizer(optim) -> tuple[optax.GradientTransformation, Callable[[int], float]]:
+  """AdamW with linear warm-up, an optional cosine decay, and global-norm clipping."""
+  warmup = optax.linear_schedule(0.0, optim.learning_rate, max(int(optim.warmup_steps), 1))
+  if optim.schedule == "cosine":
+    decay = optax.cosine_decay_schedule(optim.learning_rate,
+                                        max(int(optim.get("decay_steps", 1)), 1))
+  else:
+    decay = optax.constant_schedule(optim.learning_rate)
+  schedule = optax.join_schedules([warmup, decay], [int(optim.warmup_steps)])
+  chain = []
+  if optim.grad_clip and optim.grad_clip > 0:
+    chain.append(optax.clip_by_global_norm(optim.grad_clip))
+  chain.append(optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps,
+                           weight_decay=optim.weight_decay))
+  return optax.chain(*chain), schedule
+
+
+class TrainState(nnx.Module):
+  """Everything a training step changes: the model, its optimizer, and the EMA model."""
+
+  def __init__(self, model: dit.DFMDiT, tx: optax.GradientTransformation, ema_decay: float):
+    self.model = model
+    self.optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    self.ema = nnx.clone(model)  # used for sampling; updated inside the step
+    self.ema_decay = ema_decay
+
+
+def create_train_state(exp: Experiment, optim, seed: int) -> TrainState:
+  model = dit.DFMDiT(exp.model, rngs=nnx.Rngs(seed))
+  tx, _ = make_optimizer(optim)
+  return TrainState(model, tx, float(optim.ema_decay))
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSettings:
+  label_dropout: float
+  stage_weights: tuple[float, ...] | None
+
+
+def train_step(graphdef: nnx.GraphDef, state: nnx.State, batch: dict[str, jax.Array],
+               key: jax.Array, *, exp: Experiment, settings: StepSettings,
+               lr_schedule: Callable) -> tuple[nnx.State, dict[str, jax.Array]]:
+  """One optimisation step on ``batch = {'image': [B, H, W, C], 'label': [B]}``.
+
+  Pure: ``(state, batch, key) -> (new state, metrics)``; the caller jits it with shardings and
+  donates ``state``. A step whose loss or gradient is not finite leaves the parameters unchanged
+  and reports ``nonfinite = 1`` so the caller can stop with the last good state intact.
+  """
+  old = jax.tree.map(lambda x: x, state)  # new containers, so updates below leave it intact
+  ts = nnx.merge(graphdef, state)
+  stages = exp.decomposition.split(batch["image"])
+
+  def loss_fn(model):
+    return flow.dfm_training_loss(
+        lambda *args: model(*args), key, stages, batch["label"], exp.timesteps,
+        null_label=exp.null_label, label_dropout=settings.label_dropout,
+        stage_weights=settings.stage_weights)
+
+  (loss, metrics), grads = nnx.value_and_grad(loss_fn, has_aux=True)(ts.model)
+  grad_norm = optax.global_norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  step = ts.optimizer.step[...]
+  ts.optimizer.update(ts.model, grads)
+  decay = ts.ema_decay
+  ema_params = nnx.state(ts.ema, nnx.Param)
+  new_params = nnx.state(ts.model, nnx.Param)
+  nnx.update(ts.ema, jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema_params,
+                                  new_params))
+  new = nnx.state(ts)
+  new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+  metrics = dict(metrics, grad_norm=grad_norm, learning_rate=lr_schedule(step),
+                 nonfinite=(~finite).astype(jnp.int32))
+  return new, metrics
+
+
+def make_velocity_fn(model: dit.DFMDiT):
+  """Adapts a model to the sampler's ``velocity_fn(inputs, t, labels, stage_index)``."""
+  return lambda inputs, t, labels, stage_index: model(inputs, t, labels, stage_index)
