@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import numpy as np
+import scipy.linalg.lapack
 
 __all__ = [
     "feature_statistics",
@@ -32,23 +33,38 @@ def feature_statistics(features, chunk: int = 4096) -> tuple[np.ndarray, np.ndar
     return mu, scatter / (f.shape[0] - 1)
 
 
-def _psd_sqrt(s: np.ndarray) -> np.ndarray:
-    """Symmetric square root of a symmetric PSD matrix (negative rounding noise clipped)."""
-    w, v = np.linalg.eigh((s + s.T) / 2)
-    return (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
+def _psd_factor(s: np.ndarray) -> np.ndarray:
+    """``R [D, r]`` with ``S = R R^T`` for symmetric PSD ``S`` of numerical rank r.
+
+    Pivoted Cholesky (LAPACK ``dpstrf``) stops at the numerical rank, so the singular
+    covariances of fewer samples than dimensions cost O(D^2 r) and need no diagonal offset.
+    """
+    c, piv, rank, info = scipy.linalg.lapack.dpstrf((s + s.T) / 2, lower=1)
+    if info < 0:
+        raise ValueError(f"pivoted Cholesky failed (LAPACK info {info})")
+    r = np.zeros((s.shape[0], rank))
+    r[piv - 1] = np.tril(c)[:, :rank]
+    return r
 
 
 def _trace_sqrt_product(s1: np.ndarray, s2: np.ndarray) -> float:
-    """``tr((S1 S2)^(1/2))`` for PSD S1, S2.
+    """``tr((S1 S2)^(1/2))`` for PSD S1, S2, without ``sqrtm`` and without diagonal offsets.
 
-    ``S1 S2`` is similar to the PSD matrix ``S1^(1/2) S2 S1^(1/2)``, so the trace is the sum of
-    square roots of that matrix's eigenvalues. Unlike ``scipy.linalg.sqrtm(S1 @ S2)`` this stays
-    real and well defined for the singular covariances of fewer samples than dimensions.
+    With factors ``S1 = R1 R1^T`` and ``S2 = R2 R2^T``, ``S1 S2`` has the nonzero eigenvalues of
+    ``R1^T S2 R1 = (R1^T R2)(R1^T R2)^T``: the squared singular values of ``R1^T R2``. Full-rank
+    covariances take the (faster) symmetric eigenvalue route; when either is singular, as with
+    fewer samples than dimensions, the singular values are summed directly so that exact zeros
+    do not turn into square roots of rounding noise.
     """
-    r = _psd_sqrt(s1)
-    m = r @ s2 @ r
-    ev = np.linalg.eigvalsh((m + m.T) / 2)
-    return float(np.sqrt(np.clip(ev, 0.0, None)).sum())
+    r1, r2 = _psd_factor(s1), _psd_factor(s2)
+    d = s1.shape[0]
+    if r1.shape[1] == d and r2.shape[1] == d:
+        m = r1.T @ s2 @ r1
+        ev = np.linalg.eigvalsh((m + m.T) / 2)
+        return float(np.sqrt(np.clip(ev, 0.0, None)).sum())
+    if min(r1.shape[1], r2.shape[1]) == 0:
+        return 0.0
+    return float(np.linalg.svd(r1.T @ r2, compute_uv=False).sum())
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
@@ -76,9 +92,12 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
 def _polynomial_mmd2(x: np.ndarray, y: np.ndarray) -> float:
     """Unbiased MMD^2 between equally sized samples ``x``, ``y`` ``[m, d]``."""
     m, d = x.shape
-    kxx = (x @ x.T / d + 1.0) ** 3
-    kyy = (y @ y.T / d + 1.0) ** 3
-    kxy = (x @ y.T / d + 1.0) ** 3
+
+    def kernel(a, b):
+        k = a @ b.T / d + 1.0
+        return k * k * k
+
+    kxx, kyy, kxy = kernel(x, x), kernel(y, y), kernel(x, y)
     within = (kxx.sum() - np.trace(kxx) + kyy.sum() - np.trace(kyy)) / (m * (m - 1))
     return float(within - 2.0 * kxy.sum() / (m * m))
 

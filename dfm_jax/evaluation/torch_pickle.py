@@ -199,9 +199,15 @@ def _load_legacy(path: str) -> Any:
         def no_storage(*_):
             raise pickle.UnpicklingError("storage reference in a legacy header pickle")
 
-        header = [_RestrictedUnpickler(f, no_storage).load() for _ in range(3)]
-        if header[0] != _LEGACY_MAGIC:
+        try:
+            magic = _RestrictedUnpickler(f, no_storage).load()
+        except (EOFError, pickle.UnpicklingError, ValueError) as e:
+            raise pickle.UnpicklingError(
+                f"{path} is neither a zip archive nor a torch.save file ({e})") from e
+        if magic != _LEGACY_MAGIC:
             raise pickle.UnpicklingError(f"{path} is neither a zip archive nor a torch.save file")
+        for _ in range(2):  # protocol version, system info
+            _RestrictedUnpickler(f, no_storage).load()
         storages: dict[str, np.ndarray] = {}
 
         def load_storage(storage_type: _StorageType, key: str, numel: int) -> np.ndarray:
