@@ -185,6 +185,7 @@ def compute_metrics(fake_uint8, real_uint8=None, ref_key: str | None = None,
       ref_key: cache key of the real set's statistics (computed from ``real_uint8`` on first use).
       kid_subsets, kid_subset_size: KID subsets (the size is capped by both set sizes).
       is_splits: Inception Score splits (capped by the number of fake images).
+      batch_size, params, progress: as for :func:`extract_features`.
 
     Returns:
       ``{"fid", "kid", "kid_std", "is", "is_std", "num_fake", "num_real"}``; metrics that cannot
