@@ -158,6 +158,11 @@ def test_cache_dir_follows_env_and_fetch_is_idempotent(tmp_path, monkeypatch):
     assert weights.weights_path().read_bytes() == b"cached"
 
 
+def test_convert_rejects_other_checkpoints():
+    with pytest.raises(ValueError, match="neither"):
+        weights.convert_torch_file(FIXTURES / "torch_files" / "state_zip.pt")
+
+
 # ----------------------------------------------------------------------------- torch files
 
 

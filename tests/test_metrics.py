@@ -76,9 +76,11 @@ def test_fd_identical_singular_statistics_is_zero():
     assert frechet_distance(mu, sigma, mu + 1.0, sigma) == pytest.approx(64.0, rel=1e-9)
 
 
-def test_fd_shape_mismatch_raises():
+def test_fd_rejects_bad_input():
     with pytest.raises(ValueError, match="shape"):
         frechet_distance(np.zeros(3), np.eye(3), np.zeros(2), np.eye(2))
+    with pytest.raises(ValueError, match="NaN"):
+        frechet_distance(np.zeros(2), np.eye(2), np.array([0.0, np.nan]), np.eye(2))
 
 
 def test_feature_statistics_match_numpy_and_converge():

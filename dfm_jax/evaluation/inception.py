@@ -5,10 +5,11 @@ Parameters are a flat dict ``{layer name: {"w", "gamma", "beta", "mean", "var"}}
 ``FIDInceptionV3`` modules (``"Conv2d_1a_3x3"``, ``"Mixed_5b.branch5x5_1"``, ...). Conv weights are
 HWIO ``[kh, kw, cin, cout]``; ``fc.w`` is ``[2048, 1008]``.
 
-Differences from torchvision's InceptionV3 that FID depends on: every conv is bias-free and
-followed by BatchNorm (eps 1e-3) and ReLU; the pooling branches of the A, C and first E block
-average 3x3 windows over valid pixels only (``count_include_pad=False``); the last E block
-max-pools instead. Input is ``[N, 299, 299, 3]`` float in ``[-1, 1]`` (see ``fid_features``).
+Every conv is bias-free and followed by BatchNorm (eps 1e-3; the TF graph has no scale, so
+``gamma`` is 1 unless a checkpoint provides it) and ReLU. Unlike torchvision's InceptionV3, the
+pooling branches of the A, C and first E blocks average 3x3 windows over in-image pixels only
+(``count_include_pad=False``), the last E block max-pools instead, and the classifier has 1008
+classes. Input is ``[N, 299, 299, 3]`` float in ``[-1, 1]`` (see ``fid_features``).
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ __all__ = [
 _BN_EPS = 1e-3
 _HIGHEST = jax.lax.Precision.HIGHEST
 
-# Convs that use stride 2 and/or no padding; all others are stride 1 with "same" padding.
-_STRIDE_VALID = {
+# name -> (stride, "same" padding) for the convs that are not stride 1 with "same" padding.
+_STRIDE_PADDING = {
     "Conv2d_1a_3x3": (2, False),
     "Conv2d_2a_3x3": (1, False),
     "Conv2d_4a_3x3": (1, False),
@@ -89,7 +90,7 @@ def conv_names() -> list[str]:
 
 def _conv_bn_relu(params: Mapping, name: str, x: jax.Array) -> jax.Array:
     p = params[name]
-    stride, same = _STRIDE_VALID.get(name, (1, True))
+    stride, same = _STRIDE_PADDING.get(name, (1, True))
     kh, kw = p["w"].shape[:2]
     pad = [(kh // 2, kh // 2), (kw // 2, kw // 2)] if same else [(0, 0), (0, 0)]
     y = jax.lax.conv_general_dilated(

@@ -84,6 +84,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     if mu1.shape != (d,) or mu2.shape != (d,) or s1.shape != (d, d) or s2.shape != (d, d):
         raise ValueError(
             f"shape mismatch: mu {mu1.shape}, {mu2.shape}; sigma {s1.shape}, {s2.shape}")
+    if not all(np.isfinite(a).all() for a in (mu1, mu2, s1, s2)):
+        raise ValueError("statistics contain NaN or infinity")
     diff = mu1 - mu2
     value = diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * _trace_sqrt_product(s1, s2)
     return max(float(value), 0.0)
