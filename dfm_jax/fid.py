@@ -51,7 +51,7 @@ def _read_npz(path: Path) -> np.ndarray:
 
 
 def load_images(path) -> np.ndarray | list[np.ndarray]:
-    """uint8 images of a folder or ``.npz``: an array ``[N, H, W, C]``, or a list if sizes differ."""
+    """uint8 images of a folder or ``.npz``: array ``[N, H, W, C]``, or a list if sizes differ."""
     p = Path(path)
     if not p.exists():
         raise InputError(f"path does not exist: {path}")

@@ -272,7 +272,8 @@ def params_from_pytorch_fid(state: Mapping[str, np.ndarray]) -> dict:
 
 def save_params(params: Mapping, path) -> None:
     """Write params to an ``.npz`` with keys ``"<layer>/<leaf>"``."""
-    flat = {f"{layer}/{leaf}": np.asarray(v) for layer, d in params.items() for leaf, v in d.items()}
+    flat = {f"{layer}/{leaf}": np.asarray(v)
+            for layer, leaves in params.items() for leaf, v in leaves.items()}
     np.savez(path, **flat)
 
 

@@ -140,7 +140,8 @@ def inception_score(logits, num_splits: int = 10) -> tuple[float, float]:
     """
     z = np.asarray(logits, np.float64)
     if z.ndim != 2 or z.shape[0] < num_splits or num_splits < 1:
-        raise ValueError(f"need logits [N >= num_splits, C], got {z.shape} with {num_splits} splits")
+        raise ValueError(
+            f"need logits [N >= num_splits, C], got {z.shape} with {num_splits} splits")
     z = z - z.max(axis=1, keepdims=True)
     log_p = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
     scores = []
