@@ -15,7 +15,7 @@ from dfm_jax.config_defaults import base_config, flow_matching_twin
 
 def get_config(arg: str = "dfm"):
   c = base_config()
-  c.total_steps = 3000
+  c.total_steps = 2000
   c.batch_size = 64
   c.log_every = 100
   c.checkpoint_every = 500
@@ -30,18 +30,18 @@ def get_config(arg: str = "dfm"):
   c.decomposition.kind = "laplacian"
   c.decomposition.num_stages = 3
 
-  c.model.hidden_size = 192
-  c.model.depth = 6
-  c.model.num_heads = 6
+  c.model.hidden_size = 128
+  c.model.depth = 4
+  c.model.num_heads = 4
   c.model.patch_size = 1  # 8x8 coarse stage -> 64 tokens; 16x16 uses 2x2, 32x32 uses 4x4
   c.model.pos_embed = "rope"
 
   c.flow.stage_probs = (0.5, 0.3, 0.2)
 
   c.optim.learning_rate = 1e-3
-  c.optim.warmup_steps = 200
+  c.optim.warmup_steps = 100
   c.optim.weight_decay = 0.0
-  c.optim.ema_decay = 0.999
+  c.optim.ema_decay = 0.995
 
   c.sampler.steps_per_stage = (20, 10, 10)
   c.sampler.thresholds = (0.7, 0.8)

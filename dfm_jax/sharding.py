@@ -18,9 +18,9 @@ MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
 
-def make_mesh(shape: Sequence[int]) -> jax.sharding.Mesh:
-  """A (data, fsdp, tensor) mesh over all devices, e.g. from ``experiment.mesh_shape``."""
-  return jax.make_mesh(tuple(shape), MESH_AXES,
+def make_mesh(shape: Sequence[int], devices=None) -> jax.sharding.Mesh:
+  """A (data, fsdp, tensor) mesh over ``devices`` (default: all), e.g. from ``mesh_shape``."""
+  return jax.make_mesh(tuple(shape), MESH_AXES, devices=devices,
                        axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
 
 

@@ -79,12 +79,16 @@ def _stage_stats(config, exp, workdir) -> decompose.StageStats | None:
   return stats
 
 
-def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
-  """Validates the config and builds the mesh, the abstract state and its shardings."""
-  exp = experiment.from_config(config, jax.device_count())
+def setup(config: ml_collections.ConfigDict, workdir: str, devices=None) -> Run:
+  """Validates the config and builds the mesh, the abstract state and its shardings.
+
+  ``devices`` defaults to all devices of all processes.
+  """
+  devices = list(devices) if devices is not None else jax.devices()
+  exp = experiment.from_config(config, len(devices))
   exp = dataclasses.replace(
       exp, decomposition=exp.decomposition.with_stats(_stage_stats(config, exp, workdir)))
-  mesh = sharding.make_mesh(experiment.mesh_shape(config, jax.device_count()))
+  mesh = sharding.make_mesh(experiment.mesh_shape(config, len(devices)), devices)
   abstract = nnx.eval_shape(lambda: create_train_state(exp, config.optim, config.seed))
   graphdef, abstract_state = nnx.split(abstract)
   shardings = sharding.state_shardings(abstract_state, mesh, config.mesh.axis_rules)
@@ -168,9 +172,9 @@ def _format_eta(seconds: float) -> str:
   return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
 
 
-def train(config: ml_collections.ConfigDict, workdir: str) -> nnx.State:
+def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> nnx.State:
   """Trains (or resumes) to ``config.total_steps``; returns the final state."""
-  run = setup(config, workdir)
+  run = setup(config, workdir, devices)
   os.makedirs(workdir, exist_ok=True)
   checkpoint.save_json(os.path.join(workdir, "config.json"), config.to_dict())
   if jax.process_index() == 0:
@@ -225,7 +229,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> nnx.State:
         pending = []
       if done % config.checkpoint_every == 0 or last or signals.terminate:
         ckpt.save(done, state, data_iter)
-      if done % config.sample_every == 0 or last:
+      if done % config.sample_every == 0:
         _write_samples(run, sample_fn, state, grid_labels, done, writer)
       if signals.terminate:
         logging.warning("SIGTERM: saved a checkpoint at step %d, exiting", done)

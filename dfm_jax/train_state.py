@@ -73,7 +73,7 @@ def train_step(graphdef: nnx.GraphDef, state: nnx.State, batch: dict[str, jax.Ar
         stage_weights=settings.stage_weights)
 
   (loss, metrics), grads = nnx.value_and_grad(loss_fn, has_aux=True)(ts.model)
-  grad_norm = optax.global_norm(grads)
+  grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   step = ts.optimizer.step[...]
   ts.optimizer.update(ts.model, grads)

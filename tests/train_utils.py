@@ -1,0 +1,84 @@
+"""Helpers shared by the training tests: a tiny config and checkpoint readers."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# Shrinks configs/default.py to seconds per run.
+TINY = {
+    "total_steps": 6, "batch_size": 8, "log_every": 2, "checkpoint_every": 2,
+    "sample_every": 1000, "num_grid_samples": 10, "keep_checkpoints": 10,
+    "model.hidden_size": 32, "model.depth": 1, "model.num_heads": 2,
+    "optim.warmup_steps": 2, "sampler.steps_per_stage": (2, 1, 1),
+    "sampler.num_samples": 12, "sampler.batch_size": 6,
+}
+
+
+def tiny_flags(**extra) -> list[str]:
+  """``--config.FIELD=VALUE`` flags for the tiny config (plus ``extra``; dots as ``__``)."""
+  values = dict(TINY, **{k.replace("__", "."): v for k, v in extra.items()})
+  return [f"--config.{k}={v}" for k, v in values.items()]
+
+
+def tiny_config(**extra):
+  """The tiny config as a ConfigDict, for in-process tests."""
+  sys.path.insert(0, os.path.join(REPO, "configs"))
+  import default  # pylint: disable=g-import-not-at-top
+  c = default.get_config()
+  for key, value in dict(TINY, **{k.replace("__", "."): v for k, v in extra.items()}).items():
+    node = c
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return c
+
+
+def main_command(workdir: str, *args: str) -> list[str]:
+  return [sys.executable, "-m", "dfm_jax.main", "--config=configs/default.py",
+          f"--workdir={workdir}", *args]
+
+
+def env(devices: int = 1) -> dict:
+  e = dict(os.environ)
+  e["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  e["JAX_PLATFORMS"] = "cpu"
+  return e
+
+
+def run_main(workdir: str, *args: str, devices: int = 1, check: bool = True):
+  proc = subprocess.run(main_command(workdir, *args), cwd=REPO, env=env(devices),
+                        capture_output=True, text=True, timeout=600)
+  if check and proc.returncode != 0:
+    raise AssertionError(f"main failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+  return proc
+
+
+def read_checkpoint(workdir: str, step: int | None = None) -> dict[str, np.ndarray]:
+  """The saved train state of a run as flat numpy arrays (latest step by default)."""
+  directory = os.path.join(workdir, "checkpoints")
+  steps = sorted(int(d) for d in os.listdir(directory) if d.isdigit())
+  step = steps[-1] if step is None else step
+  path = os.path.join(directory, str(step), "state")
+  checkpointer = ocp.PyTreeCheckpointer()
+  # Restore as host numpy arrays: the saving run may have used other devices or processes.
+  args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
+                      checkpointer.metadata(path).item_metadata.tree)
+  tree = checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=args))
+  flat = {}
+
+  def walk(prefix, node):
+    if isinstance(node, dict):
+      for k, v in node.items():
+        walk(f"{prefix}/{k}", v)
+    else:
+      flat[prefix] = np.asarray(node)
+  walk("", tree)
+  return flat
