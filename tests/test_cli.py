@@ -127,3 +127,19 @@ def test_two_processes_agree_with_one(reference_run, tmp_path):
   got, want = read_checkpoint(multi, steps), read_checkpoint(single, steps)
   for key in want:
     np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-6, err_msg=key)
+
+
+def test_eval_mode_writes_metrics_json(reference_run):
+  proc = run_main(reference_run, *tiny_flags(total_steps=STEPS, eval__num_samples=20,
+                                             eval__num_real=40, eval__batch_size=10,
+                                             sampler__cfg_scale=1.5), "--mode=eval")
+  folder = os.path.join(reference_run, "eval")
+  (name,) = [n for n in os.listdir(folder) if n.endswith(".json")]
+  assert name.startswith(f"step{STEPS}_cfg1.5_steps2-1-1")
+  with open(os.path.join(folder, name)) as f:
+    result = json.load(f)
+  for key in ("fid", "kid", "classifier_accuracy", "classifier_fd"):
+    assert np.isfinite(result[key]), key
+  assert "is" in result and result["num_fake"] == 20 and result["num_real"] == 40
+  assert result["fid"] > 0 and 0.0 <= result["classifier_accuracy"] <= 1.0
+  assert json.loads(proc.stdout.strip().splitlines()[-1])["step"] == STEPS
