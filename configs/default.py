@@ -45,7 +45,7 @@ def get_config(arg: str = "dfm"):
 
   c.sampler.steps_per_stage = (20, 10, 10)
   c.sampler.thresholds = (0.7, 0.8)
-  c.sampler.cfg_scale = 1.5
+  c.sampler.cfg_scale = 3.0  # the paper's value for qualitative samples
   c.sampler.num_samples = 100
   c.sampler.batch_size = 100
 
