@@ -102,9 +102,8 @@ def from_config(config: ml_collections.ConfigDict, num_devices: int = 1,
       tuple(config.sampler.steps_per_stage), tuple(config.sampler.thresholds),
       solver=config.sampler.solver, cfg_scale=config.sampler.cfg_scale,
       guidance_interval=tuple(config.sampler.guidance_interval)))
-  for name in ("warmup_steps",):
-    if config.optim[name] < 0:
-      problems.append(f"optim.{name} must be >= 0")
+  if config.optim.warmup_steps < 0:
+    problems.append(f"optim.warmup_steps must be >= 0, got {config.optim.warmup_steps}")
   if config.optim.schedule not in ("constant", "cosine"):
     problems.append(f"optim.schedule must be 'constant' or 'cosine', got "
                     f"{config.optim.schedule!r}")

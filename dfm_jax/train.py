@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import logging
 import os
 import signal
@@ -68,7 +69,6 @@ def _stage_stats(config, exp, workdir) -> decompose.StageStats | None:
     return None
   path = os.path.join(workdir, "stage_stats.json")
   if os.path.exists(path):
-    import json  # pylint: disable=g-import-not-at-top
     with open(path) as f:
       return decompose.StageStats.from_dict(json.load(f))
   it = data_lib.make_train_iterator(config.data, global_batch_size=config.batch_size,
@@ -89,7 +89,8 @@ def setup(config: ml_collections.ConfigDict, workdir: str, devices=None) -> Run:
   exp = dataclasses.replace(
       exp, decomposition=exp.decomposition.with_stats(_stage_stats(config, exp, workdir)))
   mesh = sharding.make_mesh(experiment.mesh_shape(config, len(devices)), devices)
-  abstract = nnx.eval_shape(lambda: create_train_state(exp, config.optim, config.seed))
+  abstract = nnx.eval_shape(
+      lambda: create_train_state(exp, config.optim, config.total_steps, config.seed))
   graphdef, abstract_state = nnx.split(abstract)
   shardings = sharding.state_shardings(abstract_state, mesh, config.mesh.axis_rules)
   abstract_state = jax.tree.map(
@@ -103,7 +104,8 @@ def init_state(run: Run) -> nnx.State:
 
   @functools.partial(jax.jit, out_shardings=run.shardings)
   def init():
-    return nnx.split(create_train_state(run.exp, config.optim, config.seed))[1]
+    state = create_train_state(run.exp, config.optim, config.total_steps, config.seed)
+    return nnx.split(state)[1]
 
   with jax.set_mesh(run.mesh):
     return init()
@@ -112,7 +114,7 @@ def init_state(run: Run) -> nnx.State:
 def compile_step(run: Run, local_batch_shape: dict):
   """Jits the train step with explicit shardings and donation, compiled ahead of time."""
   config = run.config
-  _, lr_schedule = make_optimizer(config.optim)
+  _, lr_schedule = make_optimizer(config.optim, config.total_steps)
   weights = config.flow.stage_weights
   settings = StepSettings(label_dropout=float(config.flow.label_dropout),
                           stage_weights=tuple(weights) if weights is not None else None)

@@ -14,12 +14,13 @@ from dfm_jax import dit, flow
 from dfm_jax.experiment import Experiment
 
 
-def make_optimizer(optim) -> tuple[optax.GradientTransformation, Callable[[int], float]]:
-  """AdamW with linear warm-up, an optional cosine decay, and global-norm clipping."""
+def make_optimizer(optim, total_steps: int
+                   ) -> tuple[optax.GradientTransformation, Callable[[int], float]]:
+  """AdamW with linear warm-up, then constant or cosine decay to 0 at ``total_steps``; clipping."""
   warmup = optax.linear_schedule(0.0, optim.learning_rate, max(int(optim.warmup_steps), 1))
   if optim.schedule == "cosine":
-    decay = optax.cosine_decay_schedule(optim.learning_rate,
-                                        max(int(optim.get("decay_steps", 1)), 1))
+    decay = optax.cosine_decay_schedule(
+        optim.learning_rate, max(int(total_steps) - int(optim.warmup_steps), 1))
   else:
     decay = optax.constant_schedule(optim.learning_rate)
   schedule = optax.join_schedules([warmup, decay], [int(optim.warmup_steps)])
@@ -41,9 +42,9 @@ class TrainState(nnx.Module):
     self.ema_decay = ema_decay
 
 
-def create_train_state(exp: Experiment, optim, seed: int) -> TrainState:
+def create_train_state(exp: Experiment, optim, total_steps: int, seed: int) -> TrainState:
   model = dit.DFMDiT(exp.model, rngs=nnx.Rngs(seed))
-  tx, _ = make_optimizer(optim)
+  tx, _ = make_optimizer(optim, total_steps)
   return TrainState(model, tx, float(optim.ema_decay))
 
 
