@@ -2,7 +2,8 @@
 data) of samples from a checkpoint's EMA weights, written to ``workdir/eval/*.json``.
 
 The sampler settings (steps per stage, thresholds, solver, cfg scale, guidance interval) come from
-``config.sampler`` and can be overridden on the command line, e.g. ``--config.sampler.cfg_scale=1.5``.
+``config.sampler`` and can be overridden on the command line, e.g.
+``--config.sampler.cfg_scale=1.5``.
 """
 
 from __future__ import annotations

@@ -107,7 +107,8 @@ def noisy_inputs(stages: Sequence[jax.Array], noise: Sequence[jax.Array], t: jax
 def masked_stage_loss(pred: Sequence[jax.Array], targets: Sequence[jax.Array], active: jax.Array,
                       stage_weights: Sequence[float] | None = None
                       ) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """The DFM loss: per-stage element-mean squared error, weighted sum over active stages, batch mean.
+  """The DFM loss: per-stage element-mean squared error, weighted sum over active stages,
+  mean over the batch.
 
   Returns:
     (scalar loss, metrics) where metrics hold ``loss_stage{s}`` (mean over the samples in which

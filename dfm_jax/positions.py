@@ -15,7 +15,7 @@ import numpy as np
 
 
 def _split_dim(dim: int, num_axes: int, multiple: int) -> list[int]:
-  """Splits ``dim`` into ``num_axes`` parts, each a multiple of ``multiple``, as even as possible."""
+  """Splits ``dim`` into ``num_axes`` parts, multiples of ``multiple``, as even as possible."""
   if dim % (multiple * num_axes) == 0:
     return [dim // num_axes] * num_axes
   units = dim // multiple
