@@ -1,0 +1,135 @@
+"""Quality at equal compute: DFM against its flow-matching twin, as a convergence curve.
+
+Trains both variants of a config (same backbone, token count, batch, seed and steps), evaluates
+each at several training budgets (FID and, for 28x28-class data, the classifier Frechet distance
+and accuracy) at cfg 1.0 and a higher cfg, then sweeps DFM's threshold tau and its step split at
+the largest budget. Budgets resume the same run (the learning rate is constant after warm-up), so
+the curve costs one run per variant. Writes `results.json`, `fid_vs_steps.png` (needs
+matplotlib) and `samples_side_by_side.png` into the workdir.
+
+  python bench/quality.py --config=configs/fashion_mnist.py --workdir=workdirs/quality \
+      --budgets=2000,5000,10000,20000
+
+The last line is the headline: FID of both at the largest budget, cfg 1.0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+from PIL import Image
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+OVERRIDES: list[str] = []  # extra --config.FIELD=VALUE flags for every run (see --set)
+
+
+def main_cmd(config: str, variant: str, workdir: str, *flags: str) -> list[str]:
+  return [sys.executable, "-m", "dfm_jax.main", f"--config={config}:{variant}",
+          f"--workdir={workdir}", *OVERRIDES, *flags]
+
+
+def run(cmd: list[str]) -> str:
+  proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+  if proc.returncode:
+    raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+  return proc.stdout
+
+
+def evaluate(config: str, variant: str, workdir: str, eval_samples: int, **sampler) -> dict:
+  flags = [f"--config.eval.num_samples={eval_samples}"]
+  flags += [f"--config.sampler.{k}={v}" for k, v in sampler.items()]
+  out = run(main_cmd(config, variant, workdir, "--mode=eval", *flags))
+  return json.loads(out.strip().splitlines()[-1])
+
+
+def plot(results: dict, path: str) -> None:
+  try:
+    import matplotlib  # pylint: disable=g-import-not-at-top
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    print("matplotlib not installed: skipping the plot", file=sys.stderr)
+    return
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for variant, style in (("dfm", "-o"), ("fm", "--s")):
+    for cfg in sorted({r["cfg"] for r in results["curve"]}):
+      rows = [r for r in results["curve"] if r["variant"] == variant and r["cfg"] == cfg]
+      ax.plot([r["steps"] for r in rows], [r["fid"] for r in rows], style,
+              label=f"{variant.upper()} cfg {cfg:g}")
+  ax.set_xlabel("training steps")
+  ax.set_ylabel("FID")
+  ax.set_yscale("log")
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+
+
+def side_by_side(workdir: str, step: int, path: str) -> None:
+  tiles = []
+  for variant in ("dfm", "fm"):
+    grid = os.path.join(workdir, variant, "samples", f"final_step{step}.png")
+    tiles.append(np.asarray(Image.open(grid).convert("RGB")))
+  h = max(t.shape[0] for t in tiles)
+  tiles = [np.pad(t, ((0, h - t.shape[0]), (0, 8), (0, 0)), constant_values=255) for t in tiles]
+  Image.fromarray(np.concatenate(tiles, axis=1)).save(path)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--config", default="configs/fashion_mnist.py")
+  parser.add_argument("--workdir", default="workdirs/quality")
+  parser.add_argument("--budgets", default="2000,5000,10000,20000")
+  parser.add_argument("--eval-samples", type=int, default=5000)
+  parser.add_argument("--high-cfg", type=float, default=2.0)
+  parser.add_argument("--taus", default="0.5;0.7;0.9",
+                      help="';'-separated thresholds, each a ','-separated list (S - 1 values)")
+  parser.add_argument("--splits", default="20+20;30+10;35+5",
+                      help="';'-separated steps per stage, e.g. 30+10")
+  parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                      help="a config override applied to every run, e.g. model.depth=4")
+  args = parser.parse_args()
+  OVERRIDES.extend(f"--config.{kv}" for kv in args.set)
+  budgets = [int(b) for b in args.budgets.split(",")]
+  results = {"config": args.config, "curve": [], "tau_sweep": [], "split_sweep": []}
+  for variant in ("dfm", "fm"):
+    workdir = os.path.join(args.workdir, variant)
+    for steps in budgets:
+      run(main_cmd(args.config, variant, workdir, f"--config.total_steps={steps}",
+                   f"--config.checkpoint_every={min(budgets)}",
+                   f"--config.sample_every={max(budgets)}"))
+      for cfg in (1.0, args.high_cfg):
+        r = evaluate(args.config, variant, workdir, args.eval_samples, cfg_scale=cfg)
+        row = {"variant": variant, "steps": steps, "cfg": cfg, "fid": r["fid"],
+               "classifier_fd": r.get("classifier_fd"),
+               "classifier_accuracy": r.get("classifier_accuracy")}
+        results["curve"].append(row)
+        print(json.dumps(row), flush=True)
+    run(main_cmd(args.config, variant, workdir, "--mode=sample",
+                 f"--config.total_steps={budgets[-1]}"))
+  dfm_dir = os.path.join(args.workdir, "dfm")
+  for tau in args.taus.split(";"):
+    r = evaluate(args.config, "dfm", dfm_dir, args.eval_samples, thresholds=f"({tau},)")
+    results["tau_sweep"].append({"tau": tau, "fid": r["fid"]})
+  for split in args.splits.split(";"):
+    steps = "(" + split.replace("+", ",") + ")"
+    r = evaluate(args.config, "dfm", dfm_dir, args.eval_samples, steps_per_stage=steps)
+    results["split_sweep"].append({"steps_per_stage": split, "fid": r["fid"]})
+  with open(os.path.join(args.workdir, "results.json"), "w") as f:
+    json.dump(results, f, indent=2)
+  plot(results, os.path.join(args.workdir, "fid_vs_steps.png"))
+  side_by_side(args.workdir, budgets[-1], os.path.join(args.workdir, "samples_side_by_side.png"))
+  last = {r["variant"]: r["fid"] for r in results["curve"]
+          if r["steps"] == budgets[-1] and r["cfg"] == 1.0}
+  print(f"FID at {budgets[-1]} steps, cfg 1.0: DFM {last['dfm']:.2f} vs FM {last['fm']:.2f}")
+
+
+if __name__ == "__main__":
+  main()
