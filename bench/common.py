@@ -1,0 +1,211 @@
+"""Shared benchmark helpers: repository import path, interleaved timing, tables, train steps.
+
+Every comparison in these scripts is timed side by side: the variants run in alternating order
+within each round, and ratios are taken per round and then summarised by their median, so load
+from other processes on a shared machine affects both sides of a ratio alike.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+  sys.path.insert(0, str(REPO))
+
+import jax  # noqa: E402  (after the path fix above)
+import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+# ---------------------------------------------------------------------------------------------
+# Machine and output
+
+def machine_summary() -> str:
+  """One line: CPU model, cores visible to this process, JAX version and devices."""
+  model = platform.processor() or "unknown CPU"
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          model = line.split(":", 1)[1].strip()
+          break
+  except OSError:
+    pass
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  devices = jax.devices()
+  return (f"{model}, {cores} cores visible, jax {jax.__version__}, "
+          f"{len(devices)} x {devices[0].device_kind} ({jax.default_backend()})")
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+  """A plain-text table with right-aligned columns (also valid Markdown)."""
+  cells = [[str(h) for h in headers]] + [[_cell(v) for v in row] for row in rows]
+  widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+  lines = ["| " + " | ".join(c.rjust(w) for c, w in zip(r, widths)) + " |" for r in cells]
+  lines.insert(1, "|" + "|".join("-" * (w + 1) + ":" for w in widths) + "|")
+  return "\n".join(lines)
+
+
+def _cell(v: Any) -> str:
+  if isinstance(v, float):
+    return f"{v:.4g}" if abs(v) < 1e5 else f"{v:.3e}"
+  return str(v)
+
+
+def print_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+  print(f"\n{title}\n{format_table(headers, rows)}", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing
+
+def interleaved_times(fns: dict[str, Callable[[], Any]], rounds: int,
+                      warmup: int = 1) -> dict[str, list[float]]:
+  """Seconds per call of each blocking ``fn()``, measured in alternating rounds.
+
+  Every function first runs ``warmup`` times untimed. Then each of ``rounds`` rounds calls every
+  function once, rotating the order from round to round so none always runs first.
+  """
+  names = list(fns)
+  for _ in range(warmup):
+    for name in names:
+      fns[name]()
+  times: dict[str, list[float]] = {name: [] for name in names}
+  for r in range(rounds):
+    shift = r % len(names)
+    for name in names[shift:] + names[:shift]:
+      start = time.perf_counter()
+      fns[name]()
+      times[name].append(time.perf_counter() - start)
+  return times
+
+
+def median(values: Sequence[float]) -> float:
+  return float(statistics.median(values))
+
+
+def paired_ratio(num: Sequence[float], den: Sequence[float]) -> tuple[float, float, float]:
+  """Median, 25th and 75th percentile of the per-round ratios ``num[r] / den[r]``."""
+  ratios = np.asarray(num, np.float64) / np.asarray(den, np.float64)
+  q25, q50, q75 = np.percentile(ratios, [25, 50, 75])
+  return float(q50), float(q25), float(q75)
+
+
+def blocking(fn: Callable[[], Any]) -> Callable[[], Any]:
+  """Wraps ``fn`` so it returns only when its JAX results are computed."""
+  return lambda: jax.block_until_ready(fn())
+
+
+# ---------------------------------------------------------------------------------------------
+# Compiled-program figures
+
+def compiled_flops(compiled) -> float:
+  """FLOPs of one call from XLA's cost analysis (loop bodies are counted once by XLA)."""
+  analysis = compiled.cost_analysis()
+  if isinstance(analysis, (list, tuple)):
+    analysis = analysis[0]
+  return float(analysis.get("flops", float("nan"))) if analysis else float("nan")
+
+
+def leaf_bytes(tree) -> int:
+  """Total bytes of the (abstract) array leaves of ``tree``."""
+  return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
+def per_device_bytes(abstract_tree) -> int:
+  """Bytes one device holds of ``ShapeDtypeStruct`` leaves carrying shardings."""
+  total = 0
+  for x in jax.tree.leaves(abstract_tree):
+    shape = x.sharding.shard_shape(x.shape) if x.sharding is not None else x.shape
+    total += int(np.prod(shape)) * np.dtype(x.dtype).itemsize
+  return total
+
+
+# ---------------------------------------------------------------------------------------------
+# Configurations and train steps
+
+def latent_config(base: ml_collections.ConfigDict, workdir: str, resolution: int,
+                  channels: int, num: int = 8) -> ml_collections.ConfigDict:
+  """``base`` reading ``num`` random latents ``[resolution, resolution, channels]`` that are
+  written to ``workdir`` (the configs validate their data even when the benchmark feeds its own
+  batches)."""
+  path = os.path.join(workdir, f"latents_{resolution}x{channels}.npz")
+  if not os.path.exists(path):
+    rng = np.random.default_rng(0)
+    np.savez(path, latents=rng.standard_normal((num, resolution, resolution, channels),
+                                               np.float32),
+             labels=rng.integers(0, 10, num).astype(np.int32))
+  c = ml_collections.ConfigDict(base.to_dict())
+  c.data.source = "latents"
+  c.data.path = path
+  c.data.resolution = resolution
+  c.data.channels = channels
+  c.data.num_classes = 10
+  return c
+
+
+def random_batch(config, seed: int = 0) -> dict[str, np.ndarray]:
+  """A global batch of standard-normal images and random labels for ``config``."""
+  d = config.data
+  rng = np.random.default_rng(seed)
+  shape = (config.batch_size, d.resolution, d.resolution, d.channels)
+  return {"image": rng.standard_normal(shape, np.float32),
+          "label": rng.integers(0, d.num_classes, config.batch_size).astype(np.int32)}
+
+
+@dataclasses.dataclass
+class TrainStep:
+  """A compiled train step with its own state; calling it runs one blocking step."""
+  run: Any
+  compiled: Any
+  state: Any
+  batch: dict
+
+  def __call__(self):
+    self.state, metrics = self.compiled(self.state, self.batch)
+    jax.block_until_ready((self.state, metrics))
+    return metrics
+
+  @property
+  def flops(self) -> float:
+    return compiled_flops(self.compiled)
+
+  @property
+  def num_params(self) -> int:
+    from flax import nnx  # pylint: disable=g-import-not-at-top
+    from dfm_jax import dit  # pylint: disable=g-import-not-at-top
+    return dit.count_parameters(nnx.merge(self.run.graphdef, self.run.abstract_state).model)
+
+
+def build_train_steps(configs: dict[str, ml_collections.ConfigDict], devices=None,
+                      initialize: bool = True,
+                      batches: dict[str, dict] | None = None) -> dict[str, TrainStep]:
+  """Sets up each config and compiles its train step through ``dfm_jax.train``'s own path.
+
+  The variants compile concurrently on two threads (XLA compiles mostly on one core). Batches
+  default to :func:`random_batch`. With ``initialize=False`` no state is created (for
+  compile-only figures) and the steps cannot be called.
+  """
+  from dfm_jax import sharding, train  # pylint: disable=g-import-not-at-top
+
+  def build(name):
+    config = configs[name]
+    batch = (batches or {}).get(name) or random_batch(config)
+    with tempfile.TemporaryDirectory() as workdir:
+      run = train.setup(config, workdir, devices)
+    compiled = train.compile_step(run, {k: (v.shape, v.dtype) for k, v in batch.items()})
+    state = jax.block_until_ready(train.init_state(run)) if initialize else None
+    return TrainStep(run, compiled, state, sharding.global_batch(batch, run.mesh))
+
+  with ThreadPoolExecutor(max_workers=2) as pool:
+    return dict(zip(configs, pool.map(build, configs)))
