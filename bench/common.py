@@ -122,10 +122,10 @@ def leaf_bytes(tree) -> int:
   return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
 
-def per_device_bytes(abstract_tree) -> int:
-  """Bytes one device holds of ``ShapeDtypeStruct`` leaves carrying shardings."""
+def per_device_bytes(tree) -> int:
+  """Bytes one device holds of array or ``ShapeDtypeStruct`` leaves carrying shardings."""
   total = 0
-  for x in jax.tree.leaves(abstract_tree):
+  for x in jax.tree.leaves(tree):
     shape = x.sharding.shard_shape(x.shape) if x.sharding is not None else x.shape
     total += int(np.prod(shape)) * np.dtype(x.dtype).itemsize
   return total
@@ -192,7 +192,9 @@ def build_train_steps(configs: dict[str, ml_collections.ConfigDict], devices=Non
                       batches: dict[str, dict] | None = None) -> dict[str, TrainStep]:
   """Sets up each config and compiles its train step through ``dfm_jax.train``'s own path.
 
-  The variants compile concurrently on two threads (XLA compiles mostly on one core). Batches
+  ``devices``: a device list for all configs, or a dict of lists by config name (default: all
+  devices). The variants compile concurrently on two threads (XLA compiles mostly on one core).
+  Batches
   default to :func:`random_batch`. With ``initialize=False`` no state is created (for
   compile-only figures) and the steps cannot be called.
   """
@@ -202,7 +204,8 @@ def build_train_steps(configs: dict[str, ml_collections.ConfigDict], devices=Non
     config = configs[name]
     batch = (batches or {}).get(name) or random_batch(config)
     with tempfile.TemporaryDirectory() as workdir:
-      run = train.setup(config, workdir, devices)
+      run = train.setup(config, workdir,
+                        devices.get(name) if isinstance(devices, dict) else devices)
     compiled = train.compile_step(run, {k: (v.shape, v.dtype) for k, v in batch.items()})
     state = jax.block_until_ready(train.init_state(run)) if initialize else None
     return TrainStep(run, compiled, state, sharding.global_batch(batch, run.mesh))
