@@ -134,6 +134,15 @@ def per_device_bytes(tree) -> int:
 # ---------------------------------------------------------------------------------------------
 # Configurations and train steps
 
+def load_config(name: str, arg: str = "dfm") -> ml_collections.ConfigDict:
+  """``get_config(arg)`` of ``configs/<name>.py`` (as ``--config=configs/<name>.py:<arg>``)."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location(f"configs_{name}", REPO / "configs" / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
 def latent_config(base: ml_collections.ConfigDict, workdir: str, resolution: int,
                   channels: int, num: int = 8) -> ml_collections.ConfigDict:
   """``base`` reading ``num`` random latents ``[resolution, resolution, channels]`` that are
