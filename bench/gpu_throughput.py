@@ -1,0 +1,163 @@
+"""Training throughput and model FLOP utilisation of DFM and its flow-matching twin on one GPU.
+
+  python bench/gpu_throughput.py --out gpu_throughput.json           # on a GPU (H100 peak)
+  python bench/gpu_throughput.py --quick                             # tiny check, any CPU
+
+Models: DiT-B/2 and DiT-XL/2 (`--sizes`) at 256 and 1024 tokens (`--tokens`), bfloat16 compute
+(`--dtype`) with float32 parameters, 1000 classes, 16-channel random latents. DFM is the paper's
+2-stage pyramid: latents of side R = 2 sqrt(tokens) (32 or 64), a coarse R/2 stage with patch 1
+and the full R stage with patch 2; the FM twin is a DiT with patch 2 on the R x R latents. Each
+train step is ``dfm_jax.train.compile_step`` (forward, backward, AdamW, EMA). DFM and FM steps
+alternate for `--rounds` rounds after `--warmup` steps each; a batch that does not fit is halved
+until it does (the batch used is reported).
+
+Per row: median step time, images/s, FLOPs per step from XLA's cost analysis of the compiled
+step and from the analytic count 3 x forward (matmuls 2 x tokens x (4 + 2 x mlp_ratio) x D^2
+per block, attention 4 x tokens^2 x D per block, patch embeddings and heads), and the FLOP
+utilisation = FLOPs / step time / (`--peak-tflops`, default 989: H100 SXM dense bf16). With
+`--remat` XLA's count includes the recomputation, the analytic one does not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import tempfile
+
+import jax
+import numpy as np
+
+import common
+from dfm_jax.config_defaults import base_config, flow_matching_twin
+
+TINY = (64, 2, 2)  # hidden, depth, heads of the --quick model
+
+
+def make_configs(size: str, tokens: int, batch: int, workdir: str, args) -> dict:
+  side = 2 * math.isqrt(tokens)
+  if (side // 2) ** 2 != tokens:
+    raise ValueError(f"tokens must be a square number, got {tokens}")
+  c = base_config()
+  c.batch_size = batch
+  if size == "tiny":
+    c.model.size = "custom"
+    c.model.hidden_size, c.model.depth, c.model.num_heads = TINY
+  else:
+    c.model.size = size
+  c.model.patch_size = 1
+  c.model.dtype = args.dtype
+  c.model.remat = args.remat
+  c.decomposition.num_stages = 2
+  c.flow.stage_probs = (0.9, 0.1)
+  c.sampler.steps_per_stage = (30, 10)
+  c.sampler.thresholds = (0.7,)
+  dfm = common.latent_config(c, workdir, side, args.channels)
+  dfm.data.num_classes = 1000
+  return {"DFM": dfm, "FM": flow_matching_twin(dfm)}
+
+
+def analytic_flops(config) -> float:
+  """Training FLOPs per step: 3 x the forward's matmul and attention FLOPs."""
+  from dfm_jax import experiment  # pylint: disable=g-import-not-at-top
+  model = experiment.from_config(config, 1, check_data=False).model
+  d, r = model.hidden_size, model.mlp_ratio
+  first = model.stage_shapes[0]
+  tokens = (first[0] // model.patch_size) * (first[1] // model.patch_size)
+  block = 2 * tokens * (4 + 2 * r) * d * d + 4 * tokens * tokens * d
+  io = sum(2 * 2 * np.prod(s) * d for s in model.stage_shapes)  # patch embed + head per stage
+  return 3.0 * config.batch_size * (model.depth * block + io)
+
+
+def is_oom(err: Exception) -> bool:
+  text = str(err)
+  return "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower()
+
+
+def measure_pair(size: str, tokens: int, batch: int, workdir: str, args):
+  """Times DFM and FM at the largest batch <= ``batch`` that fits; returns (batch, rows)."""
+  while batch >= 1:
+    steps = None
+    try:
+      configs = make_configs(size, tokens, batch, workdir, args)
+      steps = common.build_train_steps(configs)
+      times = common.interleaved_times(steps, rounds=args.rounds, warmup=args.warmup)
+      rows = {}
+      for name, step in steps.items():
+        mem = step.compiled.memory_analysis()
+        rows[name] = dict(
+            model=f"DiT-{size}/2", tokens=tokens, method=name, batch=batch,
+            step_ms=common.median(times[name]) * 1e3,
+            images_per_s=batch / common.median(times[name]),
+            xla_tflop=step.flops / 1e12, analytic_tflop=analytic_flops(configs[name]) / 1e12,
+            params_m=step.num_params / 1e6,
+            temp_gib=(mem.temp_size_in_bytes / 2**30) if mem is not None else float("nan"))
+      rows["DFM"]["dfm_fm_time"] = common.paired_ratio(times["DFM"], times["FM"])[0]
+      return batch, list(rows.values())
+    except Exception as err:  # pylint: disable=broad-except
+      if not is_oom(err):
+        raise
+      print(f"DiT-{size}/2 {tokens} tokens: batch {batch} does not fit, halving", flush=True)
+      batch //= 2
+    finally:
+      del steps
+      gc.collect()
+  return 0, []
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--sizes", default="B,XL", help="DiT sizes (S, B, L, XL; tiny = --quick)")
+  parser.add_argument("--tokens", default="256,1024", help="token counts (square numbers)")
+  parser.add_argument("--batch", type=int, default=32, help="global batch to try first")
+  parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+  parser.add_argument("--channels", type=int, default=16, help="latent channels")
+  parser.add_argument("--remat", action="store_true", help="rematerialise each block")
+  parser.add_argument("--rounds", type=int, default=10, help="timed steps per method")
+  parser.add_argument("--warmup", type=int, default=2)
+  parser.add_argument("--peak-tflops", type=float, default=989.0,
+                      help="peak FLOP/s of one device in TFLOP/s (H100 SXM dense bf16: 989)")
+  parser.add_argument("--quick", action="store_true",
+                      help="tiny model, 16 and 64 tokens, batch 4, 2 rounds: checks the script")
+  parser.add_argument("--out", default="", help="also write the rows to this JSON file")
+  args = parser.parse_args()
+  if args.quick:
+    args.sizes, args.tokens, args.batch, args.rounds, args.warmup = "tiny", "16,64", 4, 2, 1
+
+  print(common.machine_summary())
+  print(f"dtype {args.dtype}, remat {args.remat}, peak {args.peak_tflops:g} TFLOP/s, "
+        f"{args.rounds} timed steps per method after {args.warmup} warm-up steps")
+  results = []
+  with tempfile.TemporaryDirectory() as workdir:
+    for size in args.sizes.split(","):
+      for tokens in (int(t) for t in args.tokens.split(",")):
+        _, rows = measure_pair(size, tokens, args.batch, workdir, args)
+        results += rows
+  peak = args.peak_tflops
+  for r in results:
+    r["mfu_xla"] = r["xla_tflop"] / (r["step_ms"] / 1e3) / peak
+    r["mfu_analytic"] = r["analytic_tflop"] / (r["step_ms"] / 1e3) / peak
+  table = [[r["model"], r["tokens"], r["method"], r["batch"], f"{r['step_ms']:.1f}",
+            f"{r['images_per_s']:.1f}", r["xla_tflop"] * 1e3, r["analytic_tflop"] * 1e3,
+            100 * r["mfu_xla"], 100 * r["mfu_analytic"],
+            f"{r['params_m']:.1f}", f"{r['temp_gib']:.2f}",
+            f"{r['dfm_fm_time']:.3f}" if "dfm_fm_time" in r else ""] for r in results]
+  common.print_table(
+      f"Training throughput, {jax.devices()[0].device_kind}, {args.dtype}",
+      ["model", "tokens", "method", "batch", "step ms", "images/s", "XLA GFLOP/step",
+       "analytic GFLOP/step", "MFU % (XLA)", "MFU % (analytic)", "Mparams", "temp GiB",
+       "DFM/FM time"], table)
+  if args.out:
+    with open(args.out, "w") as f:
+      json.dump({"device": jax.devices()[0].device_kind, "args": vars(args), "rows": results},
+                f, indent=1)
+  if not results:
+    raise SystemExit("no configuration fitted in memory")
+  last = [r for r in results if r["method"] == "DFM"][-1]
+  print(f"DFM {last['model']} {last['tokens']} tokens: {last['images_per_s']:.1f} images/s, "
+        f"MFU {100 * last['mfu_xla']:.3g}% (XLA FLOPs, peak {peak:g} TFLOP/s)")
+
+
+if __name__ == "__main__":
+  main()
