@@ -2,6 +2,7 @@
 
   python bench/train_step_overhead.py                       # DiT-S and DiT-B, defaults below
   python bench/train_step_overhead.py --sizes B --resolution 64 --patch 2 --batch 16 --rounds 10
+  python bench/train_step_overhead.py --breakdown   # also the model's forward and backward alone
 
 Data: random "latent-like" [resolution, resolution, channels] arrays (default 32x32x4). DFM is a
 2-stage Laplacian pyramid (resolution/2 with patch `--patch`, then resolution with twice that);
@@ -18,7 +19,12 @@ from __future__ import annotations
 import argparse
 import tempfile
 
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
 import common
+from dfm_jax import flow
 from dfm_jax.config_defaults import base_config, flow_matching_twin
 
 
@@ -37,6 +43,32 @@ def make_configs(size: str, workdir: str, args) -> tuple:
   return dfm, flow_matching_twin(dfm)
 
 
+def model_parts(step: common.TrainStep) -> dict:
+  """Blocking callables for the model alone: forward, and forward + backward of the DFM loss
+  (the same loss as the train step), on the step's current parameters and batch."""
+  exp = step.run.exp
+  graphdef = nnx.split(nnx.merge(step.run.graphdef, step.run.abstract_state).model)[0]
+  params = step.state["model"]
+  stages = exp.decomposition.split(step.batch["image"])
+  labels = step.batch["label"]
+  key = jax.random.key(0)
+  t = jnp.full((labels.shape[0], exp.decomposition.num_stages), 0.5, jnp.float32)
+
+  @jax.jit
+  def forward(params, stages, labels):
+    return nnx.merge(graphdef, params)(stages, t, labels, jnp.zeros_like(labels))
+
+  @jax.jit
+  def grad(params, stages, labels):
+    def loss(model):
+      return flow.dfm_training_loss(lambda *a: model(*a), key, stages, labels, exp.timesteps,
+                                    null_label=exp.null_label)[0]
+    return nnx.grad(loss)(nnx.merge(graphdef, params))
+
+  return {"forward": common.blocking(lambda: forward(params, stages, labels)),
+          "forward+backward": common.blocking(lambda: grad(params, stages, labels))}
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--sizes", default="S,B", help="comma-separated DiT sizes (S, B, L, XL)")
@@ -45,13 +77,15 @@ def main():
   parser.add_argument("--patch", type=int, default=2, help="patch of DFM's coarse stage")
   parser.add_argument("--batch", type=int, default=8)
   parser.add_argument("--rounds", type=int, default=4, help="timed DFM/FM pairs per size")
+  parser.add_argument("--breakdown", action="store_true",
+                      help="also time the model's forward and forward+backward alone")
   args = parser.parse_args()
 
   print(common.machine_summary())
   tokens = (args.resolution // (2 * args.patch)) ** 2
   print(f"data {args.resolution}x{args.resolution}x{args.channels}, batch {args.batch}, "
         f"{tokens} tokens, {args.rounds} interleaved rounds after one warm-up step each")
-  rows, ratio_by_size = [], {}
+  rows, ratio_by_size, parts_rows = [], {}, []
   with tempfile.TemporaryDirectory() as workdir:
     for size in args.sizes.split(","):
       dfm_cfg, fm_cfg = make_configs(size, workdir, args)
@@ -67,6 +101,18 @@ def main():
                    f"{dfm.flops / 1e9:.2f}", f"{fm.flops / 1e9:.2f}",
                    f"{dfm.flops / fm.flops:.4f}", f"{dfm.num_params / 1e6:.2f}",
                    f"{fm.num_params / 1e6:.2f}", f"{temp[0]:.0f}", f"{temp[1]:.0f}"])
+      if args.breakdown:
+        parts = {f"{method} {part}": fn for method, x in (("dfm", dfm), ("fm", fm))
+                 for part, fn in model_parts(x).items()}
+        part_times = common.interleaved_times(parts, rounds=args.rounds, warmup=1)
+        for part in ("forward", "forward+backward"):
+          r = common.paired_ratio(part_times[f"dfm {part}"], part_times[f"fm {part}"])
+          parts_rows.append([f"DiT-{size}", part,
+                             f"{common.median(part_times[f'dfm {part}']) * 1e3:.0f}",
+                             f"{common.median(part_times[f'fm {part}']) * 1e3:.0f}",
+                             f"{r[0]:.3f}", f"{r[1]:.3f}-{r[2]:.3f}"])
+        parts_rows.append([f"DiT-{size}", "whole train step", rows[-1][1], rows[-1][2],
+                           rows[-1][3], rows[-1][4]])
       del steps, dfm, fm
   common.print_table(
       "DFM vs flow-matching twin, one train step (ms: median; time ratio: median of per-round "
@@ -74,6 +120,10 @@ def main():
       "temporaries)",
       ["model", "DFM ms", "FM ms", "time ratio", "IQR", "min ratio", "DFM GFLOP", "FM GFLOP",
        "FLOP ratio", "DFM Mparams", "FM Mparams", "DFM temp MiB", "FM temp MiB"], rows)
+  if parts_rows:
+    common.print_table("The model alone (jitted separately; the train step adds AdamW, EMA and "
+                       "the non-finite guard)",
+                       ["model", "part", "DFM ms", "FM ms", "time ratio", "IQR"], parts_rows)
   headline = "B" if "B" in ratio_by_size else list(ratio_by_size)[-1]
   print(f"DFM/FM train-step time ratio (DiT-{headline}): {ratio_by_size[headline]:.3f}")
 
