@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import platform
+import re
 import statistics
 import sys
 import tempfile
@@ -115,6 +116,19 @@ def compiled_flops(compiled) -> float:
   if isinstance(analysis, (list, tuple)):
     analysis = analysis[0]
   return float(analysis.get("flops", float("nan"))) if analysis else float("nan")
+
+
+_COPY = re.compile(r"= (pred|[a-z]+\d+)\[([\d,]*)\](?:\{[^}]*\})? copy\(")
+
+
+def copied_bytes(compiled) -> int:
+  """Bytes of the ``copy`` instructions in a compiled program's optimised HLO (each one
+  materialises a buffer; a train step that copies its whole state shows about the state size)."""
+  total = 0
+  for dtype, dims in _COPY.findall(compiled.as_text()):
+    size = 1 if dtype == "pred" else max(int(re.match(r"[a-z]+(\d+)", dtype).group(1)) // 8, 1)
+    total += size * int(np.prod([int(d) for d in dims.split(",") if d]))
+  return total
 
 
 def leaf_bytes(tree) -> int:

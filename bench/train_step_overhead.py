@@ -95,12 +95,15 @@ def main():
       ratio_by_size[size] = ratio
       dfm, fm = steps["dfm"], steps["fm"]
       temp = [x.compiled.memory_analysis().temp_size_in_bytes / 2**20 for x in (dfm, fm)]
+      copies = [common.copied_bytes(x.compiled) / 2**20 for x in (dfm, fm)]
+      state = common.leaf_bytes(fm.run.abstract_state) / 2**20
       rows.append([f"DiT-{size}", f"{common.median(times['dfm']) * 1e3:.0f}",
                    f"{common.median(times['fm']) * 1e3:.0f}", f"{ratio:.3f}",
                    f"{q25:.3f}-{q75:.3f}", f"{min(times['dfm']) / min(times['fm']):.3f}",
                    f"{dfm.flops / 1e9:.2f}", f"{fm.flops / 1e9:.2f}",
                    f"{dfm.flops / fm.flops:.4f}", f"{dfm.num_params / 1e6:.2f}",
-                   f"{fm.num_params / 1e6:.2f}", f"{temp[0]:.0f}", f"{temp[1]:.0f}"])
+                   f"{fm.num_params / 1e6:.2f}", f"{temp[0]:.0f}", f"{temp[1]:.0f}",
+                   f"{copies[0]:.0f}", f"{copies[1]:.0f}", f"{state:.0f}"])
       if args.breakdown:
         parts = {f"{method} {part}": fn for method, x in (("dfm", dfm), ("fm", fm))
                  for part, fn in model_parts(x).items()}
@@ -117,9 +120,10 @@ def main():
   common.print_table(
       "DFM vs flow-matching twin, one train step (ms: median; time ratio: median of per-round "
       "DFM/FM with its interquartile range; min ratio: fastest DFM / fastest FM; temp: XLA "
-      "temporaries)",
+      "temporaries; copy: bytes of HLO copy instructions per step; state: FM train state)",
       ["model", "DFM ms", "FM ms", "time ratio", "IQR", "min ratio", "DFM GFLOP", "FM GFLOP",
-       "FLOP ratio", "DFM Mparams", "FM Mparams", "DFM temp MiB", "FM temp MiB"], rows)
+       "FLOP ratio", "DFM Mparams", "FM Mparams", "DFM temp MiB", "FM temp MiB",
+       "DFM copy MiB", "FM copy MiB", "FM state MiB"], rows)
   if parts_rows:
     common.print_table("The model alone (jitted separately; the train step adds AdamW, EMA and "
                        "the non-finite guard)",
