@@ -78,7 +78,8 @@ def main():
         state[name] = mem.argument_size_in_bytes - batch
         from_rules = common.per_device_bytes(step.run.abstract_state)
         rows.append([f"DiT-{size}", name, f"{mem.argument_size_in_bytes / MIB:.1f}",
-                     f"{mem.output_size_in_bytes / MIB:.1f}", f"{mem.alias_size_in_bytes / MIB:.1f}",
+                     f"{mem.output_size_in_bytes / MIB:.1f}",
+                     f"{mem.alias_size_in_bytes / MIB:.1f}",
                      f"{mem.temp_size_in_bytes / MIB:.1f}", f"{state[name] / MIB:.1f}",
                      f"{from_rules / MIB:.1f}",
                      f"{replicated_bytes(step.run.abstract_state) / MIB:.2f}"
