@@ -17,8 +17,8 @@ waits while Grain's threads fill their prefetch buffer; its latency is reported)
 `--batches` batches: the steady rate, with the same amount of prefetching in flight at both
 ends. The compiled train step of configs/default.py (batch 64, 32x32x1, on a real mnist5k
 batch) is timed for `--steps` steps in the same rounds. Ratio = pipeline images/s / train-step
-images/s, per round, median over rounds: above 1 the source keeps up with training. Both share the same CPU cores;
-the pipeline runs alone here, not overlapped with training.
+images/s, per round, median over rounds: above 1 the source keeps up with training. Both share
+the same CPU cores; the pipeline runs alone here, not overlapped with training.
 """
 
 from __future__ import annotations
