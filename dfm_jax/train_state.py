@@ -29,7 +29,10 @@ def make_optimizer(optim, total_steps: int
     chain.append(optax.clip_by_global_norm(optim.grad_clip))
   chain.append(optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps,
                            weight_decay=optim.weight_decay))
-  return optax.chain(*chain), schedule
+  # A non-finite gradient yields a zero update and leaves the optimizer state as it was; the
+  # loop stops at its next check. Gating the update (not selecting between whole states) lets
+  # XLA update the donated state in place.
+  return optax.apply_if_finite(optax.chain(*chain), max_consecutive_errors=2**30), schedule
 
 
 class TrainState(nnx.Module):
@@ -60,10 +63,10 @@ def train_step(graphdef: nnx.GraphDef, state: nnx.State, batch: dict[str, jax.Ar
   """One optimisation step on ``batch = {'image': [B, H, W, C], 'label': [B]}``.
 
   Pure: ``(state, batch, key) -> (new state, metrics)``; the caller jits it with shardings and
-  donates ``state``. A step whose loss or gradient is not finite leaves the parameters unchanged
-  and reports ``nonfinite = 1`` so the caller can stop with the last good state intact.
+  donates ``state``. A step whose loss or gradient is not finite leaves the parameters, optimizer
+  moments and EMA unchanged and reports ``nonfinite = 1`` so the caller can stop with the last
+  good state intact.
   """
-  old = jax.tree.map(lambda x: x, state)  # new containers, so updates below leave it intact
   ts = nnx.merge(graphdef, state)
   stages = exp.decomposition.split(batch["image"])
 
@@ -78,13 +81,12 @@ def train_step(graphdef: nnx.GraphDef, state: nnx.State, batch: dict[str, jax.Ar
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   step = ts.optimizer.step[...]
   ts.optimizer.update(ts.model, grads)
-  decay = ts.ema_decay
+  decay = jnp.where(finite, ts.ema_decay, 1.0)  # a skipped step leaves the EMA as it is
   ema_params = nnx.state(ts.ema, nnx.Param)
   new_params = nnx.state(ts.model, nnx.Param)
   nnx.update(ts.ema, jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema_params,
                                   new_params))
   new = nnx.state(ts)
-  new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
   metrics = dict(metrics, grad_norm=grad_norm, learning_rate=lr_schedule(step),
                  nonfinite=(~finite).astype(jnp.int32))
   return new, metrics
