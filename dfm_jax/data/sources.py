@@ -47,6 +47,12 @@ def _count_skip(name: str, err: Exception):
                      name, type(err).__name__, err, total)
 
 
+def _check_labels(labels: np.ndarray, num_classes: int, name: str) -> None:
+    if labels.min() < 0 or labels.max() >= num_classes:
+        raise ValueError(f"data.num_classes: labels of {name} span {labels.min()}.."
+                         f"{labels.max()}, outside [0, {num_classes})")
+
+
 class ArraySource:
     """In-memory uint8 images (mnist5k, idx), cropped and converted once per process with
     vectorised numpy."""
@@ -75,9 +81,7 @@ class ArraySource:
             else:
                 images, labels = arrays.load_idx_dataset(self._path, self._label_path)
                 name = self._path
-            if labels.min() < 0 or labels.max() >= self._num_classes:
-                raise ValueError(f"data.num_classes: labels of {name} span {labels.min()}.."
-                                 f"{labels.max()}, outside [0, {self._num_classes})")
+            _check_labels(labels, self._num_classes, name)
             try:
                 images = transforms.prepare_array(images, self._resolution, self._channels,
                                                   self._crop)
@@ -111,9 +115,7 @@ class LatentSource:
     def arrays(self) -> tuple[np.ndarray, np.ndarray]:
         if self._cache is None:
             latents, labels = arrays.load_latents(self._path)
-            if labels.min() < 0 or labels.max() >= self._num_classes:
-                raise ValueError(f"data.num_classes: labels of {self._path} span {labels.min()}"
-                                 f"..{labels.max()}, outside [0, {self._num_classes})")
+            _check_labels(labels, self._num_classes, self._path)
             self._cache = latents, labels
         return self._cache
 
