@@ -1,0 +1,44 @@
+"""Every shipped config validates, and each flow-matching twin matches its DFM config's compute."""
+
+import importlib.util
+import os
+
+import pytest
+
+from dfm_jax import dit, experiment
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs")
+CASES = [("default.py", "dfm"), ("fashion_mnist.py", "dfm"), ("imagenet512.py", "dfm"),
+         ("imagenet1024.py", "dfm"), ("imagenet1024.py", "three")]
+
+
+def load(name: str, arg: str):
+  spec = importlib.util.spec_from_file_location(name[:-3], os.path.join(CONFIG_DIR, name))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def tokens(exp: experiment.Experiment) -> int:
+  grid, _ = dit.token_layout(exp.model.stage_shapes, exp.model.patch_size)
+  n = 1
+  for g in grid:
+    n *= g
+  return n
+
+
+@pytest.mark.parametrize("name,arg", CASES)
+def test_config_validates_and_twin_has_equal_compute(name, arg):
+  dfm = experiment.from_config(load(name, arg), num_devices=1, check_data=False)
+  fm = experiment.from_config(load(name, "fm"), num_devices=1, check_data=False)
+  assert len(fm.model.stage_shapes) == 1 and len(dfm.model.stage_shapes) > 1
+  assert tokens(dfm) == tokens(fm)
+  for field in ("hidden_size", "depth", "num_heads", "mlp_ratio"):
+    assert getattr(dfm.model, field) == getattr(fm.model, field), field
+  assert sum(dfm.sampler.steps_per_stage) == sum(fm.sampler.steps_per_stage)
+  assert dfm.sample_shape == fm.sample_shape
+
+
+def test_unknown_config_argument_is_named():
+  with pytest.raises(ValueError, match="'dfm' or 'fm'"):
+    load("fashion_mnist.py", "flow")
