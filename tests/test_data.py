@@ -238,6 +238,29 @@ def test_latents_are_scaled_not_clipped_and_have_no_pixels(tmp_path):
         D.load_images(c, 2)
 
 
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, ">f4"])
+@pytest.mark.parametrize("fortran", [False, True])
+def test_stored_npz_members_are_memory_mapped_exactly(tmp_path, dtype, fortran):
+    rng = np.random.default_rng(6)
+    latents = rng.normal(size=(5, 3, 4, 2)).astype(dtype)
+    if fortran:
+        latents = np.asfortranarray(latents)
+    path = str(tmp_path / "lat.npz")
+    # a long first member name and a second array make the offsets non-trivial
+    np.savez(path, a_long_member_name_first=np.arange(7), latents=latents, labels=np.arange(5))
+    mapped, labels = D.arrays.load_latents(path)
+    assert isinstance(mapped, np.memmap) and not mapped.flags.writeable
+    np.testing.assert_array_equal(mapped, latents)
+    assert mapped.dtype == np.dtype(dtype) and labels.dtype == np.int32
+
+    compressed = str(tmp_path / "lat_compressed.npz")
+    np.savez_compressed(compressed, latents=latents, labels=np.arange(5))
+    assert D.arrays.npz_memmap(compressed, "latents") is None
+    loaded, _ = D.arrays.load_latents(compressed)
+    assert not isinstance(loaded, np.memmap)
+    np.testing.assert_array_equal(loaded, latents)
+
+
 # ---------------------------------------------------------------------------- validation
 
 

