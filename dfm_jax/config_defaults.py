@@ -90,7 +90,7 @@ def base_config() -> ml_collections.ConfigDict:
   # shards 'mlp' and 'heads' over 'tensor'.
   c.mesh.axis_rules = (
       ("embed", "fsdp"), ("mlp", "tensor"), ("heads", "tensor"), ("vocab", None),
-      ("patch", None),
+      ("patch", None), ("layers", None),
   )
 
   c.distributed = ml_collections.ConfigDict()

@@ -247,7 +247,15 @@ class DFMDiT(nnx.Module):
         embedding_init=nnx.with_partitioning(nnx.initializers.normal(0.02), (None, "embed"),
                                              eager_sharding=False))
                         if cfg.stage_index_embed else None)
-    self.blocks = nnx.List([DiTBlock(cfg, rngs) for _ in range(cfg.depth)])
+
+    @nnx.split_rngs(splits=cfg.depth)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def make_blocks(rngs):
+      return DiTBlock(cfg, rngs)
+
+    # One DiTBlock whose parameters carry a leading [depth] axis (logical name 'layers'), run by
+    # a scan: compile time does not grow with depth.
+    self.blocks = make_blocks(rngs)
     self.heads = nnx.List([StageHead(cfg, int(np.prod(p)) * shape[-1], rngs)
                            for p, shape in zip(self.patches, cfg.stage_shapes)])
     if cfg.pos_embed == "sincos":
@@ -281,11 +289,13 @@ class DFMDiT(nnx.Module):
       x = x + self.pos[...][None]
     else:
       rope = (self.rope_cos[...], self.rope_sin[...])
-    for block in self.blocks:
-      if cfg.remat:
-        x = nnx.remat(lambda blk, x, c: blk(x, c, rope))(block, x, c)
-      else:
-        x = block(x, c, rope)
+
+    def apply_block(x, block):
+      return block(x, c, rope)
+
+    if cfg.remat:
+      apply_block = nnx.remat(apply_block)
+    x = nnx.scan(apply_block, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)(x, self.blocks)
     out = []
     for head, p, shape in zip(self.heads, self.patches, cfg.stage_shapes):
       out.append(unpatchify(head(x, c).astype(jnp.float32), self.grid, p, shape[-1]))

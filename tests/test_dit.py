@@ -94,7 +94,7 @@ def _reference_dit(model, x, t, y):
   c = dense(jax.nn.silu(dense(temb, te["fc1"])), te["fc2"])
   c = c + p["label_embed"]["embedding"][...][y]
   for i in range(c_cfg.depth):
-    blk = p["blocks"][i]
+    blk = jax.tree.map(lambda v: v[...][i], p["blocks"])  # parameters are stacked over depth
     mods = jnp.split(dense(jax.nn.silu(c), blk["ada"]), 6, -1)
     h = ln(tok) * (1 + mods[1][:, None]) + mods[0][:, None]
     qkv = dense(h, blk["attn"]["qkv"]).reshape(b, -1, 3, heads, d // heads)
