@@ -14,6 +14,7 @@ from typing import Any
 import grain
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import nnx
 
 
@@ -49,6 +50,7 @@ class Checkpointer:
     The iterator, if given, is moved in place to the saved position.
     """
     target = abstract_state.to_pure_dict()
+    self._check_structure(step, target)
     items = {"state": ocp.args.StandardRestore(target)}
     if data_iter is not None:
       items["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)
@@ -57,12 +59,44 @@ class Checkpointer:
     nnx.replace_by_pure_dict(state, restored["state"])
     return state
 
+  def _check_structure(self, step: int, target: dict) -> None:
+    """Raises a short ValueError when the saved tree differs from ``target`` (Orbax's own error
+    dumps both whole trees)."""
+    path = epath.Path(self.directory) / str(step) / "state"
+    saved = _shapes(ocp.StandardCheckpointHandler().metadata(path))
+    wanted = _shapes(target)
+    missing = sorted(set(wanted) - set(saved))
+    extra = sorted(set(saved) - set(wanted))
+    reshaped = sorted(k for k in set(saved) & set(wanted) if saved[k] != wanted[k])
+    if not (missing or extra or reshaped):
+      return
+    show = lambda keys: ", ".join(keys[:3]) + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "")
+    lines = [f"checkpoint {path.parent} does not match the model being restored:"]
+    if missing:
+      lines.append(f"  missing from the checkpoint: {show(missing)}")
+    if extra:
+      lines.append(f"  not in the model: {show(extra)}")
+    if reshaped:
+      lines.append("  shape differs: " + show(
+          [f"{k} saved {saved[k]} vs model {wanted[k]}" for k in reshaped]))
+    lines.append("It was written by a different config or code version: restore with the config "
+                 "saved beside it (workdir/config.json) or start a fresh workdir.")
+    raise ValueError("\n".join(lines))
+
   def wait(self) -> None:
     self.manager.wait_until_finished()
 
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def _shapes(tree) -> dict[str, tuple[int, ...]]:
+  """{'/'-joined key path: shape} of a nested dict of arrays or array metadata."""
+  def name(entry):
+    return str(getattr(entry, "key", getattr(entry, "idx", getattr(entry, "name", entry))))
+  return {"/".join(name(e) for e in path): tuple(getattr(leaf, "shape", ()))
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def save_json(path: str, obj: Any) -> None:
