@@ -254,7 +254,7 @@ class DFMDiT(nnx.Module):
       return DiTBlock(cfg, rngs)
 
     # One DiTBlock whose parameters carry a leading [depth] axis (logical name 'layers'), run by
-    # a scan: compile time does not grow with depth.
+    # a scan in __call__: compile time does not grow with depth.
     self.blocks = make_blocks(rngs)
     self.heads = nnx.List([StageHead(cfg, int(np.prod(p)) * shape[-1], rngs)
                            for p, shape in zip(self.patches, cfg.stage_shapes)])
@@ -290,12 +290,16 @@ class DFMDiT(nnx.Module):
     else:
       rope = (self.rope_cos[...], self.rope_sin[...])
 
-    def apply_block(x, block):
-      return block(x, c, rope)
+    # A plain lax.scan over the stacked parameters (not nnx.scan, which refuses a model whose
+    # variables come from an enclosing trace, as in the sampler's scan).
+    block_def, block_params = nnx.split(self.blocks)
+
+    def apply_block(x, params):
+      return nnx.merge(block_def, params)(x, c, rope), None
 
     if cfg.remat:
-      apply_block = nnx.remat(apply_block)
-    x = nnx.scan(apply_block, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)(x, self.blocks)
+      apply_block = jax.checkpoint(apply_block)
+    x, _ = jax.lax.scan(apply_block, x, block_params)
     out = []
     for head, p, shape in zip(self.heads, self.patches, cfg.stage_shapes):
       out.append(unpatchify(head(x, c).astype(jnp.float32), self.grid, p, shape[-1]))

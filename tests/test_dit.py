@@ -123,6 +123,28 @@ def test_single_stage_is_a_plain_dit():
   np.testing.assert_allclose(out, _reference_dit(model, x, t, y), rtol=2e-4, atol=2e-4)
 
 
+def test_model_closed_over_by_an_outer_scan_and_cond():
+  """The sampler calls the model inside lax.scan and lax.cond with variables from the outer jit."""
+  cfg = _cfg(((8, 8, 3), (16, 16, 3)), remat=True)
+  model = dit.DFMDiT(cfg, rngs=nnx.Rngs(0))
+  _randomise(model)
+  stages, t, y, s = _inputs(cfg)
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def twice(state):
+    m = nnx.merge(graphdef, state)
+
+    def body(carry, _):
+      out = jax.lax.cond(carry[0, 0, 0, 0] > -1e9, lambda: m(stages, t, y, s)[0],
+                         lambda: carry)
+      return out, None
+
+    return jax.lax.scan(body, jnp.zeros_like(stages[0]), None, length=2)[0]
+
+  np.testing.assert_allclose(twice(state), model(stages, t, y, s)[0], rtol=1e-5, atol=1e-5)
+
+
 def test_video_rope_3d_and_jit_grad():
   cfg = _cfg(((4, 4, 4, 2), (4, 8, 8, 2)), pos_embed="rope")
   model = dit.DFMDiT(cfg, rngs=nnx.Rngs(0))
