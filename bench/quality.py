@@ -8,7 +8,11 @@ the curve costs one run per variant. Writes `results.json`, `fid_vs_steps.png` (
 matplotlib) and `samples_side_by_side.png` into the workdir.
 
   python bench/quality.py --config=configs/fashion_mnist.py --workdir=workdirs/quality \
-      --budgets=2000,5000,10000,20000
+      --budgets=1000,2000,4000 --eval-samples=500 --set eval.num_real=1000
+
+Re-running the same command resumes: finished budgets are not retrained, and evaluations whose
+results are already in `<workdir>/<variant>/eval/` (same step, sample count and sampler settings)
+are read back, so the sweep points that equal the config's defaults cost nothing.
 
 The last line is the headline: FID of both at the largest budget, cfg 1.0.
 """
@@ -16,6 +20,8 @@ The last line is the headline: FID of both at the largest budget, cfg 1.0.
 from __future__ import annotations
 
 import argparse
+import glob
+import importlib.util
 import json
 import os
 import subprocess
@@ -25,6 +31,7 @@ import numpy as np
 from PIL import Image
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)  # the config files import dfm_jax
 
 
 OVERRIDES: list[str] = []  # extra --config.FIELD=VALUE flags for every run (see --set)
@@ -42,14 +49,55 @@ def run(cmd: list[str]) -> str:
   return proc.stdout
 
 
-def evaluate(config: str, variant: str, workdir: str, eval_samples: int, **sampler) -> dict:
-  flags = [f"--config.eval.num_samples={eval_samples}"]
-  flags += [f"--config.sampler.{k}={v}" for k, v in sampler.items()]
+def sampler_defaults(config: str, variant: str) -> dict:
+  """The config file's sampler settings (cfg scale, thresholds, steps per stage)."""
+  spec = importlib.util.spec_from_file_location("bench_config", os.path.join(REPO, config))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  s = module.get_config(variant).sampler
+  return {"cfg_scale": float(s.cfg_scale), "thresholds": tuple(float(v) for v in s.thresholds),
+          "steps_per_stage": tuple(int(v) for v in s.steps_per_stage)}
+
+
+def cached_eval(workdir: str, step: int, eval_samples: int, settings: dict) -> dict | None:
+  """A finished `--mode=eval` result in `workdir/eval/` for exactly these settings, if any: a
+  re-run of the benchmark resumes instead of repeating evaluations."""
+  for path in sorted(glob.glob(os.path.join(workdir, "eval", "*.json"))):
+    with open(path) as f:
+      r = json.load(f)
+    s = r["sampler"]
+    found = {"cfg_scale": float(s["cfg_scale"]),
+             "thresholds": tuple(float(v) for v in s["thresholds"]),
+             "steps_per_stage": tuple(int(v) for v in s["steps_per_stage"])}
+    if r["step"] == step and r["num_fake"] == eval_samples and found == settings:
+      return r
+  return None
+
+
+def evaluate(config: str, variant: str, workdir: str, step: int, eval_samples: int,
+             **overrides) -> dict:
+  """FID (and classifier scores) of the checkpoint at `step` with the config's sampler settings
+  updated by `overrides` (cfg_scale=..., thresholds=(...), steps_per_stage=(...))."""
+  settings = dict(sampler_defaults(config, variant), **overrides)
+  hit = cached_eval(workdir, step, eval_samples, settings)
+  if hit is not None:
+    return hit
+  flags = [f"--config.eval.num_samples={eval_samples}", f"--config.sampler.checkpoint_step={step}"]
+  for k, v in settings.items():
+    flags.append(f"--config.sampler.{k}={v if not isinstance(v, tuple) else tuple_flag(v)}")
   out = run(main_cmd(config, variant, workdir, "--mode=eval", *flags))
   return json.loads(out.strip().splitlines()[-1])
 
 
+def tuple_flag(values: tuple) -> str:
+  if not values:
+    return "()"
+  return "(" + ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values) + ",)"
+
+
 def plot(results: dict, path: str) -> None:
+  """FID (and the classifier FD when measured) against training steps: DFM blue, FM red,
+  cfg 1.0 solid, the higher cfg dashed."""
   try:
     import matplotlib  # pylint: disable=g-import-not-at-top
     matplotlib.use("Agg")
@@ -57,19 +105,23 @@ def plot(results: dict, path: str) -> None:
   except ImportError:
     print("matplotlib not installed: skipping the plot", file=sys.stderr)
     return
-  fig, ax = plt.subplots(figsize=(6, 4))
-  for variant, style in (("dfm", "-o"), ("fm", "--s")):
-    for cfg in sorted({r["cfg"] for r in results["curve"]}):
-      rows = [r for r in results["curve"] if r["variant"] == variant and r["cfg"] == cfg]
-      ax.plot([r["steps"] for r in rows], [r["fid"] for r in rows], style,
-              label=f"{variant.upper()} cfg {cfg:g}")
-  ax.set_xlabel("training steps")
-  ax.set_ylabel("FID")
-  ax.set_yscale("log")
-  ax.grid(alpha=0.3)
-  ax.legend()
+  metrics = [("fid", "FID (Inception)")]
+  if all(r.get("classifier_fd") is not None for r in results["curve"]):
+    metrics.append(("classifier_fd", "classifier Frechet distance"))
+  fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 4), squeeze=False)
+  cfgs = sorted({r["cfg"] for r in results["curve"]})
+  for ax, (key, label) in zip(axes[0], metrics):
+    for variant, color, marker in (("dfm", "tab:blue", "o"), ("fm", "tab:red", "s")):
+      for cfg, style in zip(cfgs, ("-", "--", ":")):
+        rows = [r for r in results["curve"] if r["variant"] == variant and r["cfg"] == cfg]
+        ax.plot([r["steps"] for r in rows], [r[key] for r in rows], style, color=color,
+                marker=marker, label=f"{variant.upper()}, cfg {cfg:g}")
+    ax.set_xlabel("training steps")
+    ax.set_ylabel(label)
+    ax.grid(alpha=0.3)
+    ax.legend()
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  fig.savefig(path, dpi=110)
 
 
 def side_by_side(workdir: str, step: int, path: str) -> None:
@@ -102,11 +154,12 @@ def main():
   for variant in ("dfm", "fm"):
     workdir = os.path.join(args.workdir, variant)
     for steps in budgets:
+      # (a finished budget is a no-op: training stops at once when the checkpoint is past it)
       run(main_cmd(args.config, variant, workdir, f"--config.total_steps={steps}",
                    f"--config.checkpoint_every={min(budgets)}",
                    f"--config.sample_every={max(budgets)}"))
       for cfg in (1.0, args.high_cfg):
-        r = evaluate(args.config, variant, workdir, args.eval_samples, cfg_scale=cfg)
+        r = evaluate(args.config, variant, workdir, steps, args.eval_samples, cfg_scale=cfg)
         row = {"variant": variant, "steps": steps, "cfg": cfg, "fid": r["fid"],
                "classifier_fd": r.get("classifier_fd"),
                "classifier_accuracy": r.get("classifier_accuracy")}
@@ -116,12 +169,15 @@ def main():
                  f"--config.total_steps={budgets[-1]}"))
   dfm_dir = os.path.join(args.workdir, "dfm")
   for tau in args.taus.split(";"):
-    r = evaluate(args.config, "dfm", dfm_dir, args.eval_samples, thresholds=f"({tau},)")
-    results["tau_sweep"].append({"tau": tau, "fid": r["fid"]})
+    r = evaluate(args.config, "dfm", dfm_dir, budgets[-1], args.eval_samples, cfg_scale=1.0,
+                 thresholds=tuple(float(v) for v in tau.split(",")))
+    results["tau_sweep"].append({"tau": tau, "fid": r["fid"],
+                                 "classifier_fd": r.get("classifier_fd")})
   for split in args.splits.split(";"):
-    steps = "(" + split.replace("+", ",") + ")"
-    r = evaluate(args.config, "dfm", dfm_dir, args.eval_samples, steps_per_stage=steps)
-    results["split_sweep"].append({"steps_per_stage": split, "fid": r["fid"]})
+    r = evaluate(args.config, "dfm", dfm_dir, budgets[-1], args.eval_samples, cfg_scale=1.0,
+                 steps_per_stage=tuple(int(v) for v in split.split("+")))
+    results["split_sweep"].append({"steps_per_stage": split, "fid": r["fid"],
+                                   "classifier_fd": r.get("classifier_fd")})
   with open(os.path.join(args.workdir, "results.json"), "w") as f:
     json.dump(results, f, indent=2)
   plot(results, os.path.join(args.workdir, "fid_vs_steps.png"))

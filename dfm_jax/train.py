@@ -191,6 +191,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> nnx.
   if start is not None:
     logging.info("resuming from checkpoint at step %d", start)
     state = ckpt.restore(start, run.abstract_state, data_iter)
+    if start >= config.total_steps:
+      logging.info("checkpoint step %d >= total_steps %d: nothing to train", start,
+                   config.total_steps)
+      ckpt.close()
+      return state
   else:
     start = 0
     state = init_state(run)

@@ -77,6 +77,12 @@ def test_sigkill_mid_save_then_sigterm_then_resume_is_bitwise_identical(referenc
   print(f"killed mid-save: {killed_mid_save}; resumed from {resumed_from}; "
         f"SIGTERM stop at {stopped_at}")
 
+  # 4. Running a finished job again trains nothing and leaves the checkpoints alone.
+  steps_before = _complete_steps(workdir)
+  proc = run_main(workdir, *tiny_flags(total_steps=STEPS))
+  assert "nothing to train" in proc.stderr and "step " not in proc.stdout
+  assert _complete_steps(workdir) == steps_before
+
 
 def test_sample_mode_writes_grid_npz_and_metadata(reference_run):
   run_main(reference_run, *tiny_flags(total_steps=STEPS), "--mode=sample")
