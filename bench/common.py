@@ -7,6 +7,7 @@ from other processes on a shared machine affects both sides of a ratio alike.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import platform
@@ -110,12 +111,26 @@ def blocking(fn: Callable[[], Any]) -> Callable[[], Any]:
 # ---------------------------------------------------------------------------------------------
 # Compiled-program figures
 
-def compiled_flops(compiled) -> float:
-  """FLOPs of one call from XLA's cost analysis (loop bodies are counted once by XLA)."""
-  analysis = compiled.cost_analysis()
+def xla_flops(stage) -> float:
+  """FLOPs of one call from XLA's cost analysis of a lowered or compiled program. XLA counts a
+  loop body once, whatever its trip count: see :func:`step_flops` for the train step."""
+  analysis = stage.cost_analysis()
   if isinstance(analysis, (list, tuple)):
     analysis = analysis[0]
   return float(analysis.get("flops", float("nan"))) if analysis else float("nan")
+
+
+def step_flops(config: ml_collections.ConfigDict, local_batch_shape: dict, devices=None) -> float:
+  """XLA's FLOP count of one train step with the DiT blocks fully unrolled (the scanned step's
+  count would hold one block), from the lowered program: nothing is compiled."""
+  from dfm_jax import train  # pylint: disable=g-import-not-at-top
+  config = copy.deepcopy(config)
+  with tempfile.TemporaryDirectory() as workdir:
+    depth = train.setup(config, workdir, devices).exp.model.depth
+    with config.unlocked():
+      config.model.scan_unroll = depth
+    run = train.setup(config, workdir, devices)
+  return xla_flops(train.lower_step(run, local_batch_shape))
 
 
 _COPY = re.compile(r"= (pred|[a-z]+\d+)\[([\d,]*)\](?:\{[^}]*\})? copy\(")
@@ -193,15 +208,12 @@ class TrainStep:
   compiled: Any
   state: Any
   batch: dict
+  flops: float  # XLA's count for one step, every block counted (see step_flops)
 
   def __call__(self):
     self.state, metrics = self.compiled(self.state, self.batch)
     jax.block_until_ready((self.state, metrics))
     return metrics
-
-  @property
-  def flops(self) -> float:
-    return compiled_flops(self.compiled)
 
   @property
   def num_params(self) -> int:
@@ -229,9 +241,11 @@ def build_train_steps(configs: dict[str, ml_collections.ConfigDict], devices=Non
     with tempfile.TemporaryDirectory() as workdir:
       run = train.setup(config, workdir,
                         devices.get(name) if isinstance(devices, dict) else devices)
-    compiled = train.compile_step(run, {k: (v.shape, v.dtype) for k, v in batch.items()})
+    shapes = {k: (v.shape, v.dtype) for k, v in batch.items()}
+    compiled = train.compile_step(run, shapes)
+    flops = step_flops(config, shapes, devices.get(name) if isinstance(devices, dict) else devices)
     state = jax.block_until_ready(train.init_state(run)) if initialize else None
-    return TrainStep(run, compiled, state, sharding.global_batch(batch, run.mesh))
+    return TrainStep(run, compiled, state, sharding.global_batch(batch, run.mesh), flops)
 
   with ThreadPoolExecutor(max_workers=2) as pool:
     return dict(zip(configs, pool.map(build, configs)))

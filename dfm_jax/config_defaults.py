@@ -45,6 +45,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.stage_index_embed = True
   c.model.dtype = "float32"  # float32 | bfloat16 (compute; parameters stay float32)
   c.model.remat = False
+  c.model.scan_unroll = 1  # blocks per scan iteration (depth: fully unrolled)
 
   c.flow = ml_collections.ConfigDict()
   c.flow.stage_probs = (0.9, 0.1)  # p_q

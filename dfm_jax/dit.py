@@ -42,6 +42,9 @@ class DiTConfig:
   stage_index_embed: bool = True
   dtype: str = "float32"  # compute dtype; parameters, norms and residuals stay float32
   remat: bool = False
+  # Blocks per scan iteration. XLA's cost analysis counts a loop body once, so FLOP counts
+  # need scan_unroll = depth (benchmarks do this); training leaves it at 1.
+  scan_unroll: int = 1
   time_scale: float = 1000.0  # t in [0, 1] is multiplied by this before the sinusoid
   freq_dim: int = 256
 
@@ -55,6 +58,9 @@ class DiTConfig:
     if self.hidden_size % self.num_heads:
       raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads "
                        f"{self.num_heads}")
+    if self.scan_unroll < 1 or self.depth % self.scan_unroll:
+      raise ValueError(f"scan_unroll must be a positive divisor of depth {self.depth}, got "
+                       f"{self.scan_unroll}")
     token_layout(self.stage_shapes, self.patch_size)  # validates the patch geometry
 
   @property
@@ -299,7 +305,7 @@ class DFMDiT(nnx.Module):
 
     if cfg.remat:
       apply_block = jax.checkpoint(apply_block)
-    x, _ = jax.lax.scan(apply_block, x, block_params)
+    x, _ = jax.lax.scan(apply_block, x, block_params, unroll=cfg.scan_unroll)
     out = []
     for head, p, shape in zip(self.heads, self.patches, cfg.stage_shapes):
       out.append(unpatchify(head(x, c).astype(jnp.float32), self.grid, p, shape[-1]))

@@ -121,7 +121,8 @@ def from_config(config: ml_collections.ConfigDict, num_devices: int = 1,
           stage_shapes=stage_shapes, patch_size=config.model.patch_size,
           mlp_ratio=config.model.mlp_ratio, num_classes=config.data.num_classes,
           pos_embed=config.model.pos_embed, stage_index_embed=config.model.stage_index_embed,
-          dtype=config.model.dtype, remat=config.model.remat)
+          dtype=config.model.dtype, remat=config.model.remat,
+          scan_unroll=config.model.scan_unroll)
       if config.model.size == "custom":
         model_cfg = attempt(lambda: dit.DiTConfig(
             hidden_size=config.model.hidden_size, depth=config.model.depth,

@@ -113,6 +113,20 @@ def init_state(run: Run) -> nnx.State:
 
 def compile_step(run: Run, local_batch_shape: dict):
   """Jits the train step with explicit shardings and donation, compiled ahead of time."""
+  with jax.set_mesh(run.mesh):
+    compiled = lower_step(run, local_batch_shape).compile()
+  if jax.process_index() == 0:
+    mem = compiled.memory_analysis()
+    if mem is not None:
+      logging.info("train step memory per device: arguments %.1f MiB, outputs %.1f MiB, "
+                   "temporaries %.1f MiB", mem.argument_size_in_bytes / 2**20,
+                   mem.output_size_in_bytes / 2**20, mem.temp_size_in_bytes / 2**20)
+  return compiled
+
+
+def lower_step(run: Run, local_batch_shape: dict) -> jax.stages.Lowered:
+  """The train step jitted with shardings and donation and lowered for
+  ``local_batch_shape = {name: (shape, dtype)}``, not yet compiled."""
   config = run.config
   _, lr_schedule = make_optimizer(config.optim, config.total_steps)
   weights = config.flow.stage_weights
@@ -132,14 +146,7 @@ def compile_step(run: Run, local_batch_shape: dict):
   batch_spec = {k: jax.ShapeDtypeStruct((config.batch_size,) + v[0][1:], v[1], sharding=batch_sh)
                 for k, v in local_batch_shape.items()}
   with jax.set_mesh(run.mesh):
-    compiled = jitted.lower(run.abstract_state, batch_spec).compile()
-  if jax.process_index() == 0:
-    mem = compiled.memory_analysis()
-    if mem is not None:
-      logging.info("train step memory per device: arguments %.1f MiB, outputs %.1f MiB, "
-                   "temporaries %.1f MiB", mem.argument_size_in_bytes / 2**20,
-                   mem.output_size_in_bytes / 2**20, mem.temp_size_in_bytes / 2**20)
-  return compiled
+    return jitted.lower(run.abstract_state, batch_spec)
 
 
 class _Signals:

@@ -145,6 +145,27 @@ def test_model_closed_over_by_an_outer_scan_and_cond():
   np.testing.assert_allclose(twice(state), model(stages, t, y, s)[0], rtol=1e-5, atol=1e-5)
 
 
+def test_unrolled_scan_is_equal_and_counts_every_block():
+  shapes = ((8, 8, 3), (16, 16, 3))
+  stages, t, y, s = _inputs(_cfg(shapes))
+
+  def build(depth, unroll):
+    model = dit.DFMDiT(_cfg(shapes, depth=depth, scan_unroll=unroll), rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(model)
+    fn = jax.jit(lambda st: nnx.merge(graphdef, st)(stages, t, y, s)[1])
+    return fn, state, fn.lower(state).cost_analysis()["flops"]
+
+  scanned, state, flops_scanned = build(4, 1)
+  unrolled, _, flops_unrolled = build(4, 4)
+  np.testing.assert_allclose(unrolled(state), scanned(state), rtol=1e-5, atol=1e-6)
+  one_block = build(2, 2)[2] - build(1, 1)[2]
+  assert one_block > 0
+  np.testing.assert_allclose(flops_unrolled, build(1, 1)[2] + 3 * one_block, rtol=1e-6)
+  assert flops_scanned < flops_unrolled - 2 * one_block  # XLA counts the loop body once
+  with pytest.raises(ValueError, match="scan_unroll"):
+    _cfg(shapes, depth=4, scan_unroll=3)
+
+
 def test_video_rope_3d_and_jit_grad():
   cfg = _cfg(((4, 4, 4, 2), (4, 8, 8, 2)), pos_embed="rope")
   model = dit.DFMDiT(cfg, rngs=nnx.Rngs(0))
