@@ -120,15 +120,15 @@ def xla_flops(stage) -> float:
   return float(analysis.get("flops", float("nan"))) if analysis else float("nan")
 
 
-def step_flops(config: ml_collections.ConfigDict, local_batch_shape: dict, devices=None) -> float:
-  """XLA's FLOP count of one train step with the DiT blocks fully unrolled (the scanned step's
-  count would hold one block), from the lowered program: nothing is compiled."""
+def step_flops(config: ml_collections.ConfigDict, depth: int, local_batch_shape: dict,
+               devices=None) -> float:
+  """XLA's FLOP count of one train step with all ``depth`` DiT blocks unrolled (the scanned
+  step's count would hold one block), from the lowered program: nothing is compiled."""
   from dfm_jax import train  # pylint: disable=g-import-not-at-top
   config = copy.deepcopy(config)
+  with config.unlocked():
+    config.model.scan_unroll = depth
   with tempfile.TemporaryDirectory() as workdir:
-    depth = train.setup(config, workdir, devices).exp.model.depth
-    with config.unlocked():
-      config.model.scan_unroll = depth
     run = train.setup(config, workdir, devices)
   return xla_flops(train.lower_step(run, local_batch_shape))
 
@@ -164,9 +164,11 @@ def per_device_bytes(tree) -> int:
 # Configurations and train steps
 
 def load_config(name: str, arg: str = "dfm") -> ml_collections.ConfigDict:
-  """``get_config(arg)`` of ``configs/<name>.py`` (as ``--config=configs/<name>.py:<arg>``)."""
+  """``get_config(arg)`` of ``configs/<name>.py``, or of a ``.py`` path relative to the
+  repository (as ``--config=<path>:<arg>``)."""
   import importlib.util  # pylint: disable=g-import-not-at-top
-  spec = importlib.util.spec_from_file_location(f"configs_{name}", REPO / "configs" / f"{name}.py")
+  path = REPO / name if name.endswith(".py") else REPO / "configs" / f"{name}.py"
+  spec = importlib.util.spec_from_file_location(f"configs_{path.stem}", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config(arg)
@@ -238,12 +240,12 @@ def build_train_steps(configs: dict[str, ml_collections.ConfigDict], devices=Non
   def build(name):
     config = configs[name]
     batch = (batches or {}).get(name) or random_batch(config)
+    own_devices = devices.get(name) if isinstance(devices, dict) else devices
     with tempfile.TemporaryDirectory() as workdir:
-      run = train.setup(config, workdir,
-                        devices.get(name) if isinstance(devices, dict) else devices)
+      run = train.setup(config, workdir, own_devices)
     shapes = {k: (v.shape, v.dtype) for k, v in batch.items()}
     compiled = train.compile_step(run, shapes)
-    flops = step_flops(config, shapes, devices.get(name) if isinstance(devices, dict) else devices)
+    flops = step_flops(config, run.exp.model.depth, shapes, own_devices)
     state = jax.block_until_ready(train.init_state(run)) if initialize else None
     return TrainStep(run, compiled, state, sharding.global_batch(batch, run.mesh), flops)
 

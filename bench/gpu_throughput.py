@@ -12,8 +12,9 @@ alternate for `--rounds` rounds after `--warmup` steps each; a batch that does n
 until it does (the batch used is reported).
 
 Per row: median step time, images/s, FLOPs per step from XLA's cost analysis of the step
-(lowered with the blocks unrolled, see ``common.step_flops``) and from the analytic count 3 x forward (matmuls 2 x tokens x (4 + 2 x mlp_ratio) x D^2
-per block, attention 4 x tokens^2 x D per block, patch embeddings and heads), and the FLOP
+(lowered with the blocks unrolled, see ``common.step_flops``) and from the analytic count
+3 x forward (matmuls 2 x tokens x (4 + 2 x mlp_ratio) x D^2 per block, attention
+4 x tokens^2 x D per block, patch embeddings and heads), and the FLOP
 utilisation = FLOPs / step time / (`--peak-tflops`, default 989: H100 SXM dense bf16). With
 `--remat` XLA's count includes the recomputation, the analytic one does not.
 """

@@ -20,8 +20,8 @@ The last line is the headline: FID of both at the largest budget, cfg 1.0.
 from __future__ import annotations
 
 import argparse
+import functools
 import glob
-import importlib.util
 import json
 import os
 import subprocess
@@ -30,8 +30,9 @@ import sys
 import numpy as np
 from PIL import Image
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)  # the config files import dfm_jax
+import common  # bench/ helpers; also puts the repository on the import path
+
+REPO = str(common.REPO)
 
 
 OVERRIDES: list[str] = []  # extra --config.FIELD=VALUE flags for every run (see --set)
@@ -49,14 +50,17 @@ def run(cmd: list[str]) -> str:
   return proc.stdout
 
 
+def sampler_settings(sampler) -> dict:
+  """The compared sampler settings of a config's or an eval result's ``sampler`` block."""
+  return {"cfg_scale": float(sampler["cfg_scale"]),
+          "thresholds": tuple(float(v) for v in sampler["thresholds"]),
+          "steps_per_stage": tuple(int(v) for v in sampler["steps_per_stage"])}
+
+
+@functools.lru_cache(maxsize=None)
 def sampler_defaults(config: str, variant: str) -> dict:
-  """The config file's sampler settings (cfg scale, thresholds, steps per stage)."""
-  spec = importlib.util.spec_from_file_location("bench_config", os.path.join(REPO, config))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  s = module.get_config(variant).sampler
-  return {"cfg_scale": float(s.cfg_scale), "thresholds": tuple(float(v) for v in s.thresholds),
-          "steps_per_stage": tuple(int(v) for v in s.steps_per_stage)}
+  """The config file's sampler settings."""
+  return sampler_settings(common.load_config(config, variant).sampler)
 
 
 def cached_eval(workdir: str, step: int, eval_samples: int, settings: dict) -> dict | None:
@@ -65,11 +69,8 @@ def cached_eval(workdir: str, step: int, eval_samples: int, settings: dict) -> d
   for path in sorted(glob.glob(os.path.join(workdir, "eval", "*.json"))):
     with open(path) as f:
       r = json.load(f)
-    s = r["sampler"]
-    found = {"cfg_scale": float(s["cfg_scale"]),
-             "thresholds": tuple(float(v) for v in s["thresholds"]),
-             "steps_per_stage": tuple(int(v) for v in s["steps_per_stage"])}
-    if r["step"] == step and r["num_fake"] == eval_samples and found == settings:
+    if (r["step"] == step and r["num_fake"] == eval_samples
+        and sampler_settings(r["sampler"]) == settings):
       return r
   return None
 

@@ -10,8 +10,8 @@ the twin (``config_defaults.flow_matching_twin``) is one stage with patch 2 x `-
 see (resolution / (2 * patch))^2 tokens. Measured, per size: seconds per compiled train step
 (``dfm_jax.train.compile_step``: forward, backward, AdamW, EMA), DFM and FM run alternately for
 `--rounds` rounds and compared by the median of the per-round ratios; FLOPs per step from XLA's
-cost analysis of each step lowered with its blocks unrolled (``common.step_flops``); parameter counts. The paper reports +1.2% step time and
-+0.006% FLOPs for DiT-XL at 1024 tokens on GPU.
+cost analysis of each step lowered with its blocks unrolled (``common.step_flops``); parameter
+counts. The paper reports +1.2% step time and +0.006% FLOPs for DiT-XL at 1024 tokens on GPU.
 """
 
 from __future__ import annotations
