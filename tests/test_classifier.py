@@ -101,7 +101,7 @@ def _read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 @pytest.mark.skipif(not FASHION_DIR.exists(), reason="needs Debian package dataset-fashion-mnist")
 def test_fashion_mnist_accuracy(cache):
     x = C.pad_to_32(_read_idx(FASHION_DIR / "train-images-idx3-ubyte.gz"))

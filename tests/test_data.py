@@ -269,7 +269,7 @@ def _bad_configs(tmp_path):
     write_idx(str(tmp_path / "orphan-images-idx3-ubyte"), np.zeros((2, 4, 4), np.uint8), False)
     missing = str(tmp_path / "nowhere")
     return [
-        (dict(source="imagenet"), r"data\.source: unknown source 'imagenet'"),
+        (dict(source="imagenet"), r"data\.source: unknown data source 'imagenet'"),
         (dict(source="folder", path=missing), rf"data\.path: folder '{missing}' does not exist"),
         (dict(source="idx", path=missing), rf"data\.path: file '{missing}' does not exist"),
         (dict(source="latents", path=""), r"data\.path: is empty"),

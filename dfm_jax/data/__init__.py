@@ -1,18 +1,22 @@
-"""Input pipeline: Grain iterators over MNIST-5k, idx files, image folders, TFDS datasets and
-precomputed latents, configured by the `data` ConfigDict block (see `default_data_config`)."""
+"""Input pipeline: Grain iterators over the registered sources (`SOURCES`: MNIST-5k, idx files,
+image folders, TFDS datasets, precomputed latents), configured by the `data` ConfigDict block
+(see `default_data_config`)."""
 
 from dfm_jax.data.arrays import load_idx
 from dfm_jax.data.arrays import load_idx_dataset
 from dfm_jax.data.arrays import load_latents
 from dfm_jax.data.arrays import load_mnist5k
 from dfm_jax.data.arrays import mnist5k_path
-from dfm_jax.data.config import SOURCES
 from dfm_jax.data.config import default_data_config
-from dfm_jax.data.config import validate_data_config
 from dfm_jax.data.pipeline import dataset_size
 from dfm_jax.data.pipeline import load_images
 from dfm_jax.data.pipeline import make_train_iterator
+from dfm_jax.data.sources import SOURCES
 from dfm_jax.data.sources import CorruptRecordError
+from dfm_jax.data.sources import DataSource
+from dfm_jax.data.sources import open_source
+from dfm_jax.data.sources import source_class
+from dfm_jax.data.sources import validate_data_config
 from dfm_jax.data.sources import skipped_records
 from dfm_jax.data.transforms import center_crop
 from dfm_jax.data.transforms import pad_to
@@ -20,6 +24,9 @@ from dfm_jax.data.transforms import pad_to
 __all__ = [
     "SOURCES",
     "CorruptRecordError",
+    "DataSource",
+    "open_source",
+    "source_class",
     "center_crop",
     "dataset_size",
     "default_data_config",

@@ -9,7 +9,7 @@ import grain
 import numpy as np
 
 from dfm_jax.data.config import get
-from dfm_jax.data.config import validate_data_config
+from dfm_jax.data.sources import validate_data_config
 from dfm_jax.data.sources import ArraySource
 from dfm_jax.data.sources import open_source
 from dfm_jax.data.transforms import to_unit_range

