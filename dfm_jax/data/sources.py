@@ -24,6 +24,7 @@ from PIL import Image
 
 from dfm_jax.data import arrays
 from dfm_jax.data import folder
+from dfm_jax.data import latent_shards
 from dfm_jax.data import transforms
 from dfm_jax.data.config import check_file, check_pad_fits, fail, get
 from dfm_jax.registry import Registry
@@ -290,21 +291,37 @@ class Tfds(DataSource):
 
 @SOURCES.register("latents")
 class LatentsNpz(DataSource):
-    """Precomputed latents in one .npz (`latents` [N, h, w, c], `labels` [N])."""
+    """Precomputed latents: one .npz (`latents` [N, h, w, c], `labels` [N]), or a latent shard
+    folder written by `python -m dfm_jax.encode` (local or gs://, holding `metadata.json`; see
+    `latent_shards.py`), whose latent grid must be data.resolution x data.resolution with
+    data.channels channels."""
 
     pixels = False
+
+    @staticmethod
+    def _is_npz(path) -> bool:
+        return not path or str(path).endswith(".npz") or os.path.isfile(path)
 
     @classmethod
     def validate(cls, data):
         scale = get(data, "latent_scale")
         if not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale == 0:
             fail("latent_scale", f"must be a finite non-zero number, got {scale!r}")
-        _validate_latents(data)
+        path = get(data, "path")
+        if cls._is_npz(path):
+            _validate_latents(data)
+            return
+        try:
+            latent_shards.check_shard_set(path, get(data, "resolution"), get(data, "channels"),
+                                          get(data, "num_classes"))
+        except (OSError, ValueError) as err:
+            fail("path", str(err))
 
     @classmethod
     def open(cls, data, split=None):
         _one_split(data, split)
-        return LatentSource(data)
+        path = get(data, "path")
+        return LatentSource(data) if cls._is_npz(path) else latent_shards.LatentShards(path)
 
 
 def source_class(data) -> type[DataSource]:

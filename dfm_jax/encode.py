@@ -1,0 +1,326 @@
+"""Encode a pixel dataset into latent shards for latent-space training (the paper's setting).
+
+  python -m dfm_jax.encode --config=configs/X.py --out=DIR_OR_GS [--flip] [--shard_size=N] \\
+      [--num_examples=N] [--config.FIELD=VALUE ...]
+
+Which pixels: the config's ``encode.data`` block when the config has one (a full ``data``
+block: source, path, resolution, crop, ...), else ``config.data``, which must then be a pixel
+source. A latent training config (``data.source='latents'``) therefore either carries an
+``encode.data`` block or gets the pixel source by overrides, e.g.
+``--config.data.source=folder --config.data.path=/imagenet/train --config.data.resolution=256
+--config.data.channels=3``. The images need 3 channels and a resolution divisible by the
+autoencoder's 8x downsampling. Which autoencoder: the ``autoencoder`` block (``kind``,
+``weights``, ``scale``, ``shift``, ``batch_size`` = images per encoder call).
+
+Output (see `dfm_jax.data.latent_shards`): ``shard-XXXXX-of-YYYYY.array_record`` files of
+``--shard_size`` records each, in the source's order (with ``--flip``: record 2i is image i,
+record 2i+1 its horizontal mirror), and ``metadata.json`` with per-channel mean/std. Train on it
+with ``--config.data.source=latents --config.data.path=DIR --config.data.resolution=H/8
+--config.data.channels=C``.
+
+Resuming: a shard is written under ``NAME.tmp`` and renamed when complete, then marked done in
+``DIR/.progress``; running the same command again skips completed shards and redoes the rest,
+giving the same bytes as an uninterrupted run (the batches of a shard do not depend on what was
+skipped). Other settings for the same ``--out`` are refused.
+
+Several processes (``distributed.initialize=True``): process p encodes shards p, p+P, p+2P, ...
+over its own devices (no collectives, so processes need not keep in step); after a barrier
+process 0 writes ``metadata.json`` from every shard's progress record.
+
+Errors (bad config, unreadable data, a corrupt image without ``data.skip_corrupt``) are one
+``error: ...`` line on stderr and exit code 1; ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import math
+import os
+import sys
+
+from absl import app, flags, logging
+import ml_collections
+from ml_collections import config_flags
+import numpy as np
+
+FLAGS = flags.FLAGS
+
+EXIT_ERROR = 1
+EXIT_INTERRUPTED = 130
+_READ_THREADS = 8
+_SOURCE_FIELDS = ("source", "path", "label_path", "tfds_name", "split", "data_dir", "image_key",
+                  "label_key", "resolution", "channels", "crop", "num_classes", "skip_corrupt")
+
+
+def pixel_data_config(config) -> ml_collections.ConfigDict:
+  """The pixel `data` block to encode: ``config.encode.data`` if present, else ``config.data``
+  (ValueError when that is a latent source)."""
+  enc = config.get("encode") if hasattr(config, "get") else None
+  data = enc.get("data") if enc is not None and hasattr(enc, "get") else None
+  field = "encode.data" if data is not None else "data"
+  data = data if data is not None else config.data
+  if data.get("source") == "latents":
+    raise ValueError(f"{field}.source='latents' holds no pixels to encode; pass the pixel data "
+                     "with overrides (--config.data.source=folder --config.data.path=... "
+                     "--config.data.resolution=256 --config.data.channels=3) or add an "
+                     "encode.data block to the config")
+  return data
+
+
+def build_autoencoder(ae_config):
+  """The autoencoder of an ``autoencoder`` config block (kind, weights, scale, shift)."""
+  from dfm_jax import autoencoders  # pylint: disable=g-import-not-at-top
+
+  kind = ae_config.get("kind", "")
+  if not kind:
+    raise ValueError("autoencoder.kind is empty; name the autoencoder to encode with, e.g. "
+                     "--config.autoencoder.kind=taef2 --config.autoencoder.weights=DIR")
+  weights = ae_config.get("weights", "")
+  if not weights:
+    raise ValueError(f"autoencoder.weights is empty; give the {kind} weight file or folder")
+  if not os.path.exists(weights):
+    raise FileNotFoundError(f"autoencoder.weights: {weights!r} does not exist")
+  options = {k: float(ae_config[k]) for k in ("scale", "shift") if ae_config.get(k) is not None}
+  return autoencoders.build(kind, weights, **options)
+
+
+class _Encoder:
+  """Jit-compiled encoding of fixed-size uint8 batches, split over this process's devices."""
+
+  def __init__(self, ae, batch_size: int):
+    import jax  # pylint: disable=g-import-not-at-top
+    from flax import nnx  # pylint: disable=g-import-not-at-top
+    from dfm_jax import sharding  # pylint: disable=g-import-not-at-top
+
+    devices = jax.local_devices()
+    self.mesh = sharding.make_mesh((len(devices), 1, 1), devices=devices)
+    self.batch_size = -(-batch_size // len(devices)) * len(devices)
+    self._in_sharding = sharding.batch_sharding(self.mesh)
+    graphdef, state = nnx.split(ae)
+    self._state = jax.device_put(state, sharding.replicated(self.mesh))
+
+    def encode(state, images):
+      return nnx.merge(graphdef, state).encode_traced(images)
+
+    self._fn = jax.jit(encode, out_shardings=self._in_sharding)
+    self._jax = jax
+
+  def __call__(self, images: np.ndarray) -> np.ndarray:
+    """images float32 [n <= batch_size, H, W, 3] in [-1, 1] -> latents float32 [n, h, w, C]."""
+    n = len(images)
+    if n < self.batch_size:  # one compiled shape: pad, then drop the padding
+      pad = np.zeros((self.batch_size - n,) + images.shape[1:], images.dtype)
+      images = np.concatenate([images, pad])
+    x = self._jax.make_array_from_process_local_data(self._in_sharding, images)
+    return np.asarray(self._fn(self._state, x))[:n]
+
+
+def _source_description(data) -> dict:
+  from dfm_jax.data.config import get  # pylint: disable=g-import-not-at-top
+
+  return {k: get(data, k) for k in _SOURCE_FIELDS}
+
+
+def _read_batch(source, records: np.ndarray, flip: bool, pool) -> tuple[np.ndarray, np.ndarray]:
+  """Pixels float32 [n, R, R, 3] in [-1, 1] and labels int32 [n] of records (with `flip`,
+  record k is source image k // 2, mirrored when k is odd)."""
+  from dfm_jax.data.transforms import to_unit_range  # pylint: disable=g-import-not-at-top
+
+  index = records // 2 if flip else records
+  if hasattr(source, "arrays"):  # in-memory sources: one vectorised gather
+    images, labels = source.arrays()
+    images, labels = images[index], labels[index]
+  else:
+    elements = list(pool.map(lambda i: source[int(i)], index))
+    images = np.stack([e["image"] for e in elements])
+    labels = np.array([e["label"] for e in elements])
+  images = to_unit_range(images)
+  if flip:
+    odd = records % 2 == 1
+    images[odd] = images[odd, :, ::-1]
+  return images, np.asarray(labels, np.int32)
+
+
+def encode_dataset(config, out: str, *, flip: bool = False, shard_size: int = 10_000,
+                   num_examples: int = 0, autoencoder=None, stream=None) -> dict | None:
+  """Encodes the pixel data of `config` into latent shards in `out` (see the module docstring).
+
+  Args:
+    config: a full config (``data`` or ``encode.data``, ``autoencoder``).
+    out: the shard folder, local or ``gs://``.
+    flip: also store each image's horizontal mirror (right after it).
+    shard_size: records per shard.
+    num_examples: encode only the first this many source images (0: all).
+    autoencoder: an autoencoder object to use instead of building ``config.autoencoder``
+      (``encode_traced`` [B, H, W, 3] -> [B, h, w, C]; tests pass small stand-ins).
+    stream: where progress lines go (default stderr).
+
+  Returns:
+    The metadata written (process 0), or None on the other processes.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  from dfm_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+  from dfm_jax.data import latent_shards  # pylint: disable=g-import-not-at-top
+  from dfm_jax.progress import Progress  # pylint: disable=g-import-not-at-top
+
+  if not isinstance(shard_size, int) or shard_size < 1:
+    raise ValueError(f"--shard_size must be a positive int, got {shard_size!r}")
+  if not out:
+    raise ValueError("--out is empty; give the shard folder (local or gs://)")
+  data = pixel_data_config(config)
+  data_lib.validate_data_config(data)
+  resolution, channels = int(data.get("resolution")), int(data.get("channels"))
+  if channels != 3:
+    raise ValueError(f"data.channels={channels}: the autoencoder encodes RGB images; set "
+                     "data.channels=3 (grayscale images are then converted to RGB)")
+  ae = autoencoder if autoencoder is not None else build_autoencoder(config.autoencoder)
+  down = int(getattr(ae, "downsample", 8))
+  if resolution % down:
+    raise ValueError(f"data.resolution={resolution} is not a multiple of the autoencoder's "
+                     f"{down}x downsampling")
+  batch_size = int(config.autoencoder.get("batch_size", 32))
+  if batch_size < 1:
+    raise ValueError(f"autoencoder.batch_size must be >= 1, got {batch_size}")
+
+  if not isinstance(num_examples, int) or num_examples < 0:
+    raise ValueError(f"--num_examples must be an int >= 0, got {num_examples!r}")
+  source = data_lib.open_source(data)
+  examples = min(num_examples, len(source)) if num_examples else len(source)
+  if examples == 0:
+    raise ValueError("the pixel source holds no images")
+  total = examples * (2 if flip else 1)
+  num_shards = math.ceil(total / shard_size)
+  h = w = resolution // down
+  plan = {
+      "count": total,
+      "source_examples": examples,
+      "flip": bool(flip),
+      "shard_size": shard_size,
+      "num_shards": num_shards,
+      "latent_shape": [h, w, int(ae.latent_channels)],
+      "autoencoder": {
+          "kind": config.autoencoder.get("kind", "") or getattr(ae, "name", ""),
+          "weights": os.fspath(config.autoencoder.get("weights", "")),
+          "scale": float(getattr(ae, "scale", 1.0)),
+          "shift": float(getattr(ae, "shift", 0.0)),
+          "downsample": down,
+      },
+      "source": _source_description(data),
+  }
+  pi, pc = jax.process_index(), jax.process_count()
+  if pi == 0:
+    latent_shards.start(out, plan)
+  if pc > 1:
+    _barrier("dfm_jax.encode.start")
+    latent_shards.start(out, plan)  # checks the plan process 0 wrote
+  done = latent_shards.completed_shards(out, num_shards)
+  mine = [s for s in range(pi, num_shards, pc) if s not in done]
+  if done:
+    logging.info("resuming: %d of %d shards already complete", len(done), num_shards)
+  todo = sum(min(total, (s + 1) * shard_size) - s * shard_size for s in mine)
+  encoder = _Encoder(ae, batch_size) if mine else None
+  progress = Progress(todo, "encoding", unit="img", stream=stream)
+  with concurrent.futures.ThreadPoolExecutor(_READ_THREADS) as pool:
+    for s in mine:
+      lo, hi = s * shard_size, min(total, (s + 1) * shard_size)
+      starts = list(range(lo, hi, encoder.batch_size))
+      read = lambda a: _read_batch(source, np.arange(a, min(a + encoder.batch_size, hi)),
+                                   flip, pool)
+      latents, labels = [], []
+      pending = pool.submit(read, starts[0])
+      for k in range(len(starts)):
+        images, batch_labels = pending.result()
+        if k + 1 < len(starts):  # read the next batch while this one encodes
+          pending = pool.submit(read, starts[k + 1])
+        latents.append(encoder(images))
+        labels.append(batch_labels)
+        progress.update(len(images))
+      latent_shards.write_shard(out, s, num_shards, np.concatenate(latents),
+                                np.concatenate(labels))
+  if pc > 1:
+    _barrier("dfm_jax.encode.done")
+  if pi != 0:
+    return None
+  return latent_shards.finalize(out, plan)
+
+
+def _barrier(name: str) -> None:
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
+  multihost_utils.sync_global_devices(name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line.
+
+
+def define_flags() -> None:
+  """The command's flags; defined only when it runs (`dfm_jax.main` defines --config too, so
+  both modules can be imported in one process, e.g. by the tests)."""
+  config_flags.DEFINE_config_file("config", None, "Path to a config file.", lock_config=True)
+  flags.DEFINE_string("out", None, "Shard folder (local or gs://) to write.")
+  flags.DEFINE_bool("flip", False, "Also store each image's horizontal mirror.")
+  flags.DEFINE_integer("shard_size", 10_000, "Records per shard.")
+  flags.DEFINE_integer("num_examples", 0, "Encode only the first N source images (0: all).")
+  flags.DEFINE_bool("debug", False, "Show tracebacks of errors (also: DFM_JAX_DEBUG=1).")
+  flags.mark_flags_as_required(["config", "out"])
+
+
+def expected_errors() -> tuple[type[BaseException], ...]:
+  """Errors reported as one line: bad configs, flags, inputs and output folders (a corrupt
+  image is a `CorruptRecordError`, a ValueError)."""
+  return (ValueError, OSError)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  debug = FLAGS.debug or os.environ.get("DFM_JAX_DEBUG", "") not in ("", "0")
+  from dfm_jax import run as run_lib  # pylint: disable=g-import-not-at-top
+
+  try:
+    run_lib.maybe_initialize_distributed(FLAGS.config)
+    meta = encode_dataset(FLAGS.config, FLAGS.out, flip=FLAGS.flip, shard_size=FLAGS.shard_size,
+                          num_examples=FLAGS.num_examples)
+  except KeyboardInterrupt:
+    if debug:
+      raise
+    print("interrupted (run the same command again to resume)", file=sys.stderr)
+    sys.exit(EXIT_INTERRUPTED)
+  except expected_errors() as e:
+    if debug:
+      raise
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    sys.exit(EXIT_ERROR)
+  if meta is not None:
+    logging.info("wrote %d latents %s in %d shards to %s; channel std %s", meta["count"],
+                 meta["latent_shape"], len(meta["shards"]), FLAGS.out,
+                 np.round(meta["channel_std"], 3).tolist())
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing with config-file problems reported as one ``error: ...`` line and exit
+  code 2 (as in `dfm_jax.main`, whose flags cannot be imported next to these)."""
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    message = str(e)
+  except (KeyError, AttributeError) as e:  # ml_collections: unknown field, with a hint
+    message = str(e.args[0] if e.args else e)
+  except (OSError, SyntaxError, ImportError, TypeError, ValueError) as e:
+    message = f"{type(e).__name__}: {e}"
+  if "--debug" in argv or os.environ.get("DFM_JAX_DEBUG", "") not in ("", "0"):
+    raise
+  print(f"error: {message.strip()}", file=sys.stderr)
+  print("Pass --helpfull to see the flags.", file=sys.stderr)
+  sys.exit(2)
+
+
+def run():
+  define_flags()
+  logging.set_verbosity(logging.INFO)
+  app.run(main, flags_parser=parse_flags)
+
+
+if __name__ == "__main__":
+  run()
