@@ -9,6 +9,10 @@ its own zero-initialised output head. With one stage this is exactly a DiT.
 Images: stage arrays ``[B, H_s, W_s, C_s]``; videos ``[B, T_s, H_s, W_s, C_s]`` (frames are
 patchified independently unless the decomposition also halves time, in which case finer stages
 use a temporal patch too). Times ``t [B, S]`` follow t = 0 noise, t = 1 data.
+
+With ``precondition`` on, the network is wrapped in per-stage EDM-style input/output scaling
+(:mod:`dfm_jax.precondition`) using the per-stage data statistics the model stores as
+:class:`DataStats` variables (part of the checkpoint, not trained, not averaged by the EMA).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dfm_jax import positions
+from dfm_jax import positions, precondition
 
 # Standard DiT sizes: (hidden size, depth, heads).
 SIZES = {"S": (384, 12, 6), "B": (768, 12, 12), "L": (1024, 24, 16), "XL": (1152, 28, 16)}
@@ -47,6 +51,9 @@ class DiTConfig:
   scan_unroll: int = 1
   time_scale: float = 1000.0  # t in [0, 1] is multiplied by this before the sinusoid
   freq_dim: int = 256
+  # Per-stage EDM-style input/output scaling from the stored data statistics (see
+  # dfm_jax.precondition); the run configs turn it on (model.precondition).
+  precondition: bool = False
 
   def __post_init__(self):
     object.__setattr__(self, "stage_shapes", tuple(tuple(int(d) for d in s)
@@ -153,6 +160,11 @@ def modulate(x, shift, scale):
   return x * (1 + scale[:, None, :]) + shift[:, None, :]
 
 
+class DataStats(nnx.Variable):
+  """Per-stage data statistics (mean or std, ``[S]`` float32): saved with the checkpoint, but
+  not an ``nnx.Param``, so neither the optimizer nor the EMA update touches them."""
+
+
 class TimestepEmbedder(nnx.Module):
   """``t [B]`` in [0, 1] -> ``[B, D]`` via sinusoidal features of ``t * time_scale`` and an MLP."""
 
@@ -233,7 +245,12 @@ class DFMDiT(nnx.Module):
   Call: ``model(stages, t, labels, stage_index)`` with ``stages`` a tuple of S noisy stage
   arrays ``[B, *stage_shapes[s]]``, ``t [B, S]``, ``labels`` int ``[B]`` (``num_classes`` is the
   null class) and ``stage_index`` int ``[B]`` (the main / most recently started stage, 0-based;
-  ignored unless ``stage_index_embed``). Returns a tuple of S float32 velocities, one per stage.
+  ignored unless ``stage_index_embed``). Returns a tuple of S float32 velocities, one per stage,
+  in data space (t = 0 noise, t = 1 data; target ``x1 - x0``).
+
+  With ``cfg.precondition`` the call returns ``m + c_skip * xc + c_out * F(c_in * xc, ...)``
+  per stage (``xc = x_t - t m``), where ``data_mean`` / ``data_std`` (``[S]``) hold the stage
+  statistics (set them with :meth:`set_data_stats`); train with :meth:`loss_weights`.
   """
 
   def __init__(self, cfg: DiTConfig, *, rngs: nnx.Rngs):
@@ -270,6 +287,30 @@ class DFMDiT(nnx.Module):
       cos, sin = positions.rope_frequencies(d // cfg.num_heads, self.grid)
       self.rope_cos = nnx.Cache(jnp.asarray(cos))
       self.rope_sin = nnx.Cache(jnp.asarray(sin))
+    # Always present (also with precondition off), so every checkpoint records the statistics.
+    self.data_mean = DataStats(jnp.zeros((cfg.num_stages,), jnp.float32))
+    self.data_std = DataStats(jnp.ones((cfg.num_stages,), jnp.float32))
+
+  def set_data_stats(self, mean: Sequence[float], std: Sequence[float]) -> None:
+    """Stores per-stage data statistics ``mean, std [S]`` (of the stages the model is fed)."""
+    mean = np.asarray(mean, np.float32).reshape(-1)
+    std = np.asarray(std, np.float32).reshape(-1)
+    s = self.cfg.num_stages
+    if mean.shape != (s,) or std.shape != (s,):
+      raise ValueError(f"data statistics need one mean and one std per stage ({s}), got "
+                       f"{mean.shape[0]} means and {std.shape[0]} stds")
+    if not (np.isfinite(mean).all() and np.isfinite(std).all() and (std > 0).all()):
+      raise ValueError(f"data statistics must be finite with std > 0, got mean {mean.tolist()}, "
+                       f"std {std.tolist()}")
+    self.data_mean[...] = jnp.asarray(mean)
+    self.data_std[...] = jnp.asarray(std)
+
+  def loss_weights(self, t: jax.Array) -> jax.Array:
+    """Per-sample, per-stage loss weights ``[B, S]`` for ``t [B, S]``: ``1 / c_out(t)^2`` with
+    preconditioning (the unit-variance regression of the network), else ones."""
+    if not self.cfg.precondition:
+      return jnp.ones(t.shape, jnp.float32)
+    return precondition.loss_weights(t, self.data_std[...])
 
   def __call__(self, stages: Sequence[jax.Array], t: jax.Array, labels: jax.Array,
                stage_index: jax.Array | None = None) -> tuple[jax.Array, ...]:
@@ -280,6 +321,18 @@ class DFMDiT(nnx.Module):
       if tuple(x.shape[1:]) != shape:
         raise ValueError(f"stage input of shape {x.shape[1:]} does not match the model's "
                          f"stage shape {shape}")
+    if not cfg.precondition:
+      return self.network(stages, t, labels, stage_index)
+    mean, std = self.data_mean[...], self.data_std[...]
+    centred, inputs = precondition.network_inputs(stages, t, mean, std)
+    raw = self.network(inputs, t, labels, stage_index)
+    return precondition.data_velocities(raw, centred, t, mean, std)
+
+  def network(self, stages: Sequence[jax.Array], t: jax.Array, labels: jax.Array,
+              stage_index: jax.Array | None = None) -> tuple[jax.Array, ...]:
+    """The raw network F: same arguments as ``__call__``, no preconditioning (the stage inputs
+    are taken as given); returns S float32 outputs ``[B, *stage_shapes[s]]``."""
+    cfg = self.cfg
     dtype = DTYPES[cfg.dtype]
     x = sum(emb(patchify(s.astype(dtype), p)).astype(jnp.float32)
             for emb, s, p in zip(self.embedders, stages, self.patches))

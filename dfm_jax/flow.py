@@ -105,28 +105,40 @@ def noisy_inputs(stages: Sequence[jax.Array], noise: Sequence[jax.Array], t: jax
 
 
 def masked_stage_loss(pred: Sequence[jax.Array], targets: Sequence[jax.Array], active: jax.Array,
-                      stage_weights: Sequence[float] | None = None
+                      stage_weights: Sequence[float] | None = None, *,
+                      sample_weights: jax.Array | None = None
                       ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """The DFM loss: per-stage element-mean squared error, weighted sum over active stages,
   mean over the batch.
 
+  Args:
+    pred, targets: S arrays ``[B, ...]`` each.
+    active: ``[B, S]`` mask (0 masks a stage's loss).
+    stage_weights: optional ``[S]`` constant weights.
+    sample_weights: optional ``[B, S]`` per-sample, per-stage weights multiplying each stage's
+      element-mean squared error (e.g. ``1 / c_out(t_s)^2`` under preconditioning, which makes
+      the loss the unit-variance regression of the raw network).
   Returns:
-    (scalar loss, metrics) where metrics hold ``loss_stage{s}`` (mean over the samples in which
-    stage s is active; 0 if none) and ``frac_main_stage{s}``.
+    (scalar loss, metrics) where metrics hold ``loss_stage{s}`` (the weighted per-stage error,
+    mean over the samples in which stage s is active; 0 if none) and ``frac_main_stage{s}``;
+    with ``sample_weights`` also ``mse_stage{s}``, the unweighted data-space error.
   """
   num_stages = len(targets)
   weights = jnp.ones((num_stages,)) if stage_weights is None else jnp.asarray(stage_weights)
-  per_stage = jnp.stack([
+  mse = jnp.stack([
       jnp.mean(jnp.square(p.astype(jnp.float32) - y.astype(jnp.float32)),
                axis=tuple(range(1, y.ndim)))
       for p, y in zip(pred, targets)], axis=1)  # [B, S]
+  per_stage = mse if sample_weights is None else mse * sample_weights.astype(jnp.float32)
   loss = jnp.mean(jnp.sum(per_stage * active * weights[None, :], axis=1))
   metrics = {"loss": loss}
   counts = active.sum(axis=0)
   main = jnp.sum(active, axis=1) - 1  # index of the main stage
   for s in range(num_stages):
-    metrics[f"loss_stage{s + 1}"] = (per_stage[:, s] * active[:, s]).sum() / jnp.maximum(
-        counts[s], 1.0)
+    denom = jnp.maximum(counts[s], 1.0)
+    metrics[f"loss_stage{s + 1}"] = (per_stage[:, s] * active[:, s]).sum() / denom
+    if sample_weights is not None:
+      metrics[f"mse_stage{s + 1}"] = (mse[:, s] * active[:, s]).sum() / denom
     metrics[f"frac_main_stage{s + 1}"] = jnp.mean((main == s).astype(jnp.float32))
   return loss, metrics
 
@@ -137,7 +149,8 @@ VelocityFn = Callable[[tuple, jax.Array, jax.Array, jax.Array], tuple]
 def dfm_training_loss(velocity_fn: VelocityFn, key: jax.Array, stages: Sequence[jax.Array],
                       labels: jax.Array, cfg: TimestepConfig, *, null_label: int,
                       label_dropout: float = 0.1,
-                      stage_weights: Sequence[float] | None = None
+                      stage_weights: Sequence[float] | None = None,
+                      loss_weight_fn: Callable[[jax.Array], jax.Array] | None = None
                       ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """One Monte-Carlo estimate of the DFM loss.
 
@@ -149,6 +162,10 @@ def dfm_training_loss(velocity_fn: VelocityFn, key: jax.Array, stages: Sequence[
     cfg: the timestep distribution; ``cfg.num_stages`` must equal ``len(stages)``.
     null_label: the label index meaning "no class" (classifier-free guidance).
     label_dropout: probability of replacing a label by ``null_label``.
+    stage_weights: optional constant ``[S]`` weights of the stages' losses.
+    loss_weight_fn: optional ``t [B, S] -> [B, S]`` weights of each sample's per-stage error;
+      pass ``model.loss_weights`` of a preconditioned ``DFMDiT`` (``1 / c_out(t)^2``).
+      Inactive stages stay masked whatever their weight.
   Returns:
     (scalar loss, metrics dict).
   """
@@ -164,4 +181,5 @@ def dfm_training_loss(velocity_fn: VelocityFn, key: jax.Array, stages: Sequence[
   drop = jax.random.bernoulli(k_drop, label_dropout, labels.shape)
   labels = jnp.where(drop, null_label, labels)
   pred = velocity_fn(inputs, t, labels, main_stage)
-  return masked_stage_loss(pred, targets, active, stage_weights)
+  sample_weights = None if loss_weight_fn is None else loss_weight_fn(t)
+  return masked_stage_loss(pred, targets, active, stage_weights, sample_weights=sample_weights)

@@ -212,3 +212,46 @@ def test_parameter_summary_counts():
   text = dit.parameter_summary(model)
   assert "blocks" in text and "heads" in text
   assert f"{dit.count_parameters(model):,}" in text
+
+
+def test_data_stats_are_saved_state_but_not_parameters():
+  model = dit.DFMDiT(_cfg(((8, 8, 3), (16, 16, 3)), precondition=True), rngs=nnx.Rngs(0))
+  np.testing.assert_array_equal(model.data_mean[...], [0.0, 0.0])
+  np.testing.assert_array_equal(model.data_std[...], [1.0, 1.0])
+  model.set_data_stats([0.5, -0.1], (0.3, 0.2))
+  pure = nnx.to_pure_dict(nnx.state(model))  # what a checkpoint holds
+  np.testing.assert_allclose(pure["data_mean"], [0.5, -0.1])
+  np.testing.assert_allclose(pure["data_std"], [0.3, 0.2])
+  assert "data_mean" not in nnx.state(model, nnx.Param)
+  assert set(nnx.to_pure_dict(nnx.state(model, dit.DataStats))) == {"data_mean", "data_std"}
+  # Gradients (and so the optimizer and the EMA, which use nnx.Param) leave them alone.
+  stages, t, y, s = _inputs(model.cfg)
+  grads = nnx.grad(lambda m: sum(jnp.sum(o) for o in m(stages, t, y, s)))(model)
+  assert "data_mean" not in grads and "data_std" not in grads
+  clone = nnx.clone(model)
+  np.testing.assert_allclose(clone.data_std[...], [0.3, 0.2])
+  with pytest.raises(ValueError, match="one mean and one std per stage"):
+    model.set_data_stats([0.0], [1.0])
+  with pytest.raises(ValueError, match="std > 0"):
+    model.set_data_stats([0.0, 0.0], [1.0, 0.0])
+  with pytest.raises(ValueError, match="finite"):
+    model.set_data_stats([0.0, float("nan")], [1.0, 1.0])
+
+
+def test_loss_weights_and_precondition_switch():
+  shapes = ((8, 8, 3), (16, 16, 3))
+  off = dit.DFMDiT(_cfg(shapes), rngs=nnx.Rngs(0))
+  on = dit.DFMDiT(_cfg(shapes, precondition=True), rngs=nnx.Rngs(0))
+  on.set_data_stats([0.0, 0.0], [0.5, 0.25])
+  t = jnp.array([[0.0, 0.0], [0.5, 0.2], [1.0, 1.0]])
+  np.testing.assert_array_equal(off.loss_weights(t), 1.0)
+  expected = (t ** 2 * jnp.array([0.25, 0.0625]) + (1 - t) ** 2) / jnp.array([0.25, 0.0625])
+  np.testing.assert_allclose(on.loss_weights(t), expected, rtol=1e-6)
+  _randomise(off)
+  _randomise(on)
+  stages, t, y, s = _inputs(off.cfg)
+  # Same parameters: with preconditioning off the call is the raw network.
+  for a, b in zip(off(stages, t, y, s), on.network(stages, t, y, s)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  assert any(float(jnp.abs(a - b).max()) > 1e-3
+             for a, b in zip(off(stages, t, y, s), on(stages, t, y, s)))

@@ -124,3 +124,38 @@ def test_bad_stage_probs():
     flow.TimestepConfig(stage_probs=(0.9, 0.2))
   with pytest.raises(ValueError, match="probability distribution"):
     flow.TimestepConfig(stage_probs=(1.2, -0.2))
+
+
+def test_per_sample_loss_weights():
+  """``sample_weights [B, S]`` multiply each stage's element-mean error; masks still apply."""
+  pred = (jnp.zeros((2, 2, 2, 1)), jnp.zeros((2, 4, 4, 1)))
+  targets = (jnp.full((2, 2, 2, 1), 1.0), jnp.full((2, 4, 4, 1), 2.0))
+  active = jnp.array([[1.0, 0.0], [1.0, 1.0]])
+  weights = jnp.array([[2.0, 100.0], [3.0, 0.5]])
+  loss, metrics = flow.masked_stage_loss(pred, targets, active, stage_weights=(1.0, 0.5),
+                                         sample_weights=weights)
+  # sample 0: 2 * 1 (stage 2 masked); sample 1: 3 * 1 + 0.5 * 0.5 * 4 = 4 -> mean 3
+  np.testing.assert_allclose(float(loss), 3.0)
+  np.testing.assert_allclose(float(metrics["loss_stage1"]), 2.5)
+  np.testing.assert_allclose(float(metrics["loss_stage2"]), 2.0)
+  np.testing.assert_allclose(float(metrics["mse_stage2"]), 4.0)
+
+
+def test_loss_weight_fn_sees_the_drawn_times():
+  cfg = flow.TimestepConfig(stage_probs=(0.5, 0.5))
+  stages = (jnp.ones((8, 2, 2, 1)), jnp.ones((8, 4, 4, 1)))
+  seen = {}
+
+  def velocity_fn(inputs, t, labels, stage_index):
+    seen["t"] = t
+    return tuple(jnp.zeros_like(x) for x in inputs)
+
+  def weight_fn(t):
+    seen["wt"] = t
+    return 1.0 + t
+
+  args = (velocity_fn, jax.random.key(0), stages, jnp.zeros(8, jnp.int32), cfg)
+  weighted, _ = flow.dfm_training_loss(*args, null_label=10, loss_weight_fn=weight_fn)
+  plain, _ = flow.dfm_training_loss(*args, null_label=10)
+  np.testing.assert_array_equal(seen["t"], seen["wt"])
+  assert float(weighted) > float(plain)
