@@ -8,8 +8,15 @@ drops to one stage: plain flow matching at equal compute.
 from __future__ import annotations
 
 import ml_collections
+import numpy as np
 
 from dfm_jax import data as data_lib
+
+
+def per_stage_field(value) -> ml_collections.FieldReference:
+  """A config field that takes one value for every stage or a tuple with one value per stage
+  (ml_collections otherwise refuses to replace a float by a tuple)."""
+  return ml_collections.FieldReference(value, field_type=object)
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -46,6 +53,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.dtype = "float32"  # float32 | bfloat16 (compute; parameters stay float32)
   c.model.remat = False
   c.model.scan_unroll = 1  # blocks per scan iteration (depth: fully unrolled)
+  # Per-stage EDM-style input/output scaling (paper appendix A.1) from per-stage data mean and
+  # std, estimated at the start of training from decomposition.stats_batches batches and saved
+  # with the checkpoint; the loss becomes the unit-variance regression of the network.
+  c.model.precondition = True
 
   c.flow = ml_collections.ConfigDict()
   c.flow.stage_probs = (0.9, 0.1)  # p_q
@@ -72,8 +83,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.sampler.steps_per_stage = (30, 10)
   c.sampler.thresholds = (0.7,)
   c.sampler.solver = "euler"  # euler | heun
-  c.sampler.cfg_scale = 1.0
-  c.sampler.guidance_interval = (0.0, 1.0)
+  # One scale for every stage, or one per stage, e.g. (2.0, 1.0): guide the coarse stage only.
+  c.sampler.cfg_scale = per_stage_field(1.0)
+  # One (lo, hi) pair in each stage's own t, or one pair per stage.
+  c.sampler.guidance_interval = per_stage_field((0.0, 1.0))
+  c.sampler.heun_final_euler = False  # heun: True makes the last step (to t = 1) Euler (EDM)
   c.sampler.num_samples = 64  # --mode=sample
   c.sampler.batch_size = 64
   c.sampler.checkpoint_step = -1  # -1: latest
@@ -135,6 +149,8 @@ def paper_imagenet_config() -> ml_collections.ConfigDict:
 def flow_matching_twin(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """The single-stage twin of a DFM config with the same backbone and token count."""
   c = ml_collections.ConfigDict(c.to_dict())
+  for name in ("cfg_scale", "guidance_interval"):  # to_dict() drops the field type
+    c.sampler[name] = per_stage_field(_one_stage(c.sampler[name], name))
   stages = c.decomposition.num_stages
   levels = sum(c.decomposition.level_gaps) if c.decomposition.level_gaps else stages - 1
   c.model.patch_size = c.model.patch_size * 2 ** levels
@@ -145,3 +161,16 @@ def flow_matching_twin(c: ml_collections.ConfigDict) -> ml_collections.ConfigDic
   c.sampler.steps_per_stage = (sum(c.sampler.steps_per_stage),)
   c.sampler.thresholds = ()
   return c
+
+
+def _one_stage(value, name: str):
+  """The single-stage form of a per-stage sampler setting: a value shared by every stage, or
+  a per-stage tuple whose entries are all equal; other per-stage values have no FM twin."""
+  per_stage = isinstance(value, (tuple, list)) and len(value) and (
+      isinstance(value[0], (tuple, list)) if name == "guidance_interval" else True)
+  if not per_stage:
+    return value
+  if any(tuple(np.ravel(v)) != tuple(np.ravel(value[0])) for v in value):
+    raise ValueError(f"sampler.{name} = {tuple(value)} differs between stages; the flow "
+                     f"matching twin has one stage: set sampler.{name} for it explicitly")
+  return tuple(value[0]) if name == "guidance_interval" else value[0]

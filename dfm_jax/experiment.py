@@ -101,7 +101,8 @@ def from_config(config: ml_collections.ConfigDict, num_devices: int = 1,
   sampler_cfg = attempt(lambda: sampler.SamplerConfig(
       tuple(config.sampler.steps_per_stage), tuple(config.sampler.thresholds),
       solver=config.sampler.solver, cfg_scale=config.sampler.cfg_scale,
-      guidance_interval=tuple(config.sampler.guidance_interval)))
+      guidance_interval=config.sampler.guidance_interval,
+      heun_final_euler=config.sampler.get("heun_final_euler", False)))
   if config.optim.warmup_steps < 0:
     problems.append(f"optim.warmup_steps must be >= 0, got {config.optim.warmup_steps}")
   if config.optim.schedule not in ("constant", "cosine"):
@@ -122,7 +123,8 @@ def from_config(config: ml_collections.ConfigDict, num_devices: int = 1,
           mlp_ratio=config.model.mlp_ratio, num_classes=config.data.num_classes,
           pos_embed=config.model.pos_embed, stage_index_embed=config.model.stage_index_embed,
           dtype=config.model.dtype, remat=config.model.remat,
-          scan_unroll=config.model.scan_unroll)
+          scan_unroll=config.model.scan_unroll,
+          precondition=bool(config.model.get("precondition", False)))
       if config.model.size == "custom":
         model_cfg = attempt(lambda: dit.DiTConfig(
             hidden_size=config.model.hidden_size, depth=config.model.depth,
