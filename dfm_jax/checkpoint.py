@@ -1,21 +1,91 @@
-"""Orbax checkpoints: train state and Grain iterator saved together, async, atomic, keep latest N.
+"""Orbax checkpoints: train state and Grain iterator saved together, async, atomic, verified.
 
 Each step directory is written under a temporary name and renamed when complete, so a process
 killed at any moment (even inside an async save) leaves the latest complete checkpoint intact;
 an unfinished temporary directory is ignored on restart.
+
+Integrity. Every step also holds an ``integrity`` item (a JSON manifest, written by the same
+atomic save, so a step directory has it or is not finalized) with
+
+* one 64-bit checksum per array of the state, plus its shape and dtype, and
+* the SHA-256 of each process's data-iterator state file (``data_iter/process_P-of-N.json``).
+
+The array checksum (``array_checksums``) is computed on device, from the global array, by one
+jitted reduction: every 32-bit word of the array is combined with its linear position, passed
+through murmur3's (bijective) finaliser, and the results are summed modulo 2**32, twice with
+different constants. Addition modulo 2**32 is associative and commutative, so the value depends only
+on the array's contents, shape and dtype -- not on its sharding, the mesh, or the number of
+processes -- and a checkpoint written on 8 devices verifies when restored on 1. Any change of a
+single word always changes both sums; other damage goes unnoticed with probability ~2**-64. On
+multi-process runs the reduction is a collective over the global array (every process calls
+``save``/``restore`` anyway) and every process gets the same replicated result; each process
+checks its own data-iterator file, and the verdicts are combined with
+``multihost_utils.process_allgather`` so that all processes agree on whether a step is intact.
+
+``restore`` verifies the checksums of the arrays it actually restored (on device, after the
+transfer) before returning them, and the iterator file before the iterator is moved to it, so a
+damaged value is never handed back. ``restore_latest`` walks back from the newest step: a step
+that is damaged, truncated or incomplete is named in one warning line, moved aside to
+``<directory>/quarantine/<step>-<reason>`` (never deleted) and the next older step is tried.
+Checkpoints written before the manifest existed restore with one warning and no verification.
+
+Failed saves. An asynchronous save that fails in the background (disk full, permissions,
+storage errors) raises ``CheckpointSaveError`` -- one line naming the step, the cause and the
+newest complete step -- from the next ``save``/``wait``/``close`` call, or from ``check()``,
+which a loop may call after every step (it does not block). The failed step is never finalized
+(its temporary directory is left for Orbax to clean up) and older checkpoints are not deleted for
+it. The Checkpointer does not retry: the caller is expected to stop the run.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
+import logging
 import os
+import socket
 from typing import Any
 
 import grain
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
+from jax.experimental import multihost_utils
+
+MANIFEST_FORMAT = "dfm_jax.checkpoint_integrity/1"
+CHECKSUM_ALGORITHM = "fmix32-sum-x2/1"
+INTEGRITY_ITEM = "integrity"
+QUARANTINE_DIR = "quarantine"
+_MANIFEST_FILE = "metadata"  # what ocp.args.JsonSave writes inside the item directory
+_STEP_METADATA_FILE = "_CHECKPOINT_METADATA"
+
+_log = logging.getLogger(__name__)
+
+
+class CheckpointSaveError(RuntimeError):
+  """A checkpoint could not be written; ``step`` is the step that was lost."""
+
+  def __init__(self, message: str, step: int | None = None):
+    super().__init__(message)
+    self.step = step
+
+
+class CheckpointCorruptError(RuntimeError):
+  """A saved step is damaged, truncated or incomplete. ``reason`` is a short slug used in the
+  quarantine directory name (``checksum``, ``unreadable``, ``metadata``, ``manifest``,
+  ``data-iter``); the message names the step and what is wrong."""
+
+  def __init__(self, step: int, reason: str, detail: str):
+    super().__init__(f"checkpoint step {step} is damaged ({reason}): {detail}")
+    self.step, self.reason, self.detail = step, reason, detail
+
+
+class CheckpointMismatchError(ValueError):
+  """The checkpoint is intact but was written for a different model (config or code)."""
 
 
 class Checkpointer:
@@ -28,7 +98,8 @@ class Checkpointer:
         atomicity_options=ocp.options.AtomicityOptions(
             mode=ocp.options.AtomicityMode.ATOMIC_RENAME))
     self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                         item_names=("state", "data_iter"))
+                                         item_names=("state", "data_iter", INTEGRITY_ITEM))
+    self._in_flight: int | None = None  # the step of the last save dispatched
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -36,34 +107,182 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return list(self.manager.all_steps())
 
+  # ------------------------------------------------------------------------------------- save
+
   def save(self, step: int, state: nnx.State, data_iter: Any | None = None) -> None:
-    """Starts saving ``state`` (and the iterator position) at ``step``; returns at once if async."""
-    items = {"state": ocp.args.StandardSave(state.to_pure_dict())}
-    if data_iter is not None:
-      items["data_iter"] = grain.checkpoint.CheckpointSave(data_iter)
-    self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+    """Starts saving ``state`` (and the iterator position) at ``step``; returns at once if async.
+
+    Raises:
+      CheckpointSaveError: this save, or the previous asynchronous one, failed.
+    """
+    self.wait()  # surfaces a failure of the previous save before starting this one
+    pure = state.to_pure_dict()
+    try:
+      manifest = build_manifest(step, pure, data_iter)
+      items = {"state": ocp.args.StandardSave(pure),
+               INTEGRITY_ITEM: ocp.args.JsonSave(manifest)}
+      if data_iter is not None:
+        items["data_iter"] = grain.checkpoint.CheckpointSave(data_iter)
+      self._in_flight = step
+      self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+    except Exception as e:  # pylint: disable=broad-except
+      self._in_flight = None
+      raise self._save_error(step, e) from e
+
+  def check(self) -> None:
+    """Raises ``CheckpointSaveError`` now if a finished asynchronous save failed; never blocks.
+
+    Single-process only (on multi-process runs it returns at once: there the failure surfaces
+    from the next ``save``/``wait``/``close``, which every process calls).
+    """
+    if self._in_flight is None or jax.process_count() > 1:
+      return
+    if not self.manager.is_saving_in_progress():
+      self.wait()
+
+  def wait(self) -> None:
+    """Blocks until the pending save is written. Raises ``CheckpointSaveError`` if it failed."""
+    step, self._in_flight = self._in_flight, None
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._save_error(step, e) from e
+
+  def close(self) -> None:
+    """Waits for the pending save and closes the manager (also when the save failed)."""
+    try:
+      self.wait()
+    finally:
+      self.manager.close()
+
+  def _save_error(self, step: int | None, cause: BaseException) -> CheckpointSaveError:
+    try:
+      self.manager.reload()
+      good = self.manager.latest_step()
+    except Exception:  # pylint: disable=broad-except
+      good = None
+    last = (f"the newest complete checkpoint is step {good}" if good is not None
+            else "there is no complete checkpoint")
+    what = f"step {step}" if step is not None else "a step"
+    message = (f"saving checkpoint {what} to {self.directory} failed: {_one_line(cause)}; "
+               f"{last}")
+    return CheckpointSaveError(message, step)
+
+  # ---------------------------------------------------------------------------------- restore
 
   def restore(self, step: int, abstract_state: nnx.State,
               data_iter: Any | None = None) -> nnx.State:
-    """Restores into ``abstract_state`` (its ``jax.ShapeDtypeStruct`` leaves carry shardings).
+    """Restores into ``abstract_state`` (its ``jax.ShapeDtypeStruct`` leaves carry shardings),
+    verifying every array and the iterator state against the step's checksums.
 
-    The iterator, if given, is moved in place to the saved position.
+    The iterator, if given, is moved in place to the saved position, and only after everything
+    was verified.
+
+    Raises:
+      CheckpointCorruptError: the step is damaged (nothing is returned or moved).
+      CheckpointMismatchError: the step is intact but belongs to a different model.
     """
-    target = abstract_state.to_pure_dict()
-    self._check_structure(step, target)
-    items = {"state": ocp.args.StandardRestore(target)}
-    if data_iter is not None:
-      items["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)
-    restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+    step_dir = epath.Path(self.directory) / str(step)
+    ok, error = True, None
+    try:
+      items = _saved_items(step, step_dir)
+      manifest = _read_manifest(step, step_dir) if INTEGRITY_ITEM in items else None
+      target = abstract_state.to_pure_dict()
+      self._check_structure(step, target)
+      if manifest is None:
+        _log.warning("checkpoint step %d has no checksums (written before integrity checks); "
+                     "restoring it unverified", step)
+      restore_iter = data_iter is not None and "data_iter" in items
+      if data_iter is not None and not restore_iter:
+        _log.warning("checkpoint step %d holds no data-iterator state; the iterator starts "
+                     "from its beginning", step)
+      if restore_iter and manifest is not None:
+        _verify_iterator_file(step, step_dir, manifest)
+      # Arrays are restored in their saved dtype, verified, then cast to the model's.
+      as_saved = _saved_dtypes(target, manifest) if manifest is not None else target
+      try:
+        restored = self.manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(as_saved)))["state"]
+      except Exception as e:  # pylint: disable=broad-except
+        _raise_if_not_damage(e)
+        raise CheckpointCorruptError(step, "unreadable", _one_line(e)) from e
+      if manifest is not None:
+        _verify_arrays(step, restored, manifest)
+        restored = jax.tree.map(
+            lambda x, t: x.astype(t.dtype) if x.dtype != t.dtype else x, restored, target)
+    except CheckpointCorruptError as e:
+      ok, error = False, e
+    if not _all_processes_agree(ok):
+      raise error or CheckpointCorruptError(step, "other-process",
+                                            "another process found it damaged")
+    if restore_iter:
+      try:
+        self.manager.restore(step, args=ocp.args.Composite(
+            data_iter=grain.checkpoint.CheckpointRestore(data_iter)))
+      except Exception as e:  # pylint: disable=broad-except
+        _raise_if_not_damage(e)
+        raise CheckpointCorruptError(step, "data-iter", _one_line(e)) from e
     state = jax.tree.map(lambda x: x, abstract_state)
-    nnx.replace_by_pure_dict(state, restored["state"])
+    nnx.replace_by_pure_dict(state, restored)
     return state
 
+  def restore_latest(self, abstract_state: nnx.State, data_iter: Any | None = None
+                     ) -> tuple[int, nnx.State] | tuple[None, None]:
+    """Restores the newest intact step: ``(step, state)``, or ``(None, None)`` if none is left.
+
+    Each damaged step met on the way (newest first) is named in one warning line and moved to
+    ``<directory>/quarantine/<step>-<reason>``. ``CheckpointMismatchError`` (a different model)
+    propagates and moves nothing.
+    """
+    for step in sorted(self._candidate_steps(), reverse=True):
+      try:
+        return step, self.restore(step, abstract_state, data_iter)
+      except CheckpointCorruptError as e:
+        where = self.quarantine(step, e.reason)
+        _log.warning("%s; moved it to %s and trying the previous step", e, where)
+    if os.path.isdir(os.path.join(self.directory, QUARANTINE_DIR)):
+      _log.warning("no intact checkpoint left in %s (damaged steps are in %s/)", self.directory,
+                   QUARANTINE_DIR)
+    return None, None
+
+  def quarantine(self, step: int, reason: str) -> str:
+    """Moves step ``step`` to ``<directory>/quarantine/<step>-<reason>[-k]`` (process 0 renames,
+    all processes wait); returns the new path."""
+    source = os.path.join(self.directory, str(step))
+    folder = os.path.join(self.directory, QUARANTINE_DIR)
+    slug = "".join(c if c.isalnum() or c in "-_" else "-" for c in reason)[:40] or "damaged"
+    target = os.path.join(folder, f"{step}-{slug}")
+    if jax.process_index() == 0:
+      os.makedirs(folder, exist_ok=True)
+      k = 1
+      while os.path.exists(target):
+        k += 1
+        target = os.path.join(folder, f"{step}-{slug}-{k}")
+      if os.path.exists(source):
+        os.rename(source, target)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f"dfm_jax_quarantine_{step}")
+    self.manager.reload()
+    return target
+
+  def _candidate_steps(self) -> set[int]:
+    on_disk = set()
+    if os.path.isdir(self.directory):
+      on_disk = {int(n) for n in os.listdir(self.directory)
+                 if n.isdigit() and os.path.isdir(os.path.join(self.directory, n))}
+    return on_disk | set(self.manager.all_steps())
+
   def _check_structure(self, step: int, target: dict) -> None:
-    """Raises a short ValueError when the saved tree differs from ``target`` (Orbax's own error
-    dumps both whole trees)."""
+    """Raises a short CheckpointMismatchError when the saved tree differs from ``target``
+    (Orbax's own error dumps both whole trees); CheckpointCorruptError if the tree metadata
+    cannot be read."""
     path = epath.Path(self.directory) / str(step) / "state"
-    saved = _shapes(ocp.StandardCheckpointHandler().metadata(path))
+    try:
+      saved = _shapes(ocp.StandardCheckpointHandler().metadata(path))
+    except Exception as e:  # pylint: disable=broad-except
+      _raise_if_not_damage(e)
+      raise CheckpointCorruptError(step, "metadata",
+                                   f"cannot read the state's tree metadata: {_one_line(e)}") from e
     wanted = _shapes(target)
     missing = sorted(set(wanted) - set(saved))
     extra = sorted(set(saved) - set(wanted))
@@ -81,22 +300,314 @@ class Checkpointer:
           [f"{k} saved {saved[k]} vs model {wanted[k]}" for k in reshaped]))
     lines.append("It was written by a different config or code version: restore with the config "
                  "saved beside it (workdir/config.json) or start a fresh workdir.")
-    raise ValueError("\n".join(lines))
+    raise CheckpointMismatchError("\n".join(lines))
 
-  def wait(self) -> None:
-    self.manager.wait_until_finished()
 
-  def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
+# ------------------------------------------------------------------------------- checksums
+
+
+def _leaf_name(path) -> str:
+  def name(entry):
+    return str(getattr(entry, "key", getattr(entry, "idx", getattr(entry, "name", entry))))
+  return "/".join(name(e) for e in path)
 
 
 def _shapes(tree) -> dict[str, tuple[int, ...]]:
   """{'/'-joined key path: shape} of a nested dict of arrays or array metadata."""
-  def name(entry):
-    return str(getattr(entry, "key", getattr(entry, "idx", getattr(entry, "name", entry))))
-  return {"/".join(name(e) for e in path): tuple(getattr(leaf, "shape", ()))
+  def shape(leaf):
+    dtype = getattr(leaf, "dtype", None)
+    if dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key):
+      return jax.eval_shape(jax.random.key_data, leaf).shape  # Orbax stores the key data
+    return tuple(getattr(leaf, "shape", ()))
+  return {_leaf_name(path): shape(leaf)
           for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _fmix32(h: jax.Array) -> jax.Array:
+  """murmur3's 32-bit finaliser: a bijection of uint32 with full avalanche."""
+  h = h ^ (h >> 16)
+  h = h * jnp.uint32(0x85EBCA6B)
+  h = h ^ (h >> 13)
+  h = h * jnp.uint32(0xC2B2AE35)
+  return h ^ (h >> 16)
+
+
+def _words(x: jax.Array) -> jax.Array:
+  """The bits of ``x`` as uint32 words: shape ``x.shape`` (1-, 2- and 4-byte dtypes) or
+  ``x.shape + (2,)`` (8-byte dtypes, PRNG keys: ``key_data``)."""
+  if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+    return _words(jax.random.key_data(x))
+  if jnp.issubdtype(x.dtype, jnp.complexfloating):
+    return _words(jnp.stack([jnp.real(x), jnp.imag(x)], axis=-1))
+  if x.dtype == jnp.bool_:
+    return x.astype(jnp.uint32)
+  size = jnp.dtype(x.dtype).itemsize
+  if size == 4 or size == 8:
+    return jax.lax.bitcast_convert_type(x, jnp.uint32)
+  if size in (1, 2):
+    unsigned = jnp.uint8 if size == 1 else jnp.uint16
+    return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+  return x.astype(jnp.uint32)  # sub-byte types: one value per word
+
+
+_MIX = ((0x01000193, 0x9E3779B9), (0x2C1B3C6D, 0x7F4A7C15))  # (odd multiplier, odd step) pairs
+_HOST_MAX_ELEMENTS = 1 << 16  # smaller leaves are checksummed on the host: no compilation
+
+
+def _checksum_words(w: jax.Array) -> jax.Array:
+  """uint32 [2]: for two (odd multiplier, odd step) pairs (m, g), the sum modulo 2**32 over
+  words of ``fmix32(word * m + position * g)``. For a fixed position the summand is a bijection
+  of the word, so changing any single word changes both sums."""
+  index = jnp.zeros(w.shape, jnp.uint32)
+  stride = 1
+  for axis in reversed(range(w.ndim)):
+    index = index + jax.lax.broadcasted_iota(jnp.uint32, w.shape, axis) * jnp.uint32(
+        stride % 2**32)
+    stride *= w.shape[axis]
+  sums = []
+  for mult, step in _MIX:
+    h = _fmix32(w * jnp.uint32(mult) + index * jnp.uint32(step))
+    sums.append(jnp.sum(h, dtype=jnp.uint32))
+  return jnp.stack(sums)
+
+
+@jax.jit
+def _checksum_leaf(x: jax.Array) -> jax.Array:
+  """uint32 [2] checksum of one array (compiled once per shape, dtype and sharding)."""
+  return _checksum_words(_words(x))
+
+
+def _host_value(x: jax.Array) -> np.ndarray:
+  """The value of a small global array on every process."""
+  if x.is_fully_addressable:
+    return np.asarray(jax.device_get(x))
+  if x.is_fully_replicated:
+    return np.asarray(x.addressable_data(0))
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def _np_fmix32(h: np.ndarray) -> np.ndarray:
+  h ^= h >> np.uint32(16)
+  h *= np.uint32(0x85EBCA6B)
+  h ^= h >> np.uint32(13)
+  h *= np.uint32(0xC2B2AE35)
+  h ^= h >> np.uint32(16)
+  return h
+
+
+def _np_words(data: np.ndarray) -> np.ndarray | None:
+  """numpy twin of ``_words`` for 1-, 2- and 4-byte dtypes (None for the others)."""
+  if data.dtype == np.bool_:
+    return data.astype(np.uint32)
+  size = data.dtype.itemsize
+  if size not in (1, 2, 4) or data.dtype.kind == "c":
+    return None
+  unsigned = {1: np.uint8, 2: np.uint16, 4: np.uint32}[size]
+  data = data if data.flags.c_contiguous else data.copy()  # (ascontiguousarray makes 0-d 1-d)
+  return data.view(unsigned).astype(np.uint32)
+
+
+def _host_partial(words: np.ndarray, offsets: tuple[int, ...], global_shape: tuple[int, ...]
+                  ) -> np.ndarray:
+  """uint32 [2]: ``_checksum_words`` restricted to the block ``words`` of a global array of
+  ``global_shape`` starting at ``offsets`` (the sums over blocks add up to the whole)."""
+  index = np.zeros(words.shape, np.uint64)
+  stride = 1
+  for axis in reversed(range(words.ndim)):
+    n = words.shape[axis]
+    pos = (np.arange(n, dtype=np.uint64) + np.uint64(offsets[axis])) * np.uint64(stride % 2**32)
+    index = index + pos.reshape((n,) + (1,) * (words.ndim - axis - 1))
+    stride *= global_shape[axis]
+  index = (index % np.uint64(2**32)).astype(np.uint32)
+  out = np.zeros(2, np.uint32)
+  with np.errstate(over="ignore"):  # wrapping modulo 2**32 is the point (0-d arrays warn)
+    for i, (mult, step) in enumerate(_MIX):
+      h = np.atleast_1d(words * np.uint32(mult) + index * np.uint32(step))
+      out[i] = np.sum(_np_fmix32(h), dtype=np.uint32)
+  return out
+
+
+def _checksum_on_host(x: jax.Array) -> np.ndarray | None:
+  """``_checksum_leaf(x)`` computed from the shards this process holds (replica 0 of each), in
+  numpy; None if the dtype is not handled here. On several processes, the partial sums are
+  combined with ``process_allgather`` (every process must call this for the same leaves)."""
+  key = jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
+  global_shape = x.shape + (jax.random.key_data(x).shape[x.ndim:] if key else ())
+  total = np.zeros(2, np.uint32)
+  for shard in x.addressable_shards:
+    if shard.replica_id != 0:
+      continue
+    data = np.asarray(jax.random.key_data(shard.data) if key else shard.data)
+    words = _np_words(data)
+    if words is None:
+      return None
+    offsets = tuple(sl.start or 0 for sl in shard.index) + (0,) * (words.ndim - x.ndim)
+    with np.errstate(over="ignore"):
+      total += _host_partial(words, offsets, global_shape)
+  if jax.process_count() > 1:
+    parts = np.asarray(multihost_utils.process_allgather(total), np.uint32)
+    with np.errstate(over="ignore"):
+      total = np.sum(parts.reshape(-1, 2), axis=0, dtype=np.uint32)
+  return total
+
+
+def array_checksums(tree) -> dict[str, dict]:
+  """{leaf name: {'shape', 'dtype', 'checksum'}} of a nested dict of arrays.
+
+  ``checksum`` is 16 hex digits that depend only on the global values, shape and dtype (see the
+  module docstring). Leaves of more than ``_HOST_MAX_ELEMENTS`` elements are reduced where they
+  live by a jitted function (compiled once per distinct shape, dtype and sharding); smaller ones
+  on the host from their shards, with the same arithmetic in numpy and no compilation.
+  """
+  named = [(_leaf_name(p), leaf if isinstance(leaf, jax.Array) else jnp.asarray(leaf))
+           for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]]
+  sums = []
+  for _, leaf in named:
+    value = _checksum_on_host(leaf) if leaf.size <= _HOST_MAX_ELEMENTS else None
+    if value is None:
+      # One leaf at a time: many reductions in flight at once can deadlock the in-process
+      # collectives of XLA:CPU's (forced) multi-device runs.
+      value = _host_value(jax.block_until_ready(_checksum_leaf(leaf)))
+    sums.append(value)
+  return {name: {"shape": list(leaf.shape), "dtype": str(leaf.dtype),
+                 "checksum": f"{int(s[0]):08x}{int(s[1]):08x}"}
+          for (name, leaf), s in zip(named, sums)}
+
+
+def _iterator_text(data_iter) -> str:
+  """The exact text grain's CheckpointHandler writes for ``data_iter``."""
+  if isinstance(data_iter, grain.DatasetIterator):
+    return json.dumps(data_iter.get_state(), indent=4)
+  return data_iter.get_state().decode()
+
+
+def build_manifest(step: int, pure_state: dict, data_iter: Any | None) -> dict:
+  """The integrity manifest of a step (collective on multi-process runs)."""
+  iterator = None
+  if data_iter is not None:
+    digest = hashlib.sha256(_iterator_text(data_iter).encode()).digest()
+    if jax.process_count() > 1:
+      rows = multihost_utils.process_allgather(np.frombuffer(digest, np.uint8))
+      iterator = [bytes(np.asarray(r, np.uint8)).hex() for r in rows]
+    else:
+      iterator = [digest.hex()]
+  return {"format": MANIFEST_FORMAT, "algorithm": CHECKSUM_ALGORITHM, "step": int(step),
+          "process_count": jax.process_count(), "host": socket.gethostname(),
+          "arrays": array_checksums(pure_state), "data_iter_sha256": iterator}
+
+
+# ------------------------------------------------------------------------------ verification
+
+
+def _saved_items(step: int, step_dir: epath.Path) -> set[str]:
+  """Item names recorded in the step's ``_CHECKPOINT_METADATA``."""
+  path = step_dir / _STEP_METADATA_FILE
+  try:
+    items = json.loads(path.read_text())["item_handlers"]
+    if not isinstance(items, dict) or "state" not in items:
+      raise ValueError(f"item_handlers {items!r} lists no state")
+  except Exception as e:  # pylint: disable=broad-except
+    _raise_if_not_damage(e)
+    raise CheckpointCorruptError(step, "metadata",
+                                 f"cannot read {path.name}: {_one_line(e)}") from e
+  return set(items)
+
+
+def _read_manifest(step: int, step_dir: epath.Path) -> dict:
+  path = step_dir / INTEGRITY_ITEM / _MANIFEST_FILE
+  try:
+    manifest = json.loads(path.read_text())
+    if (not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT
+        or not isinstance(manifest.get("arrays"), dict) or not manifest["arrays"]):
+      raise ValueError("empty or not a checksum manifest")
+  except Exception as e:  # pylint: disable=broad-except
+    _raise_if_not_damage(e)
+    raise CheckpointCorruptError(step, "manifest",
+                                 f"cannot read {INTEGRITY_ITEM}/{path.name}: {_one_line(e)}") from e
+  if manifest.get("algorithm") != CHECKSUM_ALGORITHM:
+    raise CheckpointCorruptError(step, "manifest",
+                                 f"unknown checksum algorithm {manifest.get('algorithm')!r}")
+  return manifest
+
+
+def _saved_dtypes(target: dict, manifest: dict) -> dict:
+  """``target`` with each leaf's dtype replaced by the dtype it was saved in."""
+  saved = manifest["arrays"]
+
+  def leaf(path, t):
+    entry = saved.get(_leaf_name(path))
+    if entry is None or str(t.dtype) == entry.get("dtype"):
+      return t
+    try:
+      dtype = jnp.dtype(entry["dtype"])
+    except TypeError:  # PRNG keys and other extended dtypes: restore as asked
+      return t
+    return jax.ShapeDtypeStruct(t.shape, dtype, sharding=getattr(t, "sharding", None))
+
+  return jax.tree_util.tree_map_with_path(leaf, target)
+
+
+def _verify_iterator_file(step: int, step_dir: epath.Path, manifest: dict) -> None:
+  digests = manifest.get("data_iter_sha256")
+  index, count = jax.process_index(), jax.process_count()
+  if not isinstance(digests, list) or len(digests) != count:
+    raise CheckpointCorruptError(
+        step, "manifest", f"it records {len(digests) if isinstance(digests, list) else 'no'} "
+        f"data-iterator checksums for {count} process(es)")
+  path = step_dir / "data_iter" / f"process_{index}-of-{count}.json"
+  try:
+    got = hashlib.sha256(path.read_bytes()).hexdigest()
+  except Exception as e:  # pylint: disable=broad-except
+    _raise_if_not_damage(e)
+    raise CheckpointCorruptError(step, "data-iter", f"cannot read {path.name}: {_one_line(e)}")
+  if got != digests[index]:
+    raise CheckpointCorruptError(step, "data-iter",
+                                 f"data_iter/{path.name} does not match its checksum")
+
+
+def _verify_arrays(step: int, restored: dict, manifest: dict) -> None:
+  expected = manifest["arrays"]
+  got = array_checksums(restored)
+  bad = sorted(k for k in got if k not in expected or expected[k] != got[k])
+  bad += sorted(k for k in expected if k not in got)
+  if bad:
+    more = f" (+{len(bad) - 3} more)" if len(bad) > 3 else ""
+    raise CheckpointCorruptError(step, "checksum",
+                                 f"restored values differ from the checksums saved with them "
+                                 f"in {', '.join(bad[:3])}{more}")
+
+
+# Errors of the environment, not of the files: they propagate instead of quarantining a step.
+_ENVIRONMENT_ERRORS = (MemoryError, PermissionError, ConnectionError, TimeoutError,
+                       InterruptedError)
+_ENVIRONMENT_CODES = ("RESOURCE_EXHAUSTED", "out of memory", "UNAVAILABLE", "DEADLINE_EXCEEDED",
+                      "PERMISSION_DENIED", "UNAUTHENTICATED", "CANCELLED", "Permission denied")
+
+
+def _raise_if_not_damage(e: BaseException) -> None:
+  """Re-raises ``e`` when it says that memory, permissions or storage access failed, which does
+  not make a checkpoint damaged (quarantining it would lose good data)."""
+  text = str(e)
+  if (isinstance(e, _ENVIRONMENT_ERRORS) or not isinstance(e, Exception)
+      or any(code in text for code in _ENVIRONMENT_CODES)):
+    raise e
+
+
+def _all_processes_agree(ok: bool) -> bool:
+  if jax.process_count() == 1:
+    return ok
+  return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
+
+
+def _one_line(e: BaseException, limit: int = 300) -> str:
+  """``Type: first line of the message`` (OSError: with its errno name), at most ``limit``."""
+  text = str(e).strip().splitlines()
+  first = text[0] if text else ""
+  first = first.split(" See full TensorStore details")[0]  # the rest is a repr of a bound method
+  if isinstance(e, OSError) and e.errno in errno.errorcode and not first:
+    first = os.strerror(e.errno)
+  out = f"{type(e).__name__}: {first}" if first else type(e).__name__
+  return out if len(out) <= limit else out[:limit - 3] + "..."
 
 
 def save_json(path: str, obj: Any) -> None:

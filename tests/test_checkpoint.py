@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from dfm_jax.checkpoint import Checkpointer
+from dfm_jax.checkpoint import Checkpointer, CheckpointMismatchError
 
 
 class Net(nnx.Module):
@@ -28,7 +28,7 @@ def test_round_trip_and_mismatch_is_named(tmp_path):
   restored = ckpt.restore(5, abstract(Net(3, True, nnx.Rngs(1))))
   np.testing.assert_array_equal(restored["first"]["kernel"][...], saved.first.kernel[...])
 
-  with pytest.raises(ValueError) as err:
+  with pytest.raises(CheckpointMismatchError) as err:  # a ValueError
     ckpt.restore(5, abstract(Net(4, False, nnx.Rngs(1))))
   message = str(err.value)
   assert "not in the model: extra/bias, extra/kernel" in message
