@@ -3,11 +3,18 @@
     python -m dfm_jax.fid PATH_A PATH_B [--batch-size N]
 
 Each path is a folder of images (searched recursively; .png, .jpg, .jpeg, .bmp, .ppm, .pgm,
-.tif, .tiff, .webp, read as RGB) or an ``.npz`` holding uint8 images ``[N, H, W, C]`` (key
-``images``, else the first array). Progress goes to stderr; the last stdout line is a JSON object
-``{"fid", "kid", "kid_std", "is", "is_std", "num_a", "num_b"}`` where the Inception Score is that
-of PATH_A (``null`` when the cached weights lack the classifier). The weights come from
-``python -m dfm_jax.evaluation.weights``.
+.tif, .tiff, .webp, read as RGB) or an ``.npz`` holding uint8 images ``[N, H, W, C]`` with C in
+1, 3, 4 (or grayscale ``[N, H, W]``). The images of an ``.npz`` are its array ``images``, else
+``samples``, else ``arr_0`` (what ``np.savez(path, x)`` writes), else its only array; a file with
+several arrays and none of these names is refused, listing its keys. Channels-first arrays
+``[N, C, H, W]`` are refused with the transpose that fixes them. Progress goes to stderr; the last
+stdout line is a JSON object ``{"fid", "kid", "kid_std", "is", "is_std", "num_a", "num_b"}``
+where the Inception Score is that of PATH_A (``null`` when the cached weights lack the
+classifier). The weights come from ``python -m dfm_jax.evaluation.weights``.
+
+Bad inputs (missing paths, unreadable or truncated files, wrong keys, dtypes or shapes) print one
+line ``error: ...`` on stderr and exit with status 2; missing or unreadable Inception weights exit
+with status 1.
 """
 
 from __future__ import annotations
@@ -15,12 +22,17 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 IMAGE_EXTENSIONS = {".bmp", ".jpg", ".jpeg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp"}
+NPZ_IMAGE_KEYS = ("images", "samples", "arr_0")  # tried in this order
+# What numpy raises on files that are not (complete) .npz archives.
+_NPZ_ERRORS = (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error)
 
 
 class InputError(Exception):
@@ -37,17 +49,51 @@ def _read_image(path: Path) -> np.ndarray:
 
 def _read_npz(path: Path) -> np.ndarray:
     try:
-        with np.load(path, allow_pickle=False) as data:
-            if not data.files:
+        with open(path, "rb") as f:
+            magic = f.read(6)
+        if not magic.startswith((b"PK\x03\x04", b"PK\x05\x06", b"\x93NUMPY")):
+            raise InputError(f"cannot read {path}: not an .npz file (no zip or .npy header; "
+                             f"{'it is empty' if not magic else 'it starts with ' + repr(magic)})")
+        loaded = np.load(path, allow_pickle=False)
+    except _NPZ_ERRORS as e:
+        raise InputError(f"cannot read {path} as an .npz file (truncated or damaged?): "
+                         f"{type(e).__name__}: {e}") from e
+    if isinstance(loaded, np.ndarray):  # an .npy file named .npz
+        key, images = "(.npy array)", loaded
+    else:
+        with loaded as data:
+            keys = list(data.files)
+            if not keys:
                 raise InputError(f"{path} holds no arrays")
-            key = "images" if "images" in data.files else data.files[0]
-            images = data[key]
-    except (OSError, ValueError) as e:
-        raise InputError(f"cannot read {path}: {e}") from e
-    if images.dtype != np.uint8 or images.ndim not in (3, 4):
-        raise InputError(f"{path}: array '{key}' must be uint8 images [N, H, W, C], got "
-                         f"{images.dtype} of shape {images.shape}")
+            key = next((k for k in NPZ_IMAGE_KEYS if k in keys), None)
+            if key is None and len(keys) > 1:
+                raise InputError(
+                    f"{path} has no image array: expected one of the keys "
+                    f"{', '.join(NPZ_IMAGE_KEYS)} (or a single array), found "
+                    f"{', '.join(keys[:10])}{' ...' if len(keys) > 10 else ''}")
+            key = key or keys[0]
+            try:
+                images = data[key]
+            except _NPZ_ERRORS as e:
+                raise InputError(f"cannot read array '{key}' of {path} (truncated or damaged "
+                                 f"file?): {type(e).__name__}: {e}") from e
+    check_image_array(images, f"{path}: array '{key}'")
     return images
+
+
+def check_image_array(images: np.ndarray, name: str) -> None:
+    """Raises InputError unless ``images`` is uint8 ``[N, H, W, C]`` (C in 1, 3, 4) or
+    ``[N, H, W]``; channels-first ``[N, C, H, W]`` is named as such."""
+    if images.dtype != np.uint8 or images.ndim not in (3, 4):
+        raise InputError(f"{name} must be uint8 images [N, H, W, C], got {images.dtype} of "
+                         f"shape {images.shape}")
+    if images.ndim == 4 and images.shape[-1] not in (1, 3, 4):
+        if images.shape[1] in (1, 3, 4) and images.shape[-1] > 4:
+            raise InputError(f"{name} has shape {images.shape}, which looks channels-first "
+                             "[N, C, H, W]; save it as [N, H, W, C], e.g. "
+                             "images.transpose(0, 2, 3, 1)")
+        raise InputError(f"{name} has shape {images.shape}: {images.shape[-1]} channels, expected "
+                         "[N, H, W, C] with C = 1 (gray), 3 (RGB) or 4 (RGBA)")
 
 
 def load_images(path) -> np.ndarray | list[np.ndarray]:
@@ -90,12 +136,17 @@ def main(argv=None) -> int:
     print(f"{len(images_a)} images in {args.path_a}, {len(images_b)} in {args.path_b}",
           file=sys.stderr)
 
-    from dfm_jax.evaluation import fid_features
+    from dfm_jax.evaluation import fid_features, weights
 
     try:
         params = fid_features.inception_params()
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except (*_NPZ_ERRORS, AttributeError) as e:
+        print(f"error: cannot load the Inception weights {weights.weights_path()} "
+              f"({type(e).__name__}: {e}); refetch them with `{weights.FETCH_COMMAND} --force`",
+              file=sys.stderr)
         return 1
     result = fid_features.compute_metrics(images_a, images_b, batch_size=args.batch_size,
                                           params=params, progress=True)

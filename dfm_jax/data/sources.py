@@ -158,6 +158,8 @@ class DecodedSource:
 
     With `skip_corrupt`, an unreadable record i is replaced by the next readable one (i+1,
     i+2, ...), so element i stays a deterministic function of i and batch shapes are fixed.
+    Under crop='pad', images of mixed sizes (a 4x4 among 32x32) are padded, not refused, with
+    one warning per process giving the count per size (`transforms.PadSizes`).
     """
 
     pixels = True
@@ -183,6 +185,9 @@ class DecodedSource:
                         "data.skip_corrupt=True to skip unreadable images)") from err
                 _count_skip(name, err)
                 continue
+            if self._crop == "pad":  # warns once if the sizes are mixed (see PadSizes)
+                transforms.PAD_SIZES.add(*image.shape[:2], self._resolution,
+                                         lambda: self._records.record_name(i))
             try:
                 image = transforms.crop_to_resolution(image, self._resolution, self._crop)
             except ValueError as err:

@@ -3,12 +3,17 @@ forms for in-memory arrays [N, H, W, C]."""
 
 from __future__ import annotations
 
+import collections
 import io
+import logging
+import threading
+from typing import Callable
 
 import numpy as np
 from PIL import Image
 
 CROPS = ("center", "pad")
+_log = logging.getLogger(__name__)
 
 
 def decode_image(encoded: bytes, channels: int) -> np.ndarray:
@@ -78,6 +83,59 @@ def pad_to(images: np.ndarray, resolution: int) -> np.ndarray:
     out = np.zeros(images.shape[:-3] + (resolution, resolution, images.shape[-1]), np.uint8)
     out[..., top:top + h, left:left + w, :] = images
     return out
+
+
+class PadSizes:
+    """Counts, per image size, the images ``crop='pad'`` pads up to the resolution, and warns
+    once (per process) when their sizes are mixed.
+
+    ``crop='pad'`` is meant for datasets of one image size no larger than the resolution
+    (28x28 digits in 32x32). An image of another size -- a 4x4 thumbnail among 32x32 pictures --
+    is still padded, not failed on: it ends up a small patch in a black frame. The first time a
+    second size shows up, one warning names the image, and the counts per size seen so far;
+    ``counts()`` keeps counting (each grain worker process counts its own).
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._counts: collections.Counter = collections.Counter()
+        self._warned = False
+
+    def add(self, height: int, width: int, resolution: int, name: Callable[[], str]) -> None:
+        """Records one image of ``height x width`` about to be padded to ``resolution``;
+        ``name()`` names it in the warning."""
+        with self._lock:
+            self._counts[(height, width)] += 1
+            if self._warned or len(self._counts) < 2:
+                return
+            self._warned = True
+            sizes = self._counts.most_common()
+        padded = sum(n for (h, w), n in sizes if (h, w) != (resolution, resolution))
+        listing = ", ".join(f"{h}x{w}: {n}" for (h, w), n in sizes[:6])
+        _log.warning(
+            "crop='pad': images of different sizes are zero-padded to %dx%d (%s is %dx%d; "
+            "images per size so far: %s; %d padded up). A small image becomes a small patch in a "
+            "black frame: resize the odd ones or use crop='center'. Warned once per process; "
+            "dfm_jax.data.transforms.padded_sizes() keeps counting.", resolution, resolution,
+            name(), height, width, listing, padded)
+
+    def counts(self) -> dict[tuple[int, int], int]:
+        """{(height, width): number of images of that size seen under crop='pad'}."""
+        with self._lock:
+            return dict(self._counts)
+
+    def reset(self) -> None:
+        with self._lock:
+            self._counts.clear()
+            self._warned = False
+
+
+PAD_SIZES = PadSizes()
+
+
+def padded_sizes() -> dict[tuple[int, int], int]:
+    """{(height, width): images seen} of the records decoded under crop='pad' in this process."""
+    return PAD_SIZES.counts()
 
 
 def crop_to_resolution(image: np.ndarray, resolution: int, crop: str) -> np.ndarray:

