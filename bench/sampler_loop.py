@@ -5,7 +5,7 @@
 
 The model of configs/default.py (3-stage DFM, width 128, depth 4, 64 tokens; freshly
 initialised weights, which cost the same as trained ones) samples with
-``dfm_jax.generate.make_sample_fn``: one jitted ``lax.scan`` over all steps, with classifier-free
+``dfm_jax.sampling.make_sample_fn``: one jitted ``lax.scan`` over all steps, with classifier-free
 guidance as a doubled batch inside a ``lax.cond`` on the steps where it applies. Variants: the
 config's own sampler, guidance `--cfg-scale` (1.5) on the guidance interval `--interval`, and no
 guidance.
@@ -29,7 +29,7 @@ import numpy as np
 from flax import nnx
 
 import common
-from dfm_jax import generate, train
+from dfm_jax import sampling, train
 
 
 def main():
@@ -58,11 +58,11 @@ def main():
   if base.cfg_scale == 1.0:
     raise SystemExit(f"configs/{args.config}.py samples without guidance; pick a config with "
                      f"sampler.cfg_scale != 1")
-  labels = jnp.asarray(generate.class_cycle_labels(args.batch, config.data.num_classes))
+  labels = jnp.asarray(sampling.class_cycle_labels(args.batch, config.data.num_classes))
   key = jax.random.key(0)
   fns, nfe = {}, {}
   for name, cfg in variants.items():
-    sample_fn = generate.make_sample_fn(graphdef, exp, cfg)
+    sample_fn = sampling.make_sample_fn(graphdef, exp, cfg)
     fns[name] = common.blocking(lambda f=sample_fn: f(model_state, key, labels)["images"])
     nfe[name] = int(sample_fn(model_state, key, labels)["nfe"])  # also compiles it
 

@@ -10,10 +10,11 @@ Flow-matching twin (one stage, same backbone and token count):
   python -m dfm_jax.main --config=configs/default.py:fm --workdir=workdirs/default_fm
 """
 
-from dfm_jax.config_defaults import base_config, flow_matching_twin
+from dfm_jax.config_defaults import apply_variants, base_config, parse_variants
 
 
 def get_config(arg: str = "dfm"):
+  variants = parse_variants(arg, ("fm", "runlocal"))
   c = base_config()
   c.total_steps = 2000
   c.batch_size = 64
@@ -52,8 +53,4 @@ def get_config(arg: str = "dfm"):
   c.eval.num_samples = 1000
   c.eval.num_real = 2000  # Inception runs at tens of images/s on a CPU
   c.eval.classifier = "mnist5k"
-  if arg == "fm":
-    c = flow_matching_twin(c)
-  elif arg != "dfm":
-    raise ValueError(f"config argument must be 'dfm' or 'fm', got {arg!r}")
-  return c
+  return apply_variants(c, variants)

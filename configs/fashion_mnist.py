@@ -13,12 +13,13 @@ Flow-matching twin (one stage, same backbone, tokens and sampling steps):
   python -m dfm_jax.main --config=configs/fashion_mnist.py:fm --workdir=workdirs/fmnist_fm
 """
 
-from dfm_jax.config_defaults import base_config, flow_matching_twin
+from dfm_jax.config_defaults import apply_variants, base_config, parse_variants
 
 FASHION_MNIST_TRAIN = "/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"
 
 
 def get_config(arg: str = "dfm"):
+  variants = parse_variants(arg, ("fm", "runlocal"))
   c = base_config()
   c.total_steps = 4000
   c.batch_size = 64
@@ -55,8 +56,4 @@ def get_config(arg: str = "dfm"):
   c.eval.num_samples = 1000
   c.eval.num_real = 2000  # Inception runs at a few images/s on a CPU
   c.eval.classifier = "fashion_mnist"
-  if arg == "fm":
-    c = flow_matching_twin(c)
-  elif arg != "dfm":
-    raise ValueError(f"config argument must be 'dfm' or 'fm', got {arg!r}")
-  return c
+  return apply_variants(c, variants)

@@ -15,10 +15,11 @@ Flow-matching twin (DiT-XL/4 on the 128x128 latents: same tokens and compute):
   python -m dfm_jax.main --config=configs/imagenet1024.py:fm --workdir=gs://BUCKET/fm1024
 """
 
-from dfm_jax.config_defaults import flow_matching_twin, paper_imagenet_config
+from dfm_jax.config_defaults import apply_variants, paper_imagenet_config, parse_variants
 
 
 def get_config(arg: str = "dfm"):
+  variants = parse_variants(arg, ("fm", "three", "runlocal"))
   c = paper_imagenet_config()
   c.total_steps = 350_000
   c.data.path = "/data/imagenet1024_latents.npz"
@@ -29,14 +30,10 @@ def get_config(arg: str = "dfm"):
   c.sampler.steps_per_stage = (30, 10)
   c.sampler.thresholds = (0.95,)
   c.eval.num_samples = 10_000
-  if arg == "three":
+  if "three" in variants:
     c.decomposition.num_stages = 3
     c.decomposition.level_gaps = (1, 1)
     c.flow.stage_probs = (0.8, 0.1, 0.1)
     c.sampler.steps_per_stage = (30, 5, 5)
     c.sampler.thresholds = (0.9, 0.95)
-  elif arg == "fm":
-    c = flow_matching_twin(c)
-  elif arg != "dfm":
-    raise ValueError(f"config argument must be 'dfm', 'three' or 'fm', got {arg!r}")
-  return c
+  return apply_variants(c, variants)

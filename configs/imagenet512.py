@@ -17,10 +17,11 @@ Flow-matching twin (DiT-XL/2 on the 64x64 latents, same compute):
   python -m dfm_jax.main --config=configs/imagenet512.py:fm --workdir=gs://BUCKET/fm512
 """
 
-from dfm_jax.config_defaults import flow_matching_twin, paper_imagenet_config
+from dfm_jax.config_defaults import apply_variants, parse_variants, paper_imagenet_config
 
 
 def get_config(arg: str = "dfm"):
+  variants = parse_variants(arg, ("fm", "runlocal"))
   c = paper_imagenet_config()
   c.total_steps = 500_000
   c.data.path = "/data/imagenet512_latents.npz"
@@ -30,8 +31,4 @@ def get_config(arg: str = "dfm"):
   c.sampler.steps_per_stage = (30, 10)
   c.sampler.thresholds = (0.7,)
   c.eval.num_samples = 50_000
-  if arg == "fm":
-    c = flow_matching_twin(c)
-  elif arg != "dfm":
-    raise ValueError(f"config argument must be 'dfm' or 'fm', got {arg!r}")
-  return c
+  return apply_variants(c, variants)

@@ -1,8 +1,11 @@
 """Every configuration field with its default; the files in ``configs/`` override these.
 
-The ``fm`` twin of a DFM config (``get_config('fm')`` in the config files, through
-:func:`flow_matching_twin`) keeps the backbone, the token count and the total sampling steps and
-drops to one stage: plain flow matching at equal compute.
+Config files take comma-separated variants after a colon (``configs/default.py:fm,runlocal``):
+
+- ``fm``: the flow-matching twin (:func:`flow_matching_twin`) keeps the backbone, the token count
+  and the total sampling steps and drops to one stage: plain flow matching at equal compute.
+- ``runlocal``: tiny sizes and a few steps (:func:`runlocal`) for smoke runs, tests and the
+  notebook on a CPU.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ def per_stage_field(value) -> ml_collections.FieldReference:
 
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
+  c.method = "dfm"  # a name in dfm_jax.methods.METHODS: dfm | fm
   c.seed = 0
   c.total_steps = 1000
   c.batch_size = 64  # global, over all devices and processes
@@ -30,6 +34,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3
   c.num_grid_samples = 40  # images in each periodic sample grid
   c.stop_on_nonfinite = True
+  c.profile_steps = ()  # (first, last): write a profiler trace of these steps to workdir/profile
 
   c.data = data_lib.default_data_config()
 
@@ -98,6 +103,22 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.num_real = 5000  # real images for the reference statistics
   c.eval.real_split = "train"
   c.eval.classifier = ""  # name of a digit/clothes classifier for 28x28 data ('' = none)
+  # Names in dfm_jax.evaluation.scores.METRICS; fdd runs when fdd_weights is set, classifier
+  # when eval.classifier is.
+  c.eval.metrics = ("fid", "kid", "is", "fdd", "classifier")
+  c.eval.fdd_weights = ""  # official DINOv2 checkpoint (.pth), e.g. dinov2_vitl14_pretrain.pth
+  # Reference pictures; source '' means the training data (a latent run needs a pixel source).
+  c.eval.reference = data_lib.default_data_config()
+  c.eval.reference.source = ""
+  c.eval.every = 0  # > 0: a small evaluation every this many training steps
+  c.eval.train_num_samples = 200  # samples of that small evaluation
+
+  c.autoencoder = ml_collections.ConfigDict()
+  c.autoencoder.kind = ""  # a name in dfm_jax.autoencoders.AUTOENCODERS ('' = pixel space)
+  c.autoencoder.weights = ""  # weight file(s) of the autoencoder
+  c.autoencoder.scale = ml_collections.config_dict.placeholder(float)  # None: the preset's
+  c.autoencoder.shift = ml_collections.config_dict.placeholder(float)
+  c.autoencoder.batch_size = 32  # images per encode/decode call
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.shape = (-1, 1, 1)  # (data, fsdp, tensor); one axis may be -1
@@ -154,6 +175,7 @@ def flow_matching_twin(c: ml_collections.ConfigDict) -> ml_collections.ConfigDic
   stages = c.decomposition.num_stages
   levels = sum(c.decomposition.level_gaps) if c.decomposition.level_gaps else stages - 1
   c.model.patch_size = c.model.patch_size * 2 ** levels
+  c.method = "fm"
   c.decomposition.num_stages = 1
   c.decomposition.level_gaps = ()
   c.flow.stage_probs = (1.0,)
@@ -174,3 +196,52 @@ def _one_stage(value, name: str):
     raise ValueError(f"sampler.{name} = {tuple(value)} differs between stages; the flow "
                      f"matching twin has one stage: set sampler.{name} for it explicitly")
   return tuple(value[0]) if name == "guidance_interval" else value[0]
+
+
+def parse_variants(arg: str | None, allowed: tuple[str, ...]) -> set[str]:
+  """The comma-separated variants of a config argument, e.g. ``'fm,runlocal'``."""
+  variants = {v.strip() for v in (arg or "").split(",") if v.strip()} - {"dfm"}
+  unknown = variants - set(allowed)
+  if unknown:
+    raise ValueError(f"unknown config variant(s) {sorted(unknown)}; choose from "
+                     f"{', '.join(('dfm',) + tuple(allowed))} (comma-separated)")
+  return variants
+
+
+def apply_variants(c: ml_collections.ConfigDict, variants: set[str]) -> ml_collections.ConfigDict:
+  """Applies the shared variants (``fm`` and ``runlocal``) in a fixed order."""
+  if "fm" in variants:
+    c = flow_matching_twin(c)
+  if "runlocal" in variants:
+    c = runlocal(c)
+  return c
+
+
+def runlocal(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Seconds per run on a CPU: a one-block, 32-wide model, batch 8, 6 steps, checkpoints every
+  2 steps, 1-2 sampling steps per stage; the data, stages and token grid are unchanged."""
+  c.total_steps = 6
+  c.batch_size = 8
+  c.log_every = 2
+  c.checkpoint_every = 2
+  c.sample_every = 1000
+  c.num_grid_samples = 10
+  c.keep_checkpoints = 10
+  c.model.size = "custom"
+  c.model.hidden_size = 32
+  c.model.depth = 1
+  c.model.num_heads = 2
+  c.model.dtype = "float32"
+  c.model.remat = False
+  c.optim.warmup_steps = 2
+  c.decomposition.stats_batches = 2
+  stages = len(c.sampler.steps_per_stage)
+  c.sampler.steps_per_stage = (2,) + (1,) * (stages - 1)
+  c.sampler.num_samples = 12
+  c.sampler.batch_size = 6
+  c.eval.num_samples = 20
+  c.eval.num_real = 40
+  c.eval.batch_size = 10
+  c.eval.train_num_samples = 20
+  c.data.num_workers = 0
+  return c

@@ -67,23 +67,6 @@ def pixel_data_config(config) -> ml_collections.ConfigDict:
   return data
 
 
-def build_autoencoder(ae_config):
-  """The autoencoder of an ``autoencoder`` config block (kind, weights, scale, shift)."""
-  from dfm_jax import autoencoders  # pylint: disable=g-import-not-at-top
-
-  kind = ae_config.get("kind", "")
-  if not kind:
-    raise ValueError("autoencoder.kind is empty; name the autoencoder to encode with, e.g. "
-                     "--config.autoencoder.kind=taef2 --config.autoencoder.weights=DIR")
-  weights = ae_config.get("weights", "")
-  if not weights:
-    raise ValueError(f"autoencoder.weights is empty; give the {kind} weight file or folder")
-  if not os.path.exists(weights):
-    raise FileNotFoundError(f"autoencoder.weights: {weights!r} does not exist")
-  options = {k: float(ae_config[k]) for k in ("scale", "shift") if ae_config.get(k) is not None}
-  return autoencoders.build(kind, weights, **options)
-
-
 class _Encoder:
   """Jit-compiled encoding of fixed-size uint8 batches, split over this process's devices."""
 
@@ -173,7 +156,9 @@ def encode_dataset(config, out: str, *, flip: bool = False, shard_size: int = 10
   if channels != 3:
     raise ValueError(f"data.channels={channels}: the autoencoder encodes RGB images; set "
                      "data.channels=3 (grayscale images are then converted to RGB)")
-  ae = autoencoder if autoencoder is not None else build_autoencoder(config.autoencoder)
+  from dfm_jax import autoencoders  # pylint: disable=g-import-not-at-top
+
+  ae = autoencoder if autoencoder is not None else autoencoders.from_config(config.autoencoder)
   down = int(getattr(ae, "downsample", 8))
   if resolution % down:
     raise ValueError(f"data.resolution={resolution} is not a multiple of the autoencoder's "

@@ -7,8 +7,10 @@ import dataclasses
 import ml_collections
 import numpy as np
 
+import math
+
 from dfm_jax import data as data_lib
-from dfm_jax import decompose, dit, flow, sampler
+from dfm_jax import decompose, dit, flow, methods, sampler
 
 
 @dataclasses.dataclass(frozen=True)
@@ -20,6 +22,12 @@ class Experiment:
   sampler: sampler.SamplerConfig
   sample_shape: tuple[int, ...]  # one sample, without the batch axis: [H, W, C]
   null_label: int
+  method_name: str = "dfm"
+
+  @property
+  def method(self) -> methods.Method:
+    """The training objective and sampler chosen by ``config.method``."""
+    return methods.METHODS.get(self.method_name)(self)
 
 
 def _sample_shape(config, check_data: bool) -> tuple[int, ...]:
@@ -27,7 +35,9 @@ def _sample_shape(config, check_data: bool) -> tuple[int, ...]:
   d = config.data
   shape = (int(d.resolution), int(d.resolution), int(d.channels))
   if d.source == "latents" and check_data:
-    found = tuple(int(v) for v in data_lib.arrays.npz_array_specs(d.path)["latents"][0][1:])
+    from dfm_jax.data import latent_shards  # pylint: disable=g-import-not-at-top
+
+    found = tuple(int(v) for v in latent_shards.latent_shape(d.path))
     if found != shape:
       raise ValueError(f"data.path {d.path} holds latents of shape {found}, but the config says "
                        f"resolution {d.resolution} and channels {d.channels} ({shape})")
@@ -70,6 +80,11 @@ def from_config(config: ml_collections.ConfigDict, num_devices: int = 1,
 
   if check_data:
     attempt(lambda: data_lib.validate_data_config(config.data))
+  method_name = config.get("method", "dfm")
+  method_cls = attempt(lambda: methods.METHODS.get(method_name))
+  if method_cls is not None:
+    problems.extend(method_cls.check_config(config))
+  problems.extend(_nonfinite_numbers(config))
   for name in ("total_steps", "batch_size", "log_every", "checkpoint_every", "sample_every"):
     if int(config[name]) <= 0:
       problems.append(f"{name} must be > 0, got {config[name]}")
@@ -135,4 +150,22 @@ def from_config(config: ml_collections.ConfigDict, num_devices: int = 1,
     raise ValueError("invalid configuration:\n  - " + "\n  - ".join(problems))
   return Experiment(decomposition=decomposition, model=model_cfg, timesteps=timesteps,
                     sampler=sampler_cfg, sample_shape=tuple(shape),
-                    null_label=int(config.data.num_classes))
+                    null_label=int(config.data.num_classes), method_name=method_name)
+
+
+def _nonfinite_numbers(config) -> list[str]:
+  """A problem for every NaN or infinite number anywhere in the config."""
+  out = []
+
+  def walk(prefix, value):
+    if hasattr(value, "items"):
+      for k, v in value.items():
+        walk(f"{prefix}{k}.", v)
+    elif isinstance(value, (tuple, list)):
+      for v in value:
+        walk(prefix, v)
+    elif isinstance(value, float) and not math.isfinite(value):
+      out.append(f"{prefix[:-1]} must be a finite number, got {value}")
+
+  walk("", config)
+  return out

@@ -1,37 +1,82 @@
 """Command line: ``python -m dfm_jax.main --config=configs/NAME.py --workdir=DIR [--mode=...]``.
 
-Modes: ``train`` (default; re-running resumes from the latest checkpoint), ``sample`` (images
-from the EMA weights of a checkpoint) and ``eval`` (FID / KID / IS of samples). Override any
-config field with ``--config.FIELD=VALUE``.
+Modes: ``train`` (default; re-running resumes from the newest intact checkpoint), ``sample``
+(pictures and arrays from the EMA weights of a checkpoint) and ``eval`` (the metrics of
+``eval.metrics``). Override any config field with ``--config.FIELD=VALUE``. Sample and eval read
+no training data.
+
+Exit codes: 0 done; 1 an error, reported as one ``error: ...`` line (``--debug`` or
+``DFM_JAX_DEBUG=1`` shows the traceback); 75 (``EX_TEMPFAIL``) stopped by SIGTERM or Ctrl-C
+after saving a checkpoint: run the same command again to resume (schedulers may requeue on it);
+130 interrupted by Ctrl-C outside training (nothing to save).
 """
 
+from __future__ import annotations
+
 import logging as std_logging
+import os
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from dfm_jax import train
-
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to a config file.", lock_config=True)
-flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples.")
+flags.DEFINE_string("workdir", None, "Directory (local or gs://) for checkpoints, logs, samples.")
 flags.DEFINE_enum("mode", "train", ["train", "sample", "eval"], "What to run.")
+flags.DEFINE_bool("debug", False, "Show tracebacks of errors (also: DFM_JAX_DEBUG=1).")
 flags.mark_flags_as_required(["config", "workdir"])
+
+EXIT_ERROR = 1
+EXIT_PREEMPTED = 75
+EXIT_INTERRUPTED = 130
+
+
+def expected_errors() -> tuple[type[BaseException], ...]:
+  """Errors reported as one line: bad configs, inputs, workdirs and checkpoints."""
+  from dfm_jax import checkpoint, train, workdir_lock  # pylint: disable=g-import-not-at-top
+
+  return (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, OSError,
+          checkpoint.CheckpointSaveError, checkpoint.CheckpointCorruptError,
+          workdir_lock.WorkdirLockedError, train.NonFiniteError)
+
+
+def run_mode(config, workdir: str, mode: str):
+  """Runs one mode in-process (also the notebook's entry point)."""
+  from dfm_jax import run as run_lib  # pylint: disable=g-import-not-at-top
+
+  run_lib.maybe_initialize_distributed(config)
+  if mode == "train":
+    from dfm_jax import train  # pylint: disable=g-import-not-at-top
+    return train.train(config, workdir)
+  if mode == "sample":
+    from dfm_jax import sampling  # pylint: disable=g-import-not-at-top
+    return sampling.sample_mode(config, workdir)
+  from dfm_jax.evaluation import evaluate  # pylint: disable=g-import-not-at-top
+  return evaluate.eval_mode(config, workdir)
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  config = FLAGS.config
-  train.maybe_initialize_distributed(config)
-  if FLAGS.mode == "train":
-    train.train(config, FLAGS.workdir)
-  elif FLAGS.mode == "sample":
-    from dfm_jax import inference  # pylint: disable=g-import-not-at-top
-    inference.sample_mode(config, FLAGS.workdir)
-  else:
-    from dfm_jax import evaluate  # pylint: disable=g-import-not-at-top
-    evaluate.eval_mode(config, FLAGS.workdir)
+  debug = FLAGS.debug or os.environ.get("DFM_JAX_DEBUG", "") not in ("", "0")
+  from dfm_jax import train  # pylint: disable=g-import-not-at-top
+
+  try:
+    run_mode(FLAGS.config, FLAGS.workdir, FLAGS.mode)
+  except train.Preempted as e:
+    logging.warning("%s", e)
+    sys.exit(EXIT_PREEMPTED)
+  except KeyboardInterrupt:
+    if debug:
+      raise
+    print("interrupted", file=sys.stderr)
+    sys.exit(EXIT_INTERRUPTED)
+  except expected_errors() as e:
+    if debug:
+      raise
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    sys.exit(EXIT_ERROR)
 
 
 class _QuietLibraries(std_logging.Filter):
@@ -42,10 +87,28 @@ class _QuietLibraries(std_logging.Filter):
     return record.levelno >= std_logging.WARNING or not noisy
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing with config-file problems (missing file, syntax error, unknown field,
+  wrong type) reported as one ``error: ...`` line and exit code 2."""
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    message = str(e)
+  except (KeyError, AttributeError) as e:  # ml_collections: unknown field, with a hint
+    message = str(e.args[0] if e.args else e)
+  except (OSError, SyntaxError, ImportError, TypeError, ValueError) as e:
+    message = f"{type(e).__name__}: {e}"
+  if "--debug" in argv or os.environ.get("DFM_JAX_DEBUG", "") not in ("", "0"):
+    raise
+  print(f"error: {message.strip()}", file=sys.stderr)
+  print("Pass --helpfull to see the flags.", file=sys.stderr)
+  sys.exit(2)
+
+
 def run():
   logging.set_verbosity(logging.INFO)
   logging.get_absl_handler().addFilter(_QuietLibraries())
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":

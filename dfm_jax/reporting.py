@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any, Mapping
 
 import jax
 import numpy as np
+from etils import epath
 from PIL import Image
 
 
@@ -41,6 +41,32 @@ class MetricWriter:
       self._tb.add_images(key, value[None] if value.ndim == 3 else value, step,
                           dataformats="NHWC")
 
+  def write_text(self, step: int, texts: Mapping[str, str]):
+    """Markdown texts (e.g. the config and the parameter table) for TensorBoard's text tab."""
+    if self._tb is None:
+      return
+    for key, value in texts.items():
+      self._tb.add_text(key, value, step)
+
+  def write_hparams(self, config, metrics: Mapping[str, float]):
+    """The config's scalar fields as hyperparameters (TensorBoard's HParams tab)."""
+    if self._tb is None:
+      return
+    flat = {}
+
+    def walk(prefix, node):
+      for k, v in node.items():
+        if hasattr(v, "items"):
+          walk(f"{prefix}{k}.", v)
+        elif isinstance(v, (bool, int, float, str)):
+          flat[prefix + k] = v
+        elif isinstance(v, (tuple, list)):
+          flat[prefix + k] = str(tuple(v))
+
+    walk("", config)
+    self._tb.add_hparams(flat, {f"hparams/{k}": float(v) for k, v in metrics.items()},
+                         name=".")
+
   def flush(self):
     if self._tb is not None:
       self._tb.flush()
@@ -54,7 +80,7 @@ def create_writer(workdir: str) -> MetricWriter:
   """Logs and TensorBoard files on process 0; nothing on other processes."""
   if jax.process_index() != 0:
     return MetricWriter(None)
-  return MetricWriter(os.path.join(workdir, "tensorboard"))
+  return MetricWriter(str(epath.Path(workdir) / "tensorboard"))
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
@@ -78,9 +104,12 @@ def image_grid(images: np.ndarray, ncol: int, pad: int = 2) -> np.ndarray:
   return grid
 
 
-def save_png(path: str, image: np.ndarray, upscale: int = 1) -> None:
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+def save_png(path, image: np.ndarray, upscale: int = 1) -> None:
+  """Writes uint8 ``[H, W, C]`` as a PNG to a local or ``gs://`` path."""
+  path = epath.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
   img = Image.fromarray(np.asarray(image))
   if upscale > 1:
     img = img.resize((img.width * upscale, img.height * upscale), Image.NEAREST)
-  img.save(path)
+  with path.open("wb") as f:
+    img.save(f, format="PNG")

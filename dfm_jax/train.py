@@ -1,17 +1,17 @@
 """The training loop: sharded state, an ahead-of-time compiled step, checkpoints, logs, samples.
 
-Order of work: validate the config -> mesh -> abstract state and its shardings -> jit the
-initialiser with ``out_shardings`` -> restore the latest checkpoint (state and data position) if
-there is one -> compile the step and log its memory -> loop.
+Order of work: validate the config (``run.setup``) -> lock the workdir -> restore the newest
+intact checkpoint (state and data position; the config is checked against it before anything is
+written) or initialise directly into the shardings -> compile the step and log its memory ->
+loop. Every ``log_every`` steps the metrics averaged over the interval, the step time and the
+time spent waiting for data go to the log and TensorBoard.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import functools
+import datetime
 import json
 import logging
-import os
 import signal
 import time
 
@@ -19,96 +19,30 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from etils import epath
 from flax import nnx
 
-from dfm_jax import checkpoint, data as data_lib, decompose, dit, experiment, generate
-from dfm_jax import reporting, sharding
-from dfm_jax.train_state import StepSettings, create_train_state, make_optimizer, train_step
+from dfm_jax import checkpoint, data as data_lib, dit, reporting, sampling, sharding
+from dfm_jax import workdir_lock
+from dfm_jax.progress import format_eta
+from dfm_jax.run import Run, init_state, maybe_initialize_distributed, setup, write_json
+from dfm_jax.train_state import StepSettings, make_optimizer, train_step
+
+__all__ = ["NonFiniteError", "Preempted", "Run", "compile_step", "lower_step",
+           "maybe_initialize_distributed", "setup", "train"]
 
 
 class NonFiniteError(FloatingPointError):
   """Raised when a step produced a non-finite loss or gradient."""
 
 
-@dataclasses.dataclass
-class Run:
-  """What the loop, the sampler and the evaluator need about a run."""
-  config: ml_collections.ConfigDict
-  workdir: str
-  exp: experiment.Experiment
-  mesh: jax.sharding.Mesh
-  graphdef: nnx.GraphDef
-  abstract_state: nnx.State  # ShapeDtypeStruct leaves carrying their shardings
-  shardings: nnx.State
+class Preempted(Exception):
+  """SIGTERM or Ctrl-C: a checkpoint was saved at ``step``; re-running the command resumes."""
 
-  @property
-  def checkpoint_dir(self) -> str:
-    return os.path.join(self.workdir, "checkpoints")
-
-  def ema_graphdef(self) -> nnx.GraphDef:
-    return nnx.split(nnx.merge(self.graphdef, self.abstract_state).ema)[0]
-
-
-def maybe_initialize_distributed(config) -> None:
-  d = config.distributed
-  if not d.initialize:
-    return
-  kwargs = {}
-  if d.coordinator_address:
-    kwargs["coordinator_address"] = d.coordinator_address
-  if d.num_processes:
-    kwargs["num_processes"] = int(d.num_processes)
-  if d.process_id >= 0:
-    kwargs["process_id"] = int(d.process_id)
-  jax.distributed.initialize(**kwargs)
-
-
-def _stage_stats(config, exp, workdir) -> decompose.StageStats | None:
-  """Per-stage standardisation statistics, estimated once from data and stored in the workdir."""
-  if not config.decomposition.standardize:
-    return None
-  path = os.path.join(workdir, "stage_stats.json")
-  if os.path.exists(path):
-    with open(path) as f:
-      return decompose.StageStats.from_dict(json.load(f))
-  it = data_lib.make_train_iterator(config.data, global_batch_size=config.batch_size,
-                                    seed=config.seed + 1)
-  batches = (next(it)["image"] for _ in range(int(config.decomposition.stats_batches)))
-  stats = decompose.estimate_stats(exp.decomposition, batches)
-  checkpoint.save_json(path, stats.to_dict())
-  return stats
-
-
-def setup(config: ml_collections.ConfigDict, workdir: str, devices=None) -> Run:
-  """Validates the config and builds the mesh, the abstract state and its shardings.
-
-  ``devices`` defaults to all devices of all processes.
-  """
-  devices = list(devices) if devices is not None else jax.devices()
-  exp = experiment.from_config(config, len(devices))
-  exp = dataclasses.replace(
-      exp, decomposition=exp.decomposition.with_stats(_stage_stats(config, exp, workdir)))
-  mesh = sharding.make_mesh(experiment.mesh_shape(config, len(devices)), devices)
-  abstract = nnx.eval_shape(
-      lambda: create_train_state(exp, config.optim, config.total_steps, config.seed))
-  graphdef, abstract_state = nnx.split(abstract)
-  shardings = sharding.state_shardings(abstract_state, mesh, config.mesh.axis_rules)
-  abstract_state = jax.tree.map(
-      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings)
-  return Run(config, workdir, exp, mesh, graphdef, abstract_state, shardings)
-
-
-def init_state(run: Run) -> nnx.State:
-  """Initialises parameters directly into their shardings."""
-  config = run.config
-
-  @functools.partial(jax.jit, out_shardings=run.shardings)
-  def init():
-    state = create_train_state(run.exp, config.optim, config.total_steps, config.seed)
-    return nnx.split(state)[1]
-
-  with jax.set_mesh(run.mesh):
-    return init()
+  def __init__(self, step: int, signame: str):
+    super().__init__(f"{signame}: saved a checkpoint at step {step}; re-run the same command "
+                     "to resume")
+    self.step = step
 
 
 def compile_step(run: Run, local_batch_shape: dict):
@@ -150,18 +84,19 @@ def lower_step(run: Run, local_batch_shape: dict) -> jax.stages.Lowered:
 
 
 class _Signals:
-  """Turns SIGTERM into a flag the loop checks after each step."""
+  """Turns SIGTERM and Ctrl-C (SIGINT) into a flag the loop checks after each step."""
 
   def __init__(self):
-    self.terminate = False
-    self._previous = signal.signal(signal.SIGTERM, self._handle)
+    self.received: str | None = None
+    self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
 
   def _handle(self, signum, frame):
-    del signum, frame
-    self.terminate = True
+    del frame
+    self.received = signal.Signals(signum).name
 
   def restore(self):
-    signal.signal(signal.SIGTERM, self._previous)
+    for s, handler in self._previous.items():
+      signal.signal(s, handler)
 
 
 def _check_finite(pending: list[tuple[int, dict]]) -> None:
@@ -174,82 +109,161 @@ def _check_finite(pending: list[tuple[int, dict]]) -> None:
           f"was not applied and no checkpoint was written after it")
 
 
-def _format_eta(seconds: float) -> str:
-  seconds = int(max(seconds, 0))
-  h, rem = divmod(seconds, 3600)
-  m, s = divmod(rem, 60)
-  return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+def _interval_means(pending: list[tuple[int, dict]]) -> dict[str, float]:
+  """Each metric averaged over the steps of a logging interval."""
+  values = jax.device_get([m for _, m in pending])
+  return {k: float(np.mean([v[k] for v in values])) for k in values[0] if k != "nonfinite"}
+
+
+def _write_config(workdir: str, config) -> None:
+  """Writes ``config.json``; a different earlier config is kept as ``config.<time>.json``."""
+  if jax.process_index() != 0:
+    return
+  path = epath.Path(workdir) / "config.json"
+  new = json.loads(json.dumps(config.to_dict(), sort_keys=True, default=str))
+  if path.exists():
+    old = json.loads(path.read_text())
+    if old == new:
+      return
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    path.rename(path.parent / f"config.{stamp}.json")
+  write_json(path, new)
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> nnx.State:
-  """Trains (or resumes) to ``config.total_steps``; returns the final state."""
+  """Trains (or resumes) to ``config.total_steps``; returns the final state.
+
+  Raises :class:`Preempted` after saving when SIGTERM or Ctrl-C arrives, ``NonFiniteError`` on
+  a non-finite step and ``checkpoint.CheckpointSaveError`` when a save fails.
+  """
   run = setup(config, workdir, devices)
-  os.makedirs(workdir, exist_ok=True)
-  checkpoint.save_json(os.path.join(workdir, "config.json"), config.to_dict())
-  if jax.process_index() == 0:
-    logging.info("configuration:\n%s", config)
-    logging.info("model parameters:\n%s", dit.parameter_summary(
-        nnx.merge(run.graphdef, run.abstract_state).model))
+  lock = workdir_lock.acquire(workdir, process_index=jax.process_index())
+  try:
+    return _train_locked(run)
+  finally:
+    lock.release()
+
+
+def _train_locked(run: Run) -> nnx.State:
+  config, workdir = run.config, run.workdir
   data_iter = data_lib.make_train_iterator(
       config.data, global_batch_size=config.batch_size, seed=config.seed,
       process_index=jax.process_index(), process_count=jax.process_count())
   ckpt = checkpoint.Checkpointer(run.checkpoint_dir, keep=config.keep_checkpoints)
-  start = ckpt.latest_step()
-  if start is not None:
-    logging.info("resuming from checkpoint at step %d", start)
-    state = ckpt.restore(start, run.abstract_state, data_iter)
-    if start >= config.total_steps:
+  try:
+    start, state = ckpt.restore_latest(run.abstract_state, data_iter)
+    _write_config(workdir, config)  # only once the checkpoint accepted this config
+    if start is not None and start >= config.total_steps:
       logging.info("checkpoint step %d >= total_steps %d: nothing to train", start,
                    config.total_steps)
-      ckpt.close()
       return state
-  else:
-    start = 0
-    state = init_state(run)
+    if start is None:
+      start, state = 0, init_state(run)
+      state = _init_data_stats(run, state)
+    else:
+      logging.info("resuming from checkpoint at step %d", start)
+    return _loop(run, ckpt, data_iter, state, start)
+  finally:
+    ckpt.close()
+
+
+def _init_data_stats(run: Run, state: nnx.State) -> nnx.State:
+  """Sets the model's per-stage data statistics (preconditioning) from training batches."""
+  if not run.exp.model.precondition:
+    return state
+  from dfm_jax import precondition  # pylint: disable=g-import-not-at-top
+
+  config = run.config
+  it = data_lib.make_train_iterator(config.data, global_batch_size=config.batch_size,
+                                    seed=config.seed + 1)
+  batches = (next(it)["image"] for _ in range(int(config.decomposition.stats_batches)))
+  stats = precondition.stats_for_model(run.exp.decomposition, batches)
+  logging.info("per-stage data statistics for preconditioning: mean %s, std %s",
+               np.round(stats.mean, 4).tolist(), np.round(stats.std, 4).tolist())
+  train_state = nnx.merge(run.graphdef, state)
+  precondition.set_stats(train_state, stats)
+  return jax.device_put(nnx.split(train_state)[1], run.shardings)
+
+
+def _log_start(run: Run, writer: reporting.MetricWriter) -> None:
+  if jax.process_index() != 0:
+    return
+  model = nnx.merge(run.graphdef, run.abstract_state).model
+  summary = dit.parameter_summary(model)
+  logging.info("configuration:\n%s", run.config)
+  logging.info("model parameters:\n%s", summary)
+  writer.write_text(0, {"config": f"```\n{run.config}\n```", "parameters": f"```\n{summary}\n```"})
+  writer.write_hparams(run.config, {"parameters": dit.count_parameters(model)})
+
+
+def _loop(run: Run, ckpt: checkpoint.Checkpointer, data_iter, state, start: int) -> nnx.State:
+  config, workdir = run.config, run.workdir
+  t0 = time.time()
   first = next(data_iter)
   compiled = compile_step(run, {k: (v.shape, v.dtype) for k, v in first.items()})
   writer = reporting.create_writer(workdir)
-  sample_fn = generate.make_sample_fn(run.ema_graphdef(), run.exp, previews=True)
-  grid_labels = generate.class_cycle_labels(config.num_grid_samples, config.data.num_classes)
+  _log_start(run, writer)
+  sample_fn = sampling.make_sample_fn(run.ema_graphdef(), run.exp, previews=True)
+  grid_labels = sampling.class_cycle_labels(config.num_grid_samples, config.data.num_classes)
+  profile = tuple(int(v) for v in config.profile_steps)
   signals = _Signals()
   pending: list[tuple[int, dict]] = []
-  t_last, step_last = time.time(), start
+  data_wait, t_last, step_last = 0.0, time.time(), start
+  logging.info("compiled the train step in %.1f s", t_last - t0)
   batch_local = first
   try:
     for step in range(start, config.total_steps):
+      if profile and step + 1 == profile[0]:
+        jax.profiler.start_trace(str(epath.Path(workdir) / "profile"))
       if batch_local is None:
+        t_data = time.time()
         batch_local = next(data_iter)
+        data_wait += time.time() - t_data
       batch = sharding.global_batch(batch_local, run.mesh)
       batch_local = None
-      state, metrics = compiled(state, batch)
+      with jax.profiler.StepTraceAnnotation("train", step_num=step + 1):
+        state, metrics = compiled(state, batch)
       done = step + 1
       pending.append((done, metrics))
       last = done == config.total_steps
+      if profile and done == profile[-1]:
+        jax.block_until_ready(state)
+        jax.profiler.stop_trace()
+        logging.info("profiler trace of steps %d-%d written to %s/profile", *profile[:1],
+                     done, workdir)
       if config.stop_on_nonfinite and (done % config.log_every == 0 or last or
-                                       done % config.checkpoint_every == 0 or
-                                       signals.terminate):
+                                       done % config.checkpoint_every == 0 or signals.received):
         _check_finite(pending)
       if done % config.log_every == 0 or last:
+        jax.block_until_ready(metrics)
         now = time.time()
-        rate = (done - step_last) / max(now - t_last, 1e-9)
-        scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        scalars.update(steps_per_sec=rate, images_per_sec=rate * config.batch_size)
+        steps = done - step_last
+        elapsed = max(now - t_last, 1e-9)
+        scalars = _interval_means(pending)
+        scalars.update({"time/step_s": elapsed / steps, "time/data_wait_s": data_wait / steps,
+                        "steps_per_sec": steps / elapsed,
+                        "images_per_sec": steps * config.batch_size / elapsed})
         writer.write_scalars(done, scalars)
         if jax.process_index() == 0:
+          rate = steps / elapsed
           print(f"step {done}/{config.total_steps}  loss {scalars['loss']:.4f}  "
-                f"{rate:.2f} steps/s  {rate * config.batch_size:.0f} img/s  "
-                f"ETA {_format_eta((config.total_steps - done) / max(rate, 1e-9))}", flush=True)
-        t_last, step_last = now, done
+                f"{rate:.2f} steps/s  step {1e3 * elapsed / steps:.0f} ms (data "
+                f"{1e3 * data_wait / steps:.0f} ms)  ETA "
+                f"{format_eta((config.total_steps - done) / max(rate, 1e-9))}", flush=True)
+        t_last, step_last, data_wait = now, done, 0.0
         pending = []
-      if done % config.checkpoint_every == 0 or last or signals.terminate:
+      if done % config.checkpoint_every == 0 or last or signals.received:
         ckpt.save(done, state, data_iter)
+      ckpt.check()
       if done % config.sample_every == 0:
         _write_samples(run, sample_fn, state, grid_labels, done, writer)
-      if signals.terminate:
-        logging.warning("SIGTERM: saved a checkpoint at step %d, exiting", done)
-        break
+      if config.eval.every and done % int(config.eval.every) == 0:
+        _small_eval(run, state, done, writer)
+      if signals.received:
+        ckpt.wait()
+        logging.warning("%s: saved a checkpoint at step %d, exiting", signals.received, done)
+        raise Preempted(done, signals.received)
   finally:
-    ckpt.close()
     writer.flush()
     signals.restore()
   return state
@@ -259,12 +273,34 @@ def _write_samples(run: Run, sample_fn, state, labels, step: int, writer) -> Non
   key = jax.random.fold_in(jax.random.key(run.config.seed + 7), step)
   with jax.set_mesh(run.mesh):
     out = jax.device_get(sample_fn(state["ema"], key, jnp.asarray(labels)))
-  ncol = run.config.data.num_classes
-  folder = os.path.join(run.workdir, "samples")
-  if jax.process_index() == 0:
-    grid = generate.write_sample_grid(os.path.join(folder, f"step_{step:07d}.png"),
-                                      out["images"], ncol=ncol)
-    pv = out["previews"][:, :min(len(labels), ncol)]
-    preview = generate.write_preview_grid(
-        os.path.join(folder, f"step_{step:07d}_stages.png"), pv)
-    writer.write_images(step, {"samples": grid, "stage_previews": preview})
+  if jax.process_index() != 0:
+    return
+  config = run.config
+  ncol = sampling.grid_columns(len(labels), config.data.num_classes)
+  folder = epath.Path(run.workdir) / "samples"
+  grid = sampling.write_grid(folder / f"step_{step:07d}.png",
+                             sampling.to_display(out["images"], config), ncol)
+  pv = out["previews"][:, :min(len(labels), ncol)]
+  pictures = sampling.to_display(pv.reshape((-1,) + pv.shape[2:]), config)
+  preview = sampling.write_preview_grid(folder / f"step_{step:07d}_stages.png",
+                                        pictures.reshape(pv.shape[:2] + pictures.shape[1:]))
+  writer.write_images(step, {"samples": grid, "stage_previews": preview})
+
+
+def _small_eval(run: Run, state, step: int, writer) -> None:
+  """``eval.train_num_samples`` samples scored with the configured metrics, logged as eval/*."""
+  from dfm_jax.evaluation import evaluate  # pylint: disable=g-import-not-at-top
+
+  config = run.config
+  num = int(config.eval.train_num_samples)
+  sample_fn = sampling.make_sample_fn(run.ema_graphdef(), run.exp)
+  labels = sampling.class_cycle_labels(num, config.data.num_classes)
+  with jax.set_mesh(run.mesh):
+    samples = sampling.generate(sample_fn, state["ema"], jax.random.key(config.seed + 3), labels,
+                                int(config.eval.batch_size))
+  if jax.process_index() != 0:
+    return
+  result = evaluate.score_samples(config, samples, labels, progress=False)
+  numbers = {f"eval/{k}": v for k, v in result.items()
+             if isinstance(v, (int, float)) and v is not None and not k.startswith("num_")}
+  writer.write_scalars(step, numbers)

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from dfm_jax import dit, flow
+from dfm_jax import dit
 from dfm_jax.experiment import Experiment
 
 
@@ -68,13 +68,12 @@ def train_step(graphdef: nnx.GraphDef, state: nnx.State, batch: dict[str, jax.Ar
   good state intact.
   """
   ts = nnx.merge(graphdef, state)
-  stages = exp.decomposition.split(batch["image"])
+  method = exp.method
 
   def loss_fn(model):
-    return flow.dfm_training_loss(
-        lambda *args: model(*args), key, stages, batch["label"], exp.timesteps,
-        null_label=exp.null_label, label_dropout=settings.label_dropout,
-        stage_weights=settings.stage_weights)
+    return method.loss(model, key, batch["image"], batch["label"],
+                       label_dropout=settings.label_dropout,
+                       stage_weights=settings.stage_weights)
 
   (loss, metrics), grads = nnx.value_and_grad(loss_fn, has_aux=True)(ts.model)
   grad_norm = optax.tree.norm(grads)
@@ -90,8 +89,3 @@ def train_step(graphdef: nnx.GraphDef, state: nnx.State, batch: dict[str, jax.Ar
   metrics = dict(metrics, grad_norm=grad_norm, learning_rate=lr_schedule(step),
                  nonfinite=(~finite).astype(jnp.int32))
   return new, metrics
-
-
-def make_velocity_fn(model: dit.DFMDiT):
-  """Adapts a model to the sampler's ``velocity_fn(inputs, t, labels, stage_index)``."""
-  return lambda inputs, t, labels, stage_index: model(inputs, t, labels, stage_index)

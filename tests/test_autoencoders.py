@@ -27,12 +27,11 @@ KL_FILES = {"sd": "kl_sd_tiny_diffusers.safetensors", "sdxl": "kl_sd_tiny_diffus
 # Max abs error allowed against the float64 references (values are O(1); measured <= 5e-6).
 ATOL = 1e-4
 
-needs_taef2 = pytest.mark.skipif(not (TAEF2_DIR / "taef2_encoder.pth").is_file(),
-                                 reason=f"TAEF2 weights not found in {TAEF2_DIR}")
-
-
 @pytest.fixture(scope="module")
 def taef2():
+  assert (TAEF2_DIR / "taef2_encoder.pth").is_file(), (
+      f"TAEF2 weights not found in {TAEF2_DIR} (shared/weights/taef2 beside the repository, or "
+      "$DFM_JAX_TAEF2_DIR)")
   return build("taef2", TAEF2_DIR)
 
 
@@ -49,7 +48,6 @@ def test_registry_lists_both_families_and_rejects_unknown_names():
     build("sd", None, block_out_channel=(8, 16))
 
 
-@needs_taef2
 def test_taef2_matches_reference_on_real_weights(taef2):
   ref = np.load(FIXTURES / "taef2_parity.npz")
   images = ref["images"].astype(np.float32) / 127.5 - 1
@@ -61,8 +59,6 @@ def test_taef2_matches_reference_on_real_weights(taef2):
                              np.clip(2 * ref["decoded"] - 1, -1, 1), rtol=0, atol=2 * ATOL)
 
 
-@needs_taef2
-@pytest.mark.skipif(not FASHION.is_file(), reason="Debian's dataset-fashion-mnist not installed")
 def test_taef2_reconstructs_real_images(taef2):
   """16 Fashion-MNIST test images, bicubic 28 -> 64, grey -> RGB: measured 29.5 dB mean PSNR
   (1,024 images: 29.5 dB mean, 27.1 dB 5th percentile; MNIST-5k: 30.9 dB)."""
@@ -77,7 +73,6 @@ def test_taef2_reconstructs_real_images(taef2):
   assert psnr.min() > 22.0, psnr
 
 
-@needs_taef2
 def test_taesd_file_of_another_architecture_gives_one_clear_error():
   with pytest.raises(ValueError) as err:
     build("taesd", TAEF2_DIR / "taef2_encoder.pth")

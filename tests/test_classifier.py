@@ -1,13 +1,13 @@
 """The metric CNN: held-out accuracy, Frechet distance sanity, cache round trip, determinism."""
 
 import copy
-import gzip
 from pathlib import Path
 
 import numpy as np
 import pytest
 import scipy.ndimage
 
+from dfm_jax.data import load_idx_dataset, load_mnist5k, pad_to
 from dfm_jax.evaluation import classifier as C
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -16,7 +16,8 @@ FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 @pytest.fixture(scope="module")
 def digits():
     """4,000 training and 1,000 held-out digits; the file is sorted by label, so shuffle first."""
-    x, y = C._load_mnist_5k()
+    x, y = load_mnist5k()
+    x = pad_to(x, 32)
     perm = np.random.default_rng(0).permutation(len(x))
     train, test = perm[:4000], perm[4000:]
     return x[train], y[train], x[test], y[test]
@@ -93,20 +94,10 @@ def test_training_is_deterministic(digits):
     np.testing.assert_array_equal(a.features(x_test[:100]), b.features(x_test[:100]))
 
 
-def _read_idx(path: Path) -> np.ndarray:
-    with gzip.open(path) as f:
-        raw = f.read()
-    ndim = raw[3]
-    shape = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
-    return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(shape)
-
-
 @pytest.mark.integration
-@pytest.mark.skipif(not FASHION_DIR.exists(), reason="needs Debian package dataset-fashion-mnist")
 def test_fashion_mnist_accuracy(cache):
-    x = C.pad_to_32(_read_idx(FASHION_DIR / "train-images-idx3-ubyte.gz"))
-    y = _read_idx(FASHION_DIR / "train-labels-idx1-ubyte.gz")
-    x_test = C.pad_to_32(_read_idx(FASHION_DIR / "t10k-images-idx3-ubyte.gz"))
-    y_test = _read_idx(FASHION_DIR / "t10k-labels-idx1-ubyte.gz")
+    x, y = load_idx_dataset(str(FASHION_DIR / "train-images-idx3-ubyte.gz"))
+    x_test, y_test = load_idx_dataset(str(FASHION_DIR / "t10k-images-idx3-ubyte.gz"))
+    x, x_test = pad_to(x, 32), pad_to(x_test, 32)
     clf = C.get_classifier("fashion_mnist", x, y)
     assert clf.accuracy(x_test, y_test) >= 0.88

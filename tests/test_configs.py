@@ -40,5 +40,17 @@ def test_config_validates_and_twin_has_equal_compute(name, arg):
 
 
 def test_unknown_config_argument_is_named():
-  with pytest.raises(ValueError, match="'dfm' or 'fm'"):
+  with pytest.raises(ValueError, match=r"unknown config variant\(s\) \['flow'\]"):
     load("fashion_mnist.py", "flow")
+
+
+@pytest.mark.parametrize("name", ["default.py", "fashion_mnist.py", "imagenet512.py",
+                                  "imagenet1024.py"])
+def test_runlocal_variant_is_tiny_and_keeps_the_stages(name):
+  full = experiment.from_config(load(name, "dfm"), num_devices=1, check_data=False)
+  for arg in ("runlocal", "fm,runlocal"):
+    small = experiment.from_config(load(name, arg), num_devices=1, check_data=False)
+    assert small.model.depth == 1 and small.model.hidden_size == 32
+    if arg == "runlocal":
+      assert small.model.stage_shapes == full.model.stage_shapes
+  assert load(name, "fm,runlocal").method == "fm"

@@ -112,7 +112,12 @@ def test_loader_reports_mismatches(tiny_config):
     with pytest.raises(KeyError, match=r"missing keys blocks\.2\."):
         D.dinov2_from_state_dict(state, "vits14")
     with pytest.raises(ValueError, match="unknown DINOv2 architecture"):
-        D.dinov2_from_state_dict(state, "vitl14")
+        D.dinov2_from_state_dict(state, "vitg14")
+    with pytest.raises(ValueError, match="no DINOv2 architecture has width"):
+        D.infer_architecture(state)  # the tiny test network is none of the official sizes
+    assert D.infer_architecture(
+        {"cls_token": np.zeros((1, 1, 1024)), **{f"blocks.{i}.norm1.weight": 0 for i in range(24)}}
+    ) == "vitl14"
 
 
 @pytest.mark.parametrize("size", [32, 300])

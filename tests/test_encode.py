@@ -16,12 +16,14 @@ from PIL import Image
 
 from dfm_jax import config_defaults
 from dfm_jax import data as D
-from dfm_jax import encode
+from dfm_jax import autoencoders, encode
 from dfm_jax.data import latent_shards as LS
 from dfm_jax.data.transforms import to_unit_range
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TAEF2 = "/work/shared/weights/taef2"
+TAEF2 = os.environ.get("DFM_JAX_TAEF2_DIR") or os.path.join(
+    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "shared",
+    "weights", "taef2")
 
 
 class PoolAE(nnx.Module):
@@ -149,13 +151,13 @@ def test_bad_settings_are_one_clear_error(image_folder, tmp_path, change, messag
 def test_autoencoder_block_is_checked():
   c = config_defaults.base_config()
   with pytest.raises(ValueError, match="autoencoder.kind is empty"):
-    encode.build_autoencoder(c.autoencoder)
+    autoencoders.from_config(c.autoencoder)
   c.autoencoder.kind = "taef2"
   with pytest.raises(ValueError, match="autoencoder.weights is empty"):
-    encode.build_autoencoder(c.autoencoder)
+    autoencoders.from_config(c.autoencoder)
   c.autoencoder.weights = "/nonexistent/taef2"
   with pytest.raises(FileNotFoundError, match="does not exist"):
-    encode.build_autoencoder(c.autoencoder)
+    autoencoders.from_config(c.autoencoder)
 
 
 def test_encode_data_block_takes_precedence():
@@ -170,7 +172,6 @@ def test_encode_data_block_takes_precedence():
 # ---------------------------------------------------------------------------------------------
 # The real TAEF2 weights, end to end (seconds per hundred 64x64 images on a CPU).
 
-needs_taef2 = pytest.mark.skipif(not os.path.isdir(TAEF2), reason="no TAEF2 weights")
 
 
 def mnist_config(resolution: int):
@@ -181,11 +182,10 @@ def mnist_config(resolution: int):
 
 
 @pytest.mark.integration
-@needs_taef2
 def test_taef2_shards_train_like_a_direct_encoding(tmp_path):
   c = mnist_config(64)
   out = str(tmp_path / "mnist_taef2")
-  ae = encode.build_autoencoder(c.autoencoder)
+  ae = autoencoders.from_config(c.autoencoder)
   meta = encode.encode_dataset(c, out, num_examples=200, shard_size=64, autoencoder=ae)
   assert meta["count"] == 200 and meta["latent_shape"] == [8, 8, 32]
   assert meta["autoencoder"]["kind"] == "taef2" and len(meta["shards"]) == 4
@@ -238,7 +238,6 @@ def _run(cmd):
 
 
 @pytest.mark.integration
-@needs_taef2
 def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
   straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
   proc = _run(_command(straight, "--flip"))

@@ -64,6 +64,10 @@ def test_nonfinite_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path)
                        flow__stage_probs=(0.5, 0.5), sampler__steps_per_stage=(2, 1),
                        sampler__thresholds=(0.5,))
   workdir = str(tmp_path / "run")
+  # With preconditioning the NaN already stops the run at the data statistics, before step 1.
+  with pytest.raises(ValueError, match="data statistics must be finite"):
+    train.train(config, str(tmp_path / "precond"), devices=jax.devices()[:1])
+  config.model.precondition = False
   with pytest.raises(train.NonFiniteError, match=r"non-finite loss .*at step (\d+)") as err:
     train.train(config, workdir, devices=jax.devices()[:1])
   bad_step = int(err.value.args[0].split("at step ")[1].split()[0])

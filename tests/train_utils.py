@@ -1,4 +1,5 @@
-"""Helpers shared by the training tests: a tiny config and checkpoint readers."""
+"""Helpers shared by the training tests: the default config's ``runlocal`` variant (tiny sizes,
+seconds per run), the command line and checkpoint readers."""
 
 import os
 import subprocess
@@ -11,28 +12,20 @@ import orbax.checkpoint as ocp
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-# Shrinks configs/default.py to seconds per run.
-TINY = {
-    "total_steps": 6, "batch_size": 8, "log_every": 2, "checkpoint_every": 2,
-    "sample_every": 1000, "num_grid_samples": 10, "keep_checkpoints": 10,
-    "model.hidden_size": 32, "model.depth": 1, "model.num_heads": 2,
-    "optim.warmup_steps": 2, "sampler.steps_per_stage": (2, 1, 1),
-    "sampler.num_samples": 12, "sampler.batch_size": 6,
-}
+CONFIG = "configs/default.py:runlocal"
 
 
 def tiny_flags(**extra) -> list[str]:
-  """``--config.FIELD=VALUE`` flags for the tiny config (plus ``extra``; dots as ``__``)."""
-  values = dict(TINY, **{k.replace("__", "."): v for k, v in extra.items()})
-  return [f"--config.{k}={v}" for k, v in values.items()]
+  """``--config.FIELD=VALUE`` flags for ``extra`` (dots as ``__``) on top of runlocal."""
+  return [f"--config.{k.replace('__', '.')}={v}" for k, v in extra.items()]
 
 
 def tiny_config(**extra):
-  """The tiny config as a ConfigDict, for in-process tests."""
+  """The default config's runlocal variant as a ConfigDict (plus ``extra``), in-process."""
   sys.path.insert(0, os.path.join(REPO, "configs"))
   import default  # pylint: disable=g-import-not-at-top
-  c = default.get_config()
-  for key, value in dict(TINY, **{k.replace("__", "."): v for k, v in extra.items()}).items():
+  c = default.get_config("runlocal")
+  for key, value in {k.replace("__", "."): v for k, v in extra.items()}.items():
     node = c
     *parents, leaf = key.split(".")
     for p in parents:
@@ -42,7 +35,7 @@ def tiny_config(**extra):
 
 
 def main_command(workdir: str, *args: str) -> list[str]:
-  return [sys.executable, "-m", "dfm_jax.main", "--config=configs/default.py",
+  return [sys.executable, "-m", "dfm_jax.main", f"--config={CONFIG}",
           f"--workdir={workdir}", *args]
 
 

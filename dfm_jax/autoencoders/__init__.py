@@ -39,7 +39,7 @@ from dfm_jax.autoencoders.base import AUTOENCODERS, Autoencoder
 from dfm_jax.autoencoders import kl as kl  # noqa: F401  (registers the KL family)
 from dfm_jax.autoencoders import taesd as taesd  # noqa: F401  (registers the TAESD family)
 
-__all__ = ["AUTOENCODERS", "Autoencoder", "build"]
+__all__ = ["AUTOENCODERS", "Autoencoder", "build", "decode_batched", "from_config"]
 
 
 def build(kind: str, weights_path: str | os.PathLike | None, **options) -> Autoencoder:
@@ -55,3 +55,35 @@ def build(kind: str, weights_path: str | os.PathLike | None, **options) -> Autoe
     ValueError: an unknown `kind` (listing the known names), or weights that do not fit.
   """
   return AUTOENCODERS.get(kind)(weights_path, **options)
+
+
+def from_config(ae_config) -> Autoencoder:
+  """The autoencoder of a config's ``autoencoder`` block (``kind``, ``weights``, ``scale``,
+  ``shift``); ValueError / FileNotFoundError naming the field when it is incomplete."""
+  kind = ae_config.get("kind", "")
+  if not kind:
+    raise ValueError("autoencoder.kind is empty; name the autoencoder, e.g. "
+                     "--config.autoencoder.kind=taef2 --config.autoencoder.weights=DIR")
+  weights = ae_config.get("weights", "")
+  if not weights:
+    raise ValueError(f"autoencoder.weights is empty; give the {kind} weight file or folder")
+  if not os.path.exists(weights):
+    raise FileNotFoundError(f"autoencoder.weights: {weights!r} does not exist")
+  options = {k: float(ae_config[k]) for k in ("scale", "shift") if ae_config.get(k) is not None}
+  return build(kind, weights, **options)
+
+
+def decode_batched(ae: Autoencoder, latents, batch_size: int = 32):
+  """Model-space latents ``[N, h, w, C]`` -> float32 numpy images ``[N, H, W, 3]`` in [-1, 1],
+  decoded ``batch_size`` at a time (the last batch padded, so one program serves all)."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  latents = np.asarray(latents, np.float32)
+  out = []
+  for start in range(0, len(latents), batch_size):
+    chunk = latents[start:start + batch_size]
+    pad = batch_size - len(chunk)
+    if pad:
+      chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], np.float32)])
+    out.append(np.asarray(ae.decode(chunk))[:batch_size - pad])
+  return np.concatenate(out)

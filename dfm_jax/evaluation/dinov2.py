@@ -57,6 +57,8 @@ class DinoV2Config:
 CONFIGS = {
     "vits14": DinoV2Config(embed_dim=384, depth=12, num_heads=6),
     "vitb14": DinoV2Config(embed_dim=768, depth=12, num_heads=12),
+    # FD-DINOv2 (dgm-eval, Stein et al. 2023) uses ViT-L/14.
+    "vitl14": DinoV2Config(embed_dim=1024, depth=24, num_heads=16),
 }
 
 
@@ -307,14 +309,26 @@ def _summary(keys: list[str], limit: int = 12) -> str:
     return ", ".join(keys[:limit]) + more
 
 
-def load_dinov2(path: str | os.PathLike, config: DinoV2Config | str) -> DinoV2:
-    """Load an official DINOv2 checkpoint file, e.g. ``dinov2_vits14_pretrain.pth``.
+def infer_architecture(state_dict: Mapping[str, np.ndarray]) -> str:
+    """The name in `CONFIGS` whose width and depth match an official state dict."""
+    width = int(np.asarray(state_dict["cls_token"]).shape[-1]) if "cls_token" in state_dict else 0
+    depth = len({k.split(".")[1] for k in state_dict if k.startswith("blocks.")})
+    for name, cfg in CONFIGS.items():
+        if (cfg.embed_dim, cfg.depth) == (width, depth):
+            return name
+    raise ValueError(f"no DINOv2 architecture has width {width} and depth {depth}; supported: "
+                     + ", ".join(f"{n} ({c.embed_dim}x{c.depth})" for n, c in CONFIGS.items()))
 
-    Example: ``load_dinov2("dinov2_vits14_pretrain.pth", "vits14")``. `config` is ``"vits14"``,
-    ``"vitb14"`` or a `DinoV2Config`. Key and shape mismatches raise (see
-    `dinov2_from_state_dict`).
+
+def load_dinov2(path: str | os.PathLike, config: DinoV2Config | str | None = None) -> DinoV2:
+    """Load an official DINOv2 checkpoint file, e.g. ``dinov2_vitl14_pretrain.pth``.
+
+    Example: ``load_dinov2("dinov2_vits14_pretrain.pth", "vits14")``. `config` is a name in
+    `CONFIGS`, a `DinoV2Config`, or ``None`` to infer it from the file. Key and shape mismatches
+    raise (see `dinov2_from_state_dict`).
     """
-    return dinov2_from_state_dict(load_torch_file(path), config)
+    state = load_torch_file(path)
+    return dinov2_from_state_dict(state, config or infer_architecture(state))
 
 
 def preprocess_for_fdd(images_uint8: jax.Array) -> jax.Array:
@@ -358,9 +372,15 @@ def dinov2_features(model: DinoV2, images_uint8: np.ndarray, batch_size: int = 6
     return np.concatenate(outs)
 
 
+def frechet_distance_of_features(fake: np.ndarray, real: np.ndarray) -> float:
+    """Frechet distance between Gaussians fitted to two feature sets [N, D] and [M, D]."""
+    mu_f, sigma_f = feature_statistics(fake)
+    mu_r, sigma_r = feature_statistics(real)
+    return float(frechet_distance(mu_f, sigma_f, mu_r, sigma_r))
+
+
 def dinov2_frechet_distance(model: DinoV2, fake_uint8: np.ndarray, real_uint8: np.ndarray,
                             batch_size: int = 64) -> float:
     """FDD: Frechet distance between Gaussians fitted to DINOv2 CLS features of two image sets."""
-    mu_f, sigma_f = feature_statistics(dinov2_features(model, fake_uint8, batch_size))
-    mu_r, sigma_r = feature_statistics(dinov2_features(model, real_uint8, batch_size))
-    return float(frechet_distance(mu_f, sigma_f, mu_r, sigma_r))
+    return frechet_distance_of_features(dinov2_features(model, fake_uint8, batch_size),
+                                        dinov2_features(model, real_uint8, batch_size))

@@ -144,7 +144,8 @@ def extract_features(images_uint8, batch_size: int = 50, params=None, progress: 
     return np.concatenate(pools), (np.concatenate(logits) if logits else None)
 
 
-def _stats_path(key: str) -> Path:
+def reference_path(key: str) -> Path:
+    """Where the reference statistics cached under ``key`` live."""
     if not _KEY_PATTERN.match(key):
         raise ValueError(f"reference key {key!r} must match {_KEY_PATTERN.pattern}")
     return weights.cache_dir() / "fid_stats" / f"{key}.npz"
@@ -159,7 +160,7 @@ def reference_statistics(key: str, real_uint8=None, batch_size: int = 50, params
     Returns:
       dict with ``mu`` ``[2048]``, ``sigma`` ``[2048, 2048]``, ``features`` ``[N, 2048]``, ``num``.
     """
-    path = _stats_path(key)
+    path = reference_path(key)
     if path.is_file():
         with np.load(path, allow_pickle=False) as data:
             return {k: data[k] for k in ("mu", "sigma", "features")} | {"num": int(data["num"])}

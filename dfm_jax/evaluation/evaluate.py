@@ -1,0 +1,84 @@
+"""``--mode=eval`` and the optional small evaluation during training: sample from the EMA
+weights, score with the metrics of ``config.eval.metrics`` (see ``scores.py``), and write
+``workdir/eval/<tag>.json``.
+
+The sampler settings (steps per stage, thresholds, solver, per-stage cfg scales and guidance
+intervals) come from ``config.sampler`` and can be overridden on the command line, e.g.
+``--config.sampler.cfg_scale=1.5``. Latent runs are scored in pixel space: samples are decoded by
+the config's autoencoder and compared with ``eval.reference`` (a pixel data block).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+
+import jax
+import ml_collections
+import numpy as np
+from etils import epath
+
+from dfm_jax import data as data_lib, sampling
+from dfm_jax.evaluation import scores
+
+
+def reference_key(config) -> str:
+  """Cache key of the reference set's Inception statistics (data set, split, size, crop)."""
+  d = scores.reference_data(config)
+  name = d.tfds_name if d.source == "tfds" else os.path.basename(str(d.path)) or d.source
+  return (f"{d.source}-{name}-{config.eval.real_split}-{d.resolution}px-{d.channels}ch-"
+          f"{d.crop}-{config.eval.num_real}")
+
+
+def load_reference(config) -> np.ndarray:
+  """``eval.num_real`` uint8 reference pictures ``[M, H, W, C]`` (deterministic choice)."""
+  data = scores.reference_data(config)
+  if not data_lib.source_class(data).pixels:
+    raise ValueError("eval needs pixel reference images: set eval.reference to a pixel data "
+                     "block (e.g. --config.eval.reference.source=folder "
+                     "--config.eval.reference.path=DIR) for a latent run")
+  images, _ = data_lib.load_images(data, int(config.eval.num_real),
+                                   split=config.eval.real_split, seed=1)
+  return images
+
+
+def score_samples(config, samples: np.ndarray, labels: np.ndarray,
+                  metrics: list[scores.Metric] | None = None, progress: bool = True) -> dict:
+  """Scores samples in the data space (decoded for latent runs); returns the metrics dict."""
+  metrics = scores.active_metrics(config) if metrics is None else metrics
+  ctx = scores.EvalContext(config, sampling.to_display(samples, config), labels,
+                           lambda: load_reference(config), ref_key=reference_key(config),
+                           progress=progress)
+  return scores.evaluate(ctx, metrics)
+
+
+def eval_tag(step: int, s) -> str:
+  def join(v):
+    return "-".join(f"{x:g}" for x in np.ravel(v))
+
+  return (f"step{step}_cfg{join(s.cfg_scale)}_steps{'-'.join(map(str, s.steps_per_stage))}"
+          f"_tau{'-'.join(f'{t:g}' for t in s.thresholds) or 'none'}_{s.solver}")
+
+
+def eval_mode(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Samples ``config.eval.num_samples`` items and scores them; returns the metrics dict."""
+  problems = scores.check_metrics_config(config)
+  if problems:
+    raise ValueError("invalid configuration:\n  - " + "\n  - ".join(problems))
+  start = time.time()
+  run, ema, step = sampling.restore_ema(config, workdir, int(config.sampler.checkpoint_step))
+  samples, labels = sampling.sample_images(run, ema, int(config.eval.num_samples),
+                                           int(config.eval.batch_size), config.seed + 2)
+  sample_seconds = time.time() - start
+  metrics = score_samples(config, samples, labels)
+  s = config.sampler
+  result = dict(metrics, step=step, sample_seconds=sample_seconds, sampler=s.to_dict())
+  if jax.process_index() == 0:
+    path = epath.Path(workdir) / "eval" / (eval_tag(step, s) + ".json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2, default=str))
+    logging.info("eval at step %d -> %s", step, path)
+    print(json.dumps({k: v for k, v in result.items() if k != "sampler"}, default=str))
+  return result

@@ -1,0 +1,11 @@
+"""Training methods: a training objective and its sampler, registered by name in
+:data:`METHODS` and chosen by ``config.method``.
+
+- ``dfm``: Decomposable Flow Matching (Algorithm 1 of the paper and its stage-scheduled sampler).
+- ``fm``: plain flow matching, the paper's baseline: the same model and code with one stage.
+"""
+
+from dfm_jax.methods import dfm, fm  # noqa: F401  (registers the methods)
+from dfm_jax.methods.base import METHODS, Method
+
+__all__ = ["METHODS", "Method"]

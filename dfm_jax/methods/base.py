@@ -1,0 +1,59 @@
+"""The method interface: what training and sampling need from an objective.
+
+A method owns its training loss (``loss``) and its sampler (``sample``) for the project's
+shared model, data, sharding, checkpointing and evaluation. Register a new one with
+``@METHODS.register("name")`` and select it with ``--config.method=name``.
+
+Time convention: t = 0 noise, t = 1 data.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import TYPE_CHECKING, Any
+
+import jax
+
+from dfm_jax.registry import Registry
+
+if TYPE_CHECKING:
+  from dfm_jax.experiment import Experiment
+  from dfm_jax.sampler import SamplerConfig
+
+METHODS: Registry = Registry("method")
+
+
+class Method(abc.ABC):
+  """A training objective and its sampler, bound to an :class:`Experiment`."""
+
+  def __init__(self, exp: "Experiment"):
+    self.exp = exp
+
+  @classmethod
+  def check_config(cls, config) -> list[str]:
+    """Problems with ``config`` for this method (empty when it fits)."""
+    del config
+    return []
+
+  @abc.abstractmethod
+  def loss(self, model, key: jax.Array, data: jax.Array, labels: jax.Array, *,
+           label_dropout: float, stage_weights=None) -> tuple[jax.Array, dict[str, Any]]:
+    """One Monte-Carlo estimate of the training loss.
+
+    Args:
+      model: the network (e.g. ``dit.DFMDiT``).
+      key: PRNG key for timesteps, noise and label dropout.
+      data: a clean batch ``[B, H, W, C]`` (or ``[B, T, H, W, C]``) in the data space.
+      labels: int ``[B]``.
+    Returns:
+      (scalar loss, metrics dict of scalars).
+    """
+
+  @abc.abstractmethod
+  def sample(self, model, key: jax.Array, labels: jax.Array, sampler_cfg: "SamplerConfig",
+             previews: bool = False) -> dict[str, Any]:
+    """Samples from noise to data; traceable (the caller jits it).
+
+    Returns a dict with ``images`` ``[B, H, W, C]`` in the data space, ``nfe`` (int32 model
+    passes) and, with ``previews``, ``previews`` ``[S, B, H, W, C]`` (coarse to fine).
+    """

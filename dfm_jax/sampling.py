@@ -1,0 +1,210 @@
+"""Sampling from a run: the one path used by ``--mode=sample``, ``--mode=eval``, the periodic
+grids during training and the notebook.
+
+``restore_ema`` rebuilds a run from its config and checkpoint (no training data needed),
+``make_sample_fn`` compiles the method's sampler once per batch size, ``generate`` samples in
+batches with progress, and ``to_display`` turns samples into uint8 pictures (latents decoded by
+the config's autoencoder, or shown as a channel projection when there is none).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from etils import epath
+from flax import nnx
+
+from dfm_jax import checkpoint, reporting
+from dfm_jax.experiment import Experiment
+from dfm_jax.progress import Progress
+from dfm_jax.run import Run, setup
+from dfm_jax.sampler import SamplerConfig
+
+GRID_MAX = 100  # samples shown in a sample-mode grid; the .npz holds them all
+
+
+def make_sample_fn(graphdef: nnx.GraphDef, exp: Experiment,
+                   sampler_cfg: SamplerConfig | None = None, previews: bool = False) -> Callable:
+  """Returns jitted ``fn(model_state, key, labels [B]) -> dict`` (see ``Method.sample``).
+
+  The whole sampling loop compiles once per batch size. ``images`` come back in the data space
+  (``[-1, 1]`` for pixels, the model's latent space for latents).
+  """
+  cfg = sampler_cfg or exp.sampler
+  method = exp.method
+
+  @jax.jit
+  def sample_fn(model_state, key, labels):
+    model = nnx.merge(graphdef, model_state)
+    return method.sample(model, key, labels, cfg, previews=previews)
+
+  return sample_fn
+
+
+def class_cycle_labels(num: int, num_classes: int) -> np.ndarray:
+  """Labels ``0, 1, ..., num_classes - 1, 0, 1, ...`` (int32 ``[num]``)."""
+  return (np.arange(num) % num_classes).astype(np.int32)
+
+
+def generate(sample_fn: Callable, model_state, key: jax.Array, labels: np.ndarray,
+             batch_size: int, progress: Progress | None = None) -> np.ndarray:
+  """Samples ``len(labels)`` items in batches; returns float32 ``[N, ...]`` on the host."""
+  out = []
+  for i in range(0, len(labels), batch_size):
+    chunk = labels[i:i + batch_size]
+    pad = batch_size - len(chunk)
+    padded = np.concatenate([chunk, np.zeros(pad, np.int32)]) if pad else chunk
+    result = sample_fn(model_state, jax.random.fold_in(key, i), jnp.asarray(padded))
+    out.append(np.asarray(jax.device_get(result["images"]))[:len(chunk)])
+    if progress is not None:
+      progress.update(len(chunk))
+  return np.concatenate(out)
+
+
+def restore_ema(config: ml_collections.ConfigDict, workdir: str, step: int = -1
+                ) -> tuple[Run, nnx.State, int]:
+  """``(run, ema_state, step)`` from the latest (``step = -1``) or the given checkpoint.
+
+  Reads no training data: the run is validated without the data block.
+  """
+  run = setup(config, workdir, check_data=False)
+  ckpt = checkpoint.Checkpointer(run.checkpoint_dir, keep=config.keep_checkpoints,
+                                 async_save=False)
+  try:
+    available = ckpt.all_steps()
+    if not available:
+      raise FileNotFoundError(f"no checkpoint in {run.checkpoint_dir}: train first "
+                              f"(python -m dfm_jax.main --mode=train ...)")
+    if step >= 0 and step not in available:
+      raise ValueError(f"no checkpoint at step {step} in {run.checkpoint_dir}; available: "
+                       f"{sorted(available)}")
+    if step < 0:
+      step, state = ckpt.restore_latest(run.abstract_state)
+    else:
+      state = ckpt.restore(step, run.abstract_state)
+  finally:
+    ckpt.close()
+  return run, state["ema"], step
+
+
+def sample_images(run: Run, ema_state, num: int, batch_size: int, seed: int,
+                  sampler_cfg: SamplerConfig | None = None, what: str = "sampling"
+                  ) -> tuple[np.ndarray, np.ndarray]:
+  """``num`` class-cycled samples ``[N, ...]`` in the data space and their labels ``[N]``."""
+  sample_fn = make_sample_fn(run.ema_graphdef(), run.exp, sampler_cfg)
+  labels = class_cycle_labels(num, run.config.data.num_classes)
+  progress = Progress(num, what, enabled=jax.process_index() == 0)
+  with jax.set_mesh(run.mesh):
+    images = generate(sample_fn, ema_state, jax.random.key(seed), labels, batch_size, progress)
+  return images, labels
+
+
+def channel_projection(latents: np.ndarray) -> np.ndarray:
+  """Latents ``[N, h, w, c]`` -> uint8 ``[N, h, w, 3]`` (``[N, h, w, 1]`` for one channel).
+
+  The first three channels (or the only one), each stretched per sample from its 1st to 99th
+  percentile onto [0, 255]. A look at the structure of latents, not a decoding.
+  """
+  x = np.asarray(latents, np.float32)[..., :3]
+  lo = np.percentile(x, 1, axis=(1, 2), keepdims=True)
+  hi = np.percentile(x, 99, axis=(1, 2), keepdims=True)
+  y = (x - lo) / np.maximum(hi - lo, 1e-6)
+  out = np.clip(np.round(y * 255), 0, 255).astype(np.uint8)
+  return out[..., :1] if out.shape[-1] == 2 else out
+
+
+def to_display(samples: np.ndarray, config) -> np.ndarray:
+  """Samples in the data space -> uint8 pictures ``[N, H, W, C]``.
+
+  Pixels in [-1, 1] are quantised; latents are decoded by ``config.autoencoder`` when the config
+  names one, otherwise shown through :func:`channel_projection`.
+  """
+  from dfm_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+
+  if data_lib.source_class(config.data).pixels:
+    return reporting.to_uint8(samples)
+  autoencoder = config.get("autoencoder", None)
+  if autoencoder is not None and autoencoder.get("kind", ""):
+    from dfm_jax import autoencoders  # pylint: disable=g-import-not-at-top
+
+    ae = _autoencoder(config.autoencoder)
+    return reporting.to_uint8(autoencoders.decode_batched(ae, samples,
+                                                          int(config.autoencoder.batch_size)))
+  return channel_projection(samples)
+
+
+_AUTOENCODERS: dict = {}
+
+
+def _autoencoder(ae_config):
+  """The config's autoencoder, loaded once per process (grids are decoded repeatedly)."""
+  from dfm_jax import autoencoders  # pylint: disable=g-import-not-at-top
+
+  key = json.dumps(ae_config.to_dict(), sort_keys=True, default=str)
+  if key not in _AUTOENCODERS:
+    _AUTOENCODERS[key] = autoencoders.from_config(ae_config)
+  return _AUTOENCODERS[key]
+
+
+def grid_columns(num: int, num_classes: int) -> int:
+  """One column per class for class-cycled samples of up to 20 classes, else 10."""
+  return num_classes if num_classes <= 20 else min(10, num)
+
+
+def write_grid(path, pictures: np.ndarray, ncol: int, limit: int = GRID_MAX) -> np.ndarray:
+  """Saves the first ``limit`` uint8 pictures ``[N, H, W, C]`` as one PNG grid."""
+  grid = reporting.image_grid(pictures[:limit], ncol)
+  reporting.save_png(path, grid)
+  return grid
+
+
+def write_preview_grid(path, previews: np.ndarray) -> np.ndarray:
+  """uint8 previews ``[S, N, H, W, C]``: one row per sample, one column per stage."""
+  s, n = previews.shape[:2]
+  tiles = np.transpose(np.asarray(previews), (1, 0, 2, 3, 4)).reshape((s * n,) +
+                                                                      previews.shape[2:])
+  return write_grid(path, tiles, ncol=s, limit=s * n)
+
+
+def save_samples_npz(path, pictures: np.ndarray, labels: np.ndarray,
+                     latents: np.ndarray | None = None) -> None:
+  """``images`` (uint8 ``[N, H, W, C]``), ``labels`` and, for latent runs, the ``latents``."""
+  arrays = {"images": pictures, "labels": labels}
+  if latents is not None:
+    arrays["latents"] = np.asarray(latents, np.float32)
+  path = epath.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with path.open("wb") as f:
+    np.savez_compressed(f, **arrays)
+
+
+def sample_mode(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """Writes ``workdir/samples/final_step{N}.{png,npz,json}``; returns the .npz path."""
+  run, ema, step = restore_ema(config, workdir, int(config.sampler.checkpoint_step))
+  s = config.sampler
+  samples, labels = sample_images(run, ema, int(s.num_samples), int(s.batch_size),
+                                  config.seed + 1)
+  pictures = to_display(samples, config)
+  base = epath.Path(workdir) / "samples" / f"final_step{step}"
+  if jax.process_index() == 0:
+    ncol = grid_columns(len(labels), config.data.num_classes)
+    write_grid(f"{base}.png", pictures, ncol)
+    save_samples_npz(f"{base}.npz", pictures, labels,
+                     samples if _is_latent(config) else None)
+    (base.parent / f"{base.name}.json").write_text(json.dumps(
+        {"step": step, "num_samples": len(labels), "grid_samples": min(len(labels), GRID_MAX),
+         "sampler": s.to_dict()}, indent=2, default=str))
+  logging.info("wrote %d samples from step %d to %s.{png,npz,json}", len(labels), step, base)
+  return f"{base}.npz"
+
+
+def _is_latent(config) -> bool:
+  from dfm_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+
+  return not data_lib.source_class(config.data).pixels
