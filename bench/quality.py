@@ -1,26 +1,27 @@
-"""Quality at equal compute: DFM against its flow-matching twin, as a convergence curve.
+"""Quality at equal compute: DFM against flow matching, with and without preconditioning.
 
-Trains both variants of a config (same backbone, token count, batch, seed and steps), evaluates
-each at several training budgets (FID and, for 28x28-class data, the classifier Frechet distance
-and accuracy) at cfg 1.0 and a higher cfg, then sweeps DFM's threshold tau and its step split at
-the largest budget. Budgets resume the same run (the learning rate is constant after warm-up), so
-the curve costs one run per variant. Writes `results.json`, `fid_vs_steps.png` (needs
-matplotlib) and `samples_side_by_side.png` into the workdir.
+Every row is a method (DFM or its flow-matching twin: same backbone, token count, batch and
+steps) with config overrides; every (row, seed) is trained once to ``--steps`` and evaluated at
+each ``--cfgs`` scale with ``--eval-samples`` samples (Inception FID and KID and, for 28x28-class
+data, the classifier's Frechet distance and accuracy). The table reports the mean and, with
+several seeds, the spread (half the max - min range) per row. Nothing is tuned on the evaluation:
+reference statistics come from the training split.
 
   python bench/quality.py --config=configs/fashion_mnist.py --workdir=workdirs/quality \
-      --budgets=1000,2000,4000 --eval-samples=500 --set eval.num_real=1000
+      --steps=2000 --eval-samples=1000 --cfgs=1.0,1.5 --seeds=0,1
 
-Re-running the same command resumes: finished budgets are not retrained, and evaluations whose
-results are already in `<workdir>/<variant>/eval/` (same step, sample count and sampler settings)
-are read back, so the sweep points that equal the config's defaults cost nothing.
+Resumable per run: a finished (row, seed) training is a no-op, and evaluations already in
+``<workdir>/<row>/seed<k>/eval/`` with the same step, sample count and sampler settings are read
+back. ``results.json`` is rewritten after every evaluation, so a partial run still reports. Rows
+run in the order below (the headline pair first), and ``--rows`` picks a subset.
 
-The last line is the headline: FID of both at the largest budget, cfg 1.0.
+Writes ``results.json``, ``table.md`` and ``quality.png`` (needs matplotlib) into the workdir;
+the last stdout line is the headline: the DFM/FM FID ratio at cfg 1.0.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import glob
 import json
 import os
@@ -28,19 +29,34 @@ import subprocess
 import sys
 
 import numpy as np
-from PIL import Image
 
 import common  # bench/ helpers; also puts the repository on the import path
 
 REPO = str(common.REPO)
 
+# (name, config variant, overrides). The first two are the headline pair; the final pair gets
+# every seed of --seeds, the other rows the first seed.
+ROWS = [
+    ("fm", "fm", {}),
+    ("dfm_pq0.9", "dfm", {"flow.stage_probs": (0.9, 0.1)}),
+    ("dfm_pq0.7", "dfm", {"flow.stage_probs": (0.7, 0.3)}),
+    ("fm_noprecond", "fm", {"model.precondition": False}),
+    ("dfm_pq0.9_noprecond", "dfm", {"flow.stage_probs": (0.9, 0.1),
+                                    "model.precondition": False}),
+]
+HEADLINE = ("dfm_pq0.9", "fm")
+METRICS = ("fid", "kid", "classifier_fd", "classifier_accuracy")
 
-OVERRIDES: list[str] = []  # extra --config.FIELD=VALUE flags for every run (see --set)
+
+def flag(key: str, value) -> str:
+  if isinstance(value, tuple):
+    value = "(" + ",".join(str(v) for v in value) + ",)"
+  return f"--config.{key}={value}"
 
 
-def main_cmd(config: str, variant: str, workdir: str, *flags: str) -> list[str]:
+def main_cmd(config: str, variant: str, workdir: str, overrides: dict, *flags: str) -> list[str]:
   return [sys.executable, "-m", "dfm_jax.main", f"--config={config}:{variant}",
-          f"--workdir={workdir}", *OVERRIDES, *flags]
+          f"--workdir={workdir}", *(flag(k, v) for k, v in overrides.items()), *flags]
 
 
 def run(cmd: list[str]) -> str:
@@ -50,55 +66,51 @@ def run(cmd: list[str]) -> str:
   return proc.stdout
 
 
-def sampler_settings(sampler) -> dict:
-  """The compared sampler settings of a config's or an eval result's ``sampler`` block."""
-  return {"cfg_scale": float(sampler["cfg_scale"]),
-          "thresholds": tuple(float(v) for v in sampler["thresholds"]),
-          "steps_per_stage": tuple(int(v) for v in sampler["steps_per_stage"])}
-
-
-@functools.lru_cache(maxsize=None)
-def sampler_defaults(config: str, variant: str) -> dict:
-  """The config file's sampler settings."""
-  return sampler_settings(common.load_config(config, variant).sampler)
-
-
-def cached_eval(workdir: str, step: int, eval_samples: int, settings: dict) -> dict | None:
-  """A finished `--mode=eval` result in `workdir/eval/` for exactly these settings, if any: a
-  re-run of the benchmark resumes instead of repeating evaluations."""
+def cached_eval(workdir: str, step: int, eval_samples: int, cfg: float) -> dict | None:
   for path in sorted(glob.glob(os.path.join(workdir, "eval", "*.json"))):
     with open(path) as f:
       r = json.load(f)
-    if (r["step"] == step and r["num_fake"] == eval_samples
-        and sampler_settings(r["sampler"]) == settings):
+    scale = np.ravel(r["sampler"]["cfg_scale"]).tolist()
+    if r["step"] == step and r.get("num_fake") == eval_samples and scale == [cfg]:
       return r
   return None
 
 
-def evaluate(config: str, variant: str, workdir: str, step: int, eval_samples: int,
-             **overrides) -> dict:
-  """FID (and classifier scores) of the checkpoint at `step` with the config's sampler settings
-  updated by `overrides` (cfg_scale=..., thresholds=(...), steps_per_stage=(...))."""
-  settings = dict(sampler_defaults(config, variant), **overrides)
-  hit = cached_eval(workdir, step, eval_samples, settings)
-  if hit is not None:
-    return hit
-  flags = [f"--config.eval.num_samples={eval_samples}", f"--config.sampler.checkpoint_step={step}"]
-  for k, v in settings.items():
-    flags.append(f"--config.sampler.{k}={v if not isinstance(v, tuple) else tuple_flag(v)}")
-  out = run(main_cmd(config, variant, workdir, "--mode=eval", *flags))
-  return json.loads(out.strip().splitlines()[-1])
+def summarise(rows: list[dict]) -> list[dict]:
+  """Mean and spread (half of max - min) over seeds for each (row, cfg)."""
+  out = []
+  for key in sorted({(r["row"], r["cfg"]) for r in rows}, key=lambda k: (k[1], k[0])):
+    group = [r for r in rows if (r["row"], r["cfg"]) == key]
+    entry = {"row": key[0], "cfg": key[1], "seeds": [r["seed"] for r in group]}
+    for m in METRICS:
+      values = [r[m] for r in group if r.get(m) is not None]
+      if values:
+        entry[m] = float(np.mean(values))
+        entry[m + "_spread"] = float((max(values) - min(values)) / 2)
+    out.append(entry)
+  return out
 
 
-def tuple_flag(values: tuple) -> str:
-  if not values:
-    return "()"
-  return "(" + ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values) + ",)"
+def table(summary: list[dict]) -> str:
+  lines = ["| row | cfg | seeds | FID | KID x1e3 | classifier FD | class accuracy |",
+           "|---|---|---|---|---|---|---|"]
+
+  def cell(e, m, scale=1.0, fmt="{:.1f}"):
+    if m not in e:
+      return "-"
+    s = fmt.format(e[m] * scale)
+    if len(e["seeds"]) > 1:
+      s += " +- " + fmt.format(e[m + "_spread"] * scale)
+    return s
+
+  for e in summary:
+    lines.append(f"| {e['row']} | {e['cfg']:g} | {len(e['seeds'])} | {cell(e, 'fid')} | "
+                 f"{cell(e, 'kid', 1e3, '{:.2f}')} | {cell(e, 'classifier_fd')} | "
+                 f"{cell(e, 'classifier_accuracy', 100, '{:.1f}')}% |")
+  return "\n".join(lines)
 
 
-def plot(results: dict, path: str) -> None:
-  """FID (and the classifier FD when measured) against training steps: DFM blue, FM red,
-  cfg 1.0 solid, the higher cfg dashed."""
+def plot(summary: list[dict], path: str) -> None:
   try:
     import matplotlib  # pylint: disable=g-import-not-at-top
     matplotlib.use("Agg")
@@ -106,86 +118,78 @@ def plot(results: dict, path: str) -> None:
   except ImportError:
     print("matplotlib not installed: skipping the plot", file=sys.stderr)
     return
-  metrics = [("fid", "FID (Inception)")]
-  if all(r.get("classifier_fd") is not None for r in results["curve"]):
-    metrics.append(("classifier_fd", "classifier Frechet distance"))
-  fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 4), squeeze=False)
-  cfgs = sorted({r["cfg"] for r in results["curve"]})
-  for ax, (key, label) in zip(axes[0], metrics):
-    for variant, color, marker in (("dfm", "tab:blue", "o"), ("fm", "tab:red", "s")):
-      for cfg, style in zip(cfgs, ("-", "--", ":")):
-        rows = [r for r in results["curve"] if r["variant"] == variant and r["cfg"] == cfg]
-        ax.plot([r["steps"] for r in rows], [r[key] for r in rows], style, color=color,
-                marker=marker, label=f"{variant.upper()}, cfg {cfg:g}")
-    ax.set_xlabel("training steps")
-    ax.set_ylabel(label)
-    ax.grid(alpha=0.3)
+  cfgs = sorted({e["cfg"] for e in summary})
+  names = [r[0] for r in ROWS if any(e["row"] == r[0] for e in summary)]
+  metrics = [m for m in ("fid", "classifier_fd") if any(m in e for e in summary)]
+  fig, axes = plt.subplots(1, len(metrics), figsize=(6 * len(metrics), 4), squeeze=False)
+  width = 0.8 / len(cfgs)
+  for ax, m in zip(axes[0], metrics):
+    for i, cfg in enumerate(cfgs):
+      vals = [next((e.get(m, np.nan) for e in summary if e["row"] == n and e["cfg"] == cfg),
+                   np.nan) for n in names]
+      errs = [next((e.get(m + "_spread", 0) for e in summary
+                    if e["row"] == n and e["cfg"] == cfg), 0) for n in names]
+      ax.bar(np.arange(len(names)) + i * width, vals, width, yerr=errs, label=f"cfg {cfg:g}")
+    ax.set_xticks(np.arange(len(names)) + width * (len(cfgs) - 1) / 2, names, rotation=20)
+    ax.set_ylabel({"fid": "FID (Inception)", "classifier_fd": "classifier Frechet distance"}[m])
+    ax.grid(alpha=0.3, axis="y")
     ax.legend()
   fig.tight_layout()
   fig.savefig(path, dpi=110)
-
-
-def side_by_side(workdir: str, step: int, path: str) -> None:
-  tiles = []
-  for variant in ("dfm", "fm"):
-    grid = os.path.join(workdir, variant, "samples", f"final_step{step}.png")
-    tiles.append(np.asarray(Image.open(grid).convert("RGB")))
-  h = max(t.shape[0] for t in tiles)
-  tiles = [np.pad(t, ((0, h - t.shape[0]), (0, 8), (0, 0)), constant_values=255) for t in tiles]
-  Image.fromarray(np.concatenate(tiles, axis=1)).save(path)
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--config", default="configs/fashion_mnist.py")
   parser.add_argument("--workdir", default="workdirs/quality")
-  parser.add_argument("--budgets", default="2000,5000,10000,20000")
-  parser.add_argument("--eval-samples", type=int, default=5000)
-  parser.add_argument("--high-cfg", type=float, default=2.0)
-  parser.add_argument("--taus", default="0.5;0.7;0.9",
-                      help="';'-separated thresholds, each a ','-separated list (S - 1 values)")
-  parser.add_argument("--splits", default="20+20;30+10;35+5",
-                      help="';'-separated steps per stage, e.g. 30+10")
+  parser.add_argument("--steps", type=int, default=2000)
+  parser.add_argument("--eval-samples", type=int, default=1000)
+  parser.add_argument("--cfgs", default="1.0,1.5")
+  parser.add_argument("--seeds", default="0,1")
+  parser.add_argument("--rows", default=",".join(r[0] for r in ROWS))
   parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                      help="a config override applied to every run, e.g. model.depth=4")
+                      help="a config override applied to every run, e.g. eval.num_real=1000")
   args = parser.parse_args()
-  OVERRIDES.extend(f"--config.{kv}" for kv in args.set)
-  budgets = [int(b) for b in args.budgets.split(",")]
-  results = {"config": args.config, "curve": [], "tau_sweep": [], "split_sweep": []}
-  for variant in ("dfm", "fm"):
-    workdir = os.path.join(args.workdir, variant)
-    for steps in budgets:
-      # (a finished budget is a no-op: training stops at once when the checkpoint is past it)
-      run(main_cmd(args.config, variant, workdir, f"--config.total_steps={steps}",
-                   f"--config.checkpoint_every={min(budgets)}",
-                   f"--config.sample_every={max(budgets)}"))
-      for cfg in (1.0, args.high_cfg):
-        r = evaluate(args.config, variant, workdir, steps, args.eval_samples, cfg_scale=cfg)
-        row = {"variant": variant, "steps": steps, "cfg": cfg, "fid": r["fid"],
-               "classifier_fd": r.get("classifier_fd"),
-               "classifier_accuracy": r.get("classifier_accuracy")}
-        results["curve"].append(row)
-        print(json.dumps(row), flush=True)
-    run(main_cmd(args.config, variant, workdir, "--mode=sample",
-                 f"--config.total_steps={budgets[-1]}"))
-  dfm_dir = os.path.join(args.workdir, "dfm")
-  for tau in args.taus.split(";"):
-    r = evaluate(args.config, "dfm", dfm_dir, budgets[-1], args.eval_samples, cfg_scale=1.0,
-                 thresholds=tuple(float(v) for v in tau.split(",")))
-    results["tau_sweep"].append({"tau": tau, "fid": r["fid"],
-                                 "classifier_fd": r.get("classifier_fd")})
-  for split in args.splits.split(";"):
-    r = evaluate(args.config, "dfm", dfm_dir, budgets[-1], args.eval_samples, cfg_scale=1.0,
-                 steps_per_stage=tuple(int(v) for v in split.split("+")))
-    results["split_sweep"].append({"steps_per_stage": split, "fid": r["fid"],
-                                   "classifier_fd": r.get("classifier_fd")})
-  with open(os.path.join(args.workdir, "results.json"), "w") as f:
-    json.dump(results, f, indent=2)
-  plot(results, os.path.join(args.workdir, "fid_vs_steps.png"))
-  side_by_side(args.workdir, budgets[-1], os.path.join(args.workdir, "samples_side_by_side.png"))
-  last = {r["variant"]: r["fid"] for r in results["curve"]
-          if r["steps"] == budgets[-1] and r["cfg"] == 1.0}
-  print(f"FID at {budgets[-1]} steps, cfg 1.0: DFM {last['dfm']:.2f} vs FM {last['fm']:.2f}")
+  extra = dict(kv.split("=", 1) for kv in args.set)
+  cfgs = [float(v) for v in args.cfgs.split(",")]
+  seeds = [int(v) for v in args.seeds.split(",")]
+  wanted = args.rows.split(",")
+  plan = [(name, variant, overrides, seed) for name, variant, overrides in ROWS
+          if name in wanted for seed in (seeds if name in HEADLINE else seeds[:1])]
+  # Seed 0 of every row before the extra seeds of the headline pair.
+  plan.sort(key=lambda p: (p[3] != seeds[0], ))
+  results_path = os.path.join(args.workdir, "results.json")
+  rows: list[dict] = []
+  for name, variant, overrides, seed in plan:
+    workdir = os.path.join(args.workdir, name, f"seed{seed}")
+    ov = dict(overrides, seed=seed, **extra)
+    run(main_cmd(args.config, variant, workdir, ov, f"--config.total_steps={args.steps}",
+                 f"--config.checkpoint_every={args.steps}",
+                 f"--config.sample_every={args.steps}"))
+    for cfg in cfgs:
+      r = cached_eval(workdir, args.steps, args.eval_samples, cfg)
+      if r is None:
+        out = run(main_cmd(args.config, variant, workdir, ov, "--mode=eval",
+                           f"--config.eval.num_samples={args.eval_samples}",
+                           f"--config.sampler.cfg_scale={cfg}"))
+        r = json.loads(out.strip().splitlines()[-1])
+      row = {"row": name, "seed": seed, "cfg": cfg, **{m: r.get(m) for m in METRICS}}
+      rows.append(row)
+      print(json.dumps(row), flush=True)
+      summary = summarise(rows)
+      os.makedirs(args.workdir, exist_ok=True)
+      with open(results_path, "w") as f:
+        json.dump({"config": args.config, "steps": args.steps,
+                   "eval_samples": args.eval_samples, "runs": rows, "summary": summary}, f,
+                  indent=2)
+      with open(os.path.join(args.workdir, "table.md"), "w") as f:
+        f.write(table(summary) + "\n")
+  plot(summary, os.path.join(args.workdir, "quality.png"))
+  print(table(summary))
+  head = {e["row"]: e.get("fid") for e in summary if e["cfg"] == 1.0}
+  if all(head.get(n) for n in HEADLINE):
+    print(f"FID at {args.steps} steps, cfg 1.0: DFM {head[HEADLINE[0]]:.2f} vs FM "
+          f"{head[HEADLINE[1]]:.2f}, ratio {head[HEADLINE[0]] / head[HEADLINE[1]]:.3f}")
 
 
 if __name__ == "__main__":
