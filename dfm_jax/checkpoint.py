@@ -116,7 +116,7 @@ class Checkpointer:
       CheckpointSaveError: this save, or the previous asynchronous one, failed.
     """
     self.wait()  # surfaces a failure of the previous save before starting this one
-    pure = state.to_pure_dict()
+    pure = nnx.to_pure_dict(state)
     try:
       manifest = build_manifest(step, pure, data_iter)
       items = {"state": ocp.args.StandardSave(pure),
@@ -187,7 +187,7 @@ class Checkpointer:
     try:
       items = _saved_items(step, step_dir)
       manifest = _read_manifest(step, step_dir) if INTEGRITY_ITEM in items else None
-      target = abstract_state.to_pure_dict()
+      target = nnx.to_pure_dict(abstract_state)
       self._check_structure(step, target)
       if manifest is None:
         _log.warning("checkpoint step %d has no checksums (written before integrity checks); "

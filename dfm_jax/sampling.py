@@ -86,6 +86,9 @@ def restore_ema(config: ml_collections.ConfigDict, workdir: str, step: int = -1
                        f"{sorted(available)}")
     if step < 0:
       step, state = ckpt.restore_latest(run.abstract_state)
+      if state is None:
+        raise FileNotFoundError(f"no intact checkpoint left in {run.checkpoint_dir} (damaged "
+                                "steps were moved to its quarantine/ folder)")
     else:
       state = ckpt.restore(step, run.abstract_state)
   finally:
