@@ -29,7 +29,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-IMAGE_EXTENSIONS = {".bmp", ".jpg", ".jpeg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp"}
+from dfm_jax.data.folder import IMAGE_EXTENSIONS
+
 NPZ_IMAGE_KEYS = ("images", "samples", "arr_0")  # tried in this order
 # What numpy raises on files that are not (complete) .npz archives.
 _NPZ_ERRORS = (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error)

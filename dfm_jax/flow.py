@@ -143,6 +143,8 @@ def masked_stage_loss(pred: Sequence[jax.Array], targets: Sequence[jax.Array], a
   return loss, metrics
 
 
+# The model as the objective and the samplers see it: ``(stage inputs, t [B, S], labels [B],
+# stage_index [B]) -> S velocities`` (each like its input; t = 0 noise, t = 1 data).
 VelocityFn = Callable[[tuple, jax.Array, jax.Array, jax.Array], tuple]
 
 

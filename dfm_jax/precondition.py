@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dfm_jax import decompose
+from dfm_jax.flow import VelocityFn
 
 
 def coefficients(t: jax.Array, mean: jax.Array, std: jax.Array
@@ -120,7 +121,6 @@ def network_targets(velocities: Sequence[jax.Array], stages: Sequence[jax.Array]
   return tuple(out)
 
 
-VelocityFn = Callable[[tuple, jax.Array, jax.Array, jax.Array], tuple]
 
 
 def wrap_velocity_fn(raw_fn: VelocityFn, mean, std

@@ -24,13 +24,14 @@ inside its interval, so guidance and ``nfe`` stay consistent on the last step.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from dfm_jax.decompose import Decomposition
+from dfm_jax.flow import VelocityFn
 
 SOLVERS = ("euler", "heun")
 
@@ -189,7 +190,6 @@ def stage_schedule(steps_per_stage: Sequence[int],
   return times, np.asarray(phase, np.int32)
 
 
-VelocityFn = Callable[[tuple, jax.Array, jax.Array, jax.Array], tuple]
 
 
 def _guided_mask(t_eval: np.ndarray, t_start: np.ndarray, phase: np.ndarray,
