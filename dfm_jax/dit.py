@@ -334,15 +334,17 @@ class DFMDiT(nnx.Module):
     are taken as given); returns S float32 outputs ``[B, *stage_shapes[s]]``."""
     cfg = self.cfg
     dtype = DTYPES[cfg.dtype]
-    x = sum(emb(patchify(s.astype(dtype), p)).astype(jnp.float32)
-            for emb, s, p in zip(self.embedders, stages, self.patches))
-    c = self.label_embed(labels)
-    for s, temb in enumerate(self.time_embedders):
-      c = c + temb(t[:, s])
-    if self.stage_embed is not None:
-      if stage_index is None:
-        raise ValueError("this model embeds the stage index: pass stage_index")
-      c = c + self.stage_embed(stage_index)
+    with jax.named_scope("patch_embed"):
+      x = sum(emb(patchify(s.astype(dtype), p)).astype(jnp.float32)
+              for emb, s, p in zip(self.embedders, stages, self.patches))
+    with jax.named_scope("conditioning"):
+      c = self.label_embed(labels)
+      for s, temb in enumerate(self.time_embedders):
+        c = c + temb(t[:, s])
+      if self.stage_embed is not None:
+        if stage_index is None:
+          raise ValueError("this model embeds the stage index: pass stage_index")
+        c = c + self.stage_embed(stage_index)
     rope = None
     if cfg.pos_embed == "sincos":
       x = x + self.pos[...][None]
@@ -354,14 +356,16 @@ class DFMDiT(nnx.Module):
     block_def, block_params = nnx.split(self.blocks)
 
     def apply_block(x, params):
-      return nnx.merge(block_def, params)(x, c, rope), None
+      with jax.named_scope("dit_block"):
+        return nnx.merge(block_def, params)(x, c, rope), None
 
     if cfg.remat:
       apply_block = jax.checkpoint(apply_block)
     x, _ = jax.lax.scan(apply_block, x, block_params, unroll=cfg.scan_unroll)
     out = []
-    for head, p, shape in zip(self.heads, self.patches, cfg.stage_shapes):
-      out.append(unpatchify(head(x, c).astype(jnp.float32), self.grid, p, shape[-1]))
+    with jax.named_scope("stage_heads"):
+      for head, p, shape in zip(self.heads, self.patches, cfg.stage_shapes):
+        out.append(unpatchify(head(x, c).astype(jnp.float32), self.grid, p, shape[-1]))
     return tuple(out)
 
 

@@ -255,3 +255,16 @@ def test_loss_weights_and_precondition_switch():
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
   assert any(float(jnp.abs(a - b).max()) > 1e-3
              for a, b in zip(off(stages, t, y, s), on(stages, t, y, s)))
+
+
+def test_model_parts_are_named_in_traces():
+  """Profiler traces group ops by these scopes (jax.named_scope in DFMDiT.network)."""
+  cfg = dit.DiTConfig(stage_shapes=((8, 8, 1), (16, 16, 1)), patch_size=1, hidden_size=32,
+                      depth=2, num_heads=2, num_classes=10)
+  graphdef, state = nnx.split(dit.DFMDiT(cfg, rngs=nnx.Rngs(0)))
+  lowered = jax.jit(lambda st, x, t, y, s: nnx.merge(graphdef, st)(x, t, y, s)).lower(
+      state, (jnp.zeros((2, 8, 8, 1)), jnp.zeros((2, 16, 16, 1))), jnp.zeros((2, 2)),
+      jnp.zeros((2,), jnp.int32), jnp.zeros((2,), jnp.int32))
+  text = lowered.as_text(debug_info=True)
+  for scope in ("patch_embed", "conditioning", "dit_block", "stage_heads"):
+    assert scope in text, scope
