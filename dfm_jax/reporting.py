@@ -65,7 +65,7 @@ class MetricWriter:
 
     walk("", config)
     self._tb.add_hparams(flat, {f"hparams/{k}": float(v) for k, v in metrics.items()},
-                         name=".")
+                         name="hparams")
 
   def flush(self):
     if self._tb is not None:

@@ -13,6 +13,7 @@ import datetime
 import json
 import logging
 import signal
+import threading
 import time
 
 import jax
@@ -137,11 +138,29 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> nnx.
   a non-finite step and ``checkpoint.CheckpointSaveError`` when a save fails.
   """
   run = setup(config, workdir, devices)
-  lock = workdir_lock.acquire(workdir, process_index=jax.process_index())
+  lock = _acquire_lock(workdir)
   try:
     return _train_locked(run)
   finally:
     lock.release()
+
+
+def _acquire_lock(workdir: str) -> workdir_lock.Lock:
+  """Takes the workdir lock with Ctrl-C deferred until it is held, so that an interrupt cannot
+  land between the lock file's creation and the ``finally`` that removes it."""
+  if (threading.current_thread() is not threading.main_thread()
+      or signal.getsignal(signal.SIGINT) is None):
+    return workdir_lock.acquire(workdir, process_index=jax.process_index())
+  interrupted = []
+  previous = signal.signal(signal.SIGINT, lambda signum, frame: interrupted.append(signum))
+  try:
+    lock = workdir_lock.acquire(workdir, process_index=jax.process_index())
+  finally:
+    signal.signal(signal.SIGINT, previous)
+  if interrupted:
+    lock.release()
+    raise KeyboardInterrupt
+  return lock
 
 
 def _train_locked(run: Run) -> nnx.State:
@@ -264,7 +283,7 @@ def _loop(run: Run, ckpt: checkpoint.Checkpointer, data_iter, state, start: int)
         logging.warning("%s: saved a checkpoint at step %d, exiting", signals.received, done)
         raise Preempted(done, signals.received)
   finally:
-    writer.flush()
+    writer.close()
     signals.restore()
   return state
 
@@ -278,12 +297,16 @@ def _write_samples(run: Run, sample_fn, state, labels, step: int, writer) -> Non
   config = run.config
   ncol = sampling.grid_columns(len(labels), config.data.num_classes)
   folder = epath.Path(run.workdir) / "samples"
-  grid = sampling.write_grid(folder / f"step_{step:07d}.png",
-                             sampling.to_display(out["images"], config), ncol)
+  samples = sampling.to_display(out["images"], config)
   pv = out["previews"][:, :min(len(labels), ncol)]
   pictures = sampling.to_display(pv.reshape((-1,) + pv.shape[2:]), config)
-  preview = sampling.write_preview_grid(folder / f"step_{step:07d}_stages.png",
-                                        pictures.reshape(pv.shape[:2] + pictures.shape[1:]))
+  pictures = pictures.reshape(pv.shape[:2] + pictures.shape[1:])
+  if samples.ndim == 5:  # videos [N, T, H, W, C]: GIF grids and PNG contact sheets
+    grid = sampling.write_video_grid(folder / f"step_{step:07d}", samples, ncol, mp4=False)
+    preview = sampling.write_video_preview_grid(folder / f"step_{step:07d}_stages", pictures)
+  else:
+    grid = sampling.write_grid(folder / f"step_{step:07d}.png", samples, ncol)
+    preview = sampling.write_preview_grid(folder / f"step_{step:07d}_stages.png", pictures)
   writer.write_images(step, {"samples": grid, "stage_previews": preview})
 
 
