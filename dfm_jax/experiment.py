@@ -20,7 +20,7 @@ class Experiment:
   model: dit.DiTConfig
   timesteps: flow.TimestepConfig
   sampler: sampler.SamplerConfig
-  sample_shape: tuple[int, ...]  # one sample, without the batch axis: [H, W, C]
+  sample_shape: tuple[int, ...]  # one sample, without the batch axis: [(T,) H, W, C]
   null_label: int
   method_name: str = "dfm"
 
@@ -31,9 +31,24 @@ class Experiment:
 
 
 def _sample_shape(config, check_data: bool) -> tuple[int, ...]:
-  """[H, W, C] of one sample; for latents ``resolution`` / ``channels`` give the latent grid."""
+  """[H, W, C] of one sample, or [T, H, W, C] for videos (``data.frames`` = T > 0); for latents
+  ``resolution`` / ``channels`` give the latent grid."""
   d = config.data
   shape = (int(d.resolution), int(d.resolution), int(d.channels))
+  frames = int(d.get("frames", 0))
+  if frames < 0:
+    raise ValueError(f"data.frames must be >= 0 (0 = images), got {frames}")
+  try:
+    video_source = getattr(data_lib.source_class(d), "video", False)
+  except ValueError:
+    video_source = None  # unknown source: reported by the data checks
+  if video_source and not frames:
+    raise ValueError(f"data.source {d.source!r} makes videos: set data.frames (frames per clip)")
+  if video_source is False and frames and d.source != "latents":
+    raise ValueError(f"data.frames={frames} but data.source {d.source!r} holds images; use "
+                     "data.frames=0 or a video source (moving_digits, video_folder)")
+  if frames:
+    shape = (frames,) + shape
   if d.source == "latents" and check_data:
     from dfm_jax.data import latent_shards  # pylint: disable=g-import-not-at-top
 

@@ -123,15 +123,19 @@ def channel_projection(latents: np.ndarray) -> np.ndarray:
 
 
 def to_display(samples: np.ndarray, config) -> np.ndarray:
-  """Samples in the data space -> uint8 pictures ``[N, H, W, C]``.
+  """Samples in the data space -> uint8 pictures ``[N, H, W, C]`` (videos ``[N, T, H, W, C]``).
 
   Pixels in [-1, 1] are quantised; latents are decoded by ``config.autoencoder`` when the config
-  names one, otherwise shown through :func:`channel_projection`.
+  names one, otherwise shown through :func:`channel_projection` (video latents frame by frame).
   """
   from dfm_jax import data as data_lib  # pylint: disable=g-import-not-at-top
 
   if data_lib.source_class(config.data).pixels:
     return reporting.to_uint8(samples)
+  samples = np.asarray(samples)
+  if samples.ndim == 5:  # video latents: frame by frame
+    frames = to_display(samples.reshape((-1,) + samples.shape[2:]), config)
+    return frames.reshape(samples.shape[:2] + frames.shape[1:])
   autoencoder = config.get("autoencoder", None)
   if autoencoder is not None and autoencoder.get("kind", ""):
     from dfm_jax import autoencoders  # pylint: disable=g-import-not-at-top
@@ -175,9 +179,59 @@ def write_preview_grid(path, previews: np.ndarray) -> np.ndarray:
   return write_grid(path, tiles, ncol=s, limit=s * n)
 
 
+VIDEO_FPS = 8.0  # frame rate of the sample GIFs and MP4s
+
+
+def write_video_grid(base, videos: np.ndarray, ncol: int, limit: int = GRID_MAX,
+                     mp4: bool = True) -> np.ndarray:
+  """Saves the first ``limit`` uint8 videos ``[N, T, H, W, C]`` as ``{base}.gif`` (an animated
+  grid, ``ncol`` videos per row), ``{base}.mp4`` (the same grid, when ``mp4`` and PyAV has an
+  H.264/MPEG-4 encoder) and ``{base}.png`` (a contact sheet: one row per video, its frames left
+  to right). Returns the contact sheet, uint8 ``[H', W', C]``."""
+  from dfm_jax import video_io  # pylint: disable=g-import-not-at-top
+
+  videos = np.asarray(videos)[:limit]
+  grid = video_io.video_grid(videos, ncol)
+  _write_file(f"{base}.gif", lambda p: video_io.write_gif(p, grid, fps=VIDEO_FPS))
+  if mp4 and video_io.mp4_codec() is not None:
+    _write_file(f"{base}.mp4", lambda p: video_io.write_mp4(p, grid, fps=VIDEO_FPS))
+  sheet = video_io.contact_sheet(videos)
+  if sheet.shape[-1] == 1:  # RGB, as the image grids
+    sheet = np.repeat(sheet, 3, axis=-1)
+  reporting.save_png(f"{base}.png", sheet)
+  return sheet
+
+
+def _write_file(path: str, write: Callable[[str], object]) -> None:
+  """``write(local_path)``, through a local temporary file when ``path`` is remote (gs://)."""
+  if "://" not in path:
+    write(path)
+    return
+  import os  # pylint: disable=g-import-not-at-top
+  import tempfile  # pylint: disable=g-import-not-at-top
+
+  with tempfile.TemporaryDirectory() as tmp:
+    local = os.path.join(tmp, os.path.basename(path))
+    write(local)
+    target = epath.Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(epath.Path(local).read_bytes())
+
+
+def write_video_preview_grid(base, previews: np.ndarray) -> np.ndarray:
+  """uint8 video previews ``[S, N, T, H, W, C]`` -> ``{base}.png``, a contact sheet with one row
+  per (sample, stage), stages of a sample adjacent, frames left to right, and ``{base}.gif``,
+  one row per sample and one column per stage. Returns the contact sheet."""
+  previews = np.asarray(previews)
+  s, n = previews.shape[:2]
+  rows = np.swapaxes(previews, 0, 1).reshape((n * s,) + previews.shape[2:])
+  return write_video_grid(base, rows, ncol=s, limit=n * s, mp4=False)
+
+
 def save_samples_npz(path, pictures: np.ndarray, labels: np.ndarray,
                      latents: np.ndarray | None = None) -> None:
-  """``images`` (uint8 ``[N, H, W, C]``), ``labels`` and, for latent runs, the ``latents``."""
+  """``images`` (uint8 ``[N, H, W, C]``, videos ``[N, T, H, W, C]``), ``labels`` and, for latent
+  runs, the ``latents``."""
   arrays = {"images": pictures, "labels": labels}
   if latents is not None:
     arrays["latents"] = np.asarray(latents, np.float32)
@@ -188,7 +242,8 @@ def save_samples_npz(path, pictures: np.ndarray, labels: np.ndarray,
 
 
 def sample_mode(config: ml_collections.ConfigDict, workdir: str) -> str:
-  """Writes ``workdir/samples/final_step{N}.{png,npz,json}``; returns the .npz path."""
+  """Writes ``workdir/samples/final_step{N}.{png,npz,json}`` (videos: also ``.gif`` and, where
+  PyAV has an MP4 encoder, ``.mp4``; the PNG is then a contact sheet); returns the .npz path."""
   run, ema, step = restore_ema(config, workdir, int(config.sampler.checkpoint_step))
   s = config.sampler
   samples, labels = sample_images(run, ema, int(s.num_samples), int(s.batch_size),
@@ -197,13 +252,17 @@ def sample_mode(config: ml_collections.ConfigDict, workdir: str) -> str:
   base = epath.Path(workdir) / "samples" / f"final_step{step}"
   if jax.process_index() == 0:
     ncol = grid_columns(len(labels), config.data.num_classes)
-    write_grid(f"{base}.png", pictures, ncol)
+    if pictures.ndim == 5:
+      write_video_grid(base, pictures, ncol)
+    else:
+      write_grid(f"{base}.png", pictures, ncol)
     save_samples_npz(f"{base}.npz", pictures, labels,
                      samples if _is_latent(config) else None)
     (base.parent / f"{base.name}.json").write_text(json.dumps(
         {"step": step, "num_samples": len(labels), "grid_samples": min(len(labels), GRID_MAX),
          "sampler": s.to_dict()}, indent=2, default=str))
-  logging.info("wrote %d samples from step %d to %s.{png,npz,json}", len(labels), step, base)
+  logging.info("wrote %d samples from step %d to %s.{%s}", len(labels), step, base,
+               "gif,mp4,png,npz,json" if pictures.ndim == 5 else "png,npz,json")
   return f"{base}.npz"
 
 

@@ -27,6 +27,11 @@ _DEFAULTS: dict[str, Any] = dict(
     num_workers=0,
     num_classes=10,
     latent_scale=1.0,
+    # Videos (sources 'moving_digits', 'video_folder'): elements are [T, R, R, C] clips.
+    frames=0,  # T, frames per clip; 0 = images
+    frame_stride=1,  # video_folder: take every frame_stride-th source frame
+    num_videos=10_000,  # moving_digits: dataset length (procedural, deterministic per index)
+    num_digits=1,  # moving_digits: digits per video (the label is the first one's class)
 )
 
 

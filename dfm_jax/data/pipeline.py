@@ -17,13 +17,14 @@ from dfm_jax.data.transforms import to_unit_range
 
 @dataclasses.dataclass(frozen=True)
 class _RandomFlip(grain.transforms.RandomMap):
-    """Mirrors the [H, W, C] image left-right with probability 1/2 when enabled."""
+    """Mirrors the [H, W, C] image or the whole [T, H, W, C] clip left-right (the width axis,
+    -2 in both) with probability 1/2 when enabled."""
 
     enabled: bool
 
     def random_map(self, element, rng: np.random.Generator):
         if self.enabled and rng.random() < 0.5:
-            element = {**element, "image": element["image"][:, ::-1]}
+            element = {**element, "image": element["image"][..., ::-1, :]}
         return element
 
 
@@ -55,10 +56,10 @@ def make_train_iterator(data, *, global_batch_size: int, seed: int, process_inde
                         process_count: int = 1) -> grain.DatasetIterator:
     """Infinite, checkpointable (`get_state`/`set_state`) iterator of this process's batches.
 
-    Yields {'image': float32 [L, H, W, C] in [-1, 1] (latents: scaled by data.latent_scale,
-    unclipped), 'label': int32 [L]} with L = global_batch_size // process_count. For a given
-    seed, process p's batch k equals rows [p*L, (p+1)*L) of batch k of the process_count=1
-    iterator, whatever num_workers is. Each epoch is reshuffled.
+    Yields {'image': float32 [L, H, W, C] in [-1, 1] (videos: [L, T, H, W, C]; latents: scaled
+    by data.latent_scale, unclipped), 'label': int32 [L]} with L = global_batch_size //
+    process_count. For a given seed, process p's batch k equals rows [p*L, (p+1)*L) of batch k
+    of the process_count=1 iterator, whatever num_workers is. Each epoch is reshuffled.
     """
     validate_data_config(data)
     if process_count < 1 or not 0 <= process_index < process_count:
@@ -94,8 +95,8 @@ def load_images(data, num: int, *, split: str | None = None,
     """A deterministic sample of `num` distinct records as real images, cropped as for training,
     not flipped (with data.skip_corrupt an unreadable record repeats its successor).
 
-    Returns images uint8 [num, H, W, C] and labels int32 [num]; `split` (tfds only) overrides
-    data.split.
+    Returns images uint8 [num, H, W, C] (video sources: clips [num, T, H, W, C]) and labels
+    int32 [num]; `split` (tfds, moving_digits) overrides data.split.
     """
     validate_data_config(data)
     if get(data, "source") == "latents":

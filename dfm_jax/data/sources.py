@@ -329,6 +329,181 @@ class LatentsNpz(DataSource):
         return LatentSource(data) if cls._is_npz(path) else latent_shards.LatentShards(path)
 
 
+# Videos: elements {'image': uint8 [T, R, R, C], 'label': int32 []} with T = data.frames, so the
+# pipeline (shuffling, flips along the width axis, scaling to [-1, 1]) is shared with images.
+
+_MOVING_DIGITS_SEEDS = {"train": 0, "test": 1, "all": 2}
+
+
+def _check_frames(data):
+    frames, stride = get(data, "frames"), get(data, "frame_stride")
+    if not isinstance(frames, int) or frames < 1:
+        fail("frames", f"source {get(data, 'source')!r} makes videos: data.frames must be an "
+                       f"int >= 1 (frames per clip), got {frames!r}")
+    if not isinstance(stride, int) or stride < 1:
+        fail("frame_stride", f"must be an int >= 1, got {stride!r}")
+
+
+class MovingDigitsSource:
+    """`moving_digits.MovingDigits` with the element key 'image' (uint8 [T, R, R, C])."""
+
+    pixels = True
+
+    def __init__(self, data, split: str):
+        self._args = dict(num_videos=get(data, "num_videos"), frames=get(data, "frames"),
+                          resolution=get(data, "resolution"), num_digits=get(data, "num_digits"),
+                          seed=_MOVING_DIGITS_SEEDS[split], split=split)
+        self._channels = get(data, "channels")
+        self._videos = None
+
+    def __getstate__(self):
+        return {**self.__dict__, "_videos": None}
+
+    @property
+    def videos(self):
+        if self._videos is None:
+            from dfm_jax.data import moving_digits  # pylint: disable=g-import-not-at-top
+
+            self._videos = moving_digits.MovingDigits(**self._args)
+        return self._videos
+
+    def __len__(self) -> int:
+        return self._args["num_videos"]
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        element = self.videos[index]
+        video = element["video"]
+        if self._channels == 3:
+            video = np.repeat(video, 3, axis=-1)
+        return {"image": video, "label": element["label"]}
+
+
+@SOURCES.register("moving_digits")
+class MovingDigitsVideos(DataSource):
+    """Procedural moving-MNIST videos (`moving_digits.py`): `data.num_videos` clips of
+    `data.frames` frames at `data.resolution` (>= 28) px, `data.num_digits` digits each, label
+    = the first digit's class. Deterministic per (split, index); split 'train' draws from 450
+    digits per class of MNIST-5k, 'test' from the other 50, 'all' from both."""
+
+    video = True
+
+    @classmethod
+    def validate(cls, data):
+        from dfm_jax.data import moving_digits  # pylint: disable=g-import-not-at-top
+
+        _check_frames(data)
+        arrays.mnist5k_path()
+        if get(data, "resolution") < moving_digits.DIGIT_SIZE:
+            fail("resolution", f"moving digits need frames of at least "
+                               f"{moving_digits.DIGIT_SIZE} px, got {get(data, 'resolution')}")
+        if get(data, "num_classes") < 10:
+            fail("num_classes", f"MNIST has 10 classes, got num_classes={get(data, 'num_classes')}")
+        num_videos, num_digits = get(data, "num_videos"), get(data, "num_digits")
+        if not isinstance(num_videos, int) or num_videos < 1:
+            fail("num_videos", f"must be an int >= 1, got {num_videos!r}")
+        if not isinstance(num_digits, int) or num_digits < 1:
+            fail("num_digits", f"must be an int >= 1, got {num_digits!r}")
+        if get(data, "split") not in _MOVING_DIGITS_SEEDS:
+            fail("split", f"moving digits have splits {tuple(_MOVING_DIGITS_SEEDS)}, got "
+                          f"{get(data, 'split')!r}")
+
+    @classmethod
+    def open(cls, data, split=None):
+        split = split or get(data, "split")
+        if split not in _MOVING_DIGITS_SEEDS:
+            raise ValueError(f"moving digits have splits {tuple(_MOVING_DIGITS_SEEDS)}, got "
+                             f"{split!r}")
+        return MovingDigitsSource(data, split)
+
+
+class VideoClips:
+    """`video_files.VideoFolder` clips with the element key 'image' (uint8 [T, R, R, C]).
+
+    The folder is indexed (frame counts of every file) on first access, in each process. With
+    `skip_corrupt`, files that cannot be indexed are left out, and a clip that fails to decode
+    later is replaced by the next readable clip (as `DecodedSource` does for images).
+    """
+
+    pixels = True
+
+    def __init__(self, data):
+        self._args = dict(root=get(data, "path"), frames=get(data, "frames"),
+                          resolution=get(data, "resolution"),
+                          frame_stride=get(data, "frame_stride"), channels=get(data, "channels"),
+                          skip_corrupt=bool(get(data, "skip_corrupt")))
+        self._folder = None
+
+    def __getstate__(self):
+        return {**self.__dict__, "_folder": None}
+
+    @property
+    def folder(self):
+        if self._folder is None:
+            from dfm_jax.data.video_files import VideoFolder  # pylint: disable=g-import-not-at-top
+
+            self._folder = VideoFolder(**self._args)
+            if not len(self._folder):
+                raise ValueError(f"data.path: no readable video of at least "
+                                 f"{self._folder.span} frames in {self._args['root']!r}")
+        return self._folder
+
+    def __len__(self) -> int:
+        return len(self.folder)
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        folder_ = self.folder
+        n = len(folder_)
+        for attempt in range(min(n, _MAX_CONSECUTIVE_CORRUPT)):
+            i = (index + attempt) % n
+            try:
+                element = folder_[i]
+            except ValueError as err:  # names the file
+                if not self._args["skip_corrupt"]:
+                    raise CorruptRecordError(f"{err} (set data.skip_corrupt=True to skip "
+                                             "unreadable videos)") from err
+                _count_skip(folder_.paths[folder_.clip_location(i)[0]], err)
+                continue
+            return {"image": element["video"], "label": element["label"]}
+        raise CorruptRecordError(f"{_MAX_CONSECUTIVE_CORRUPT} consecutive unreadable clips from "
+                                 f"clip {index}")
+
+
+@SOURCES.register("video_folder")
+class VideoFolderVideos(DataSource):
+    """A folder of video files (mp4, webm, gif, ...) with one subfolder per class (see
+    `video_files.py`, needs PyAV): clips of `data.frames` frames every `data.frame_stride`
+    source frames, short side resized to `data.resolution` and centre-cropped (data.crop is
+    not used). Unreadable or too-short files raise a ValueError naming the file, or are skipped
+    with a warning under `data.skip_corrupt`."""
+
+    video = True
+
+    @classmethod
+    def validate(cls, data):
+        from dfm_jax.data import video_files  # pylint: disable=g-import-not-at-top
+
+        _check_frames(data)
+        root = get(data, "path")
+        if not root:
+            fail("path", "is empty; it must name the video folder (one subfolder per class)")
+        try:
+            _, _, classes = video_files.find_video_files(root)
+        except FileNotFoundError as err:
+            fail("path", str(err))
+        if len(classes) > get(data, "num_classes"):
+            fail("num_classes", f"{root!r} has {len(classes)} class folders but num_classes is "
+                                f"{get(data, 'num_classes')}")
+        try:
+            video_files._av()  # pylint: disable=protected-access
+        except ImportError as err:
+            fail("source", str(err))
+
+    @classmethod
+    def open(cls, data, split=None):
+        _one_split(data, split)
+        return VideoClips(data)
+
+
 def source_class(data) -> type[DataSource]:
     """The registered class of `data.source`."""
     try:

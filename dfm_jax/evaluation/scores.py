@@ -6,8 +6,9 @@ pictures and a cache shared between metrics, so FID, KID and IS run Inception on
 dict of numbers. A metric that does not apply to a config (FDD without DINOv2 weights, the
 classifier measures without a classifier) says so in ``enabled`` and is left out.
 
-Add one with ``@METRICS.register("name")`` on a :class:`Metric` subclass; video metrics (FVD,
-per-frame FID) plug in the same way.
+Add one with ``@METRICS.register("name")`` on a :class:`Metric` subclass. Video configs
+(``data.frames`` > 0, pictures ``[N, T, H, W, C]``) use ``frame_fid``, ``fvd`` and ``motion``; the
+image metrics (fid, kid, is, fdd, classifier) are disabled for them.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ class EvalContext:
 
   Attributes:
     config: the run's config (``eval`` block: weights, classifier, batch sizes).
-    fake: uint8 generated pictures ``[N, H, W, C]``.
+    fake: uint8 generated pictures ``[N, H, W, C]`` (videos: ``[N, T, H, W, C]``).
     labels: int32 ``[N]`` conditioning labels.
     load_real: returns the uint8 reference pictures ``[M, H', W', C']`` (called at most once).
     ref_key: cache key for the reference set's Inception statistics (``None``: no cache).
@@ -93,7 +94,12 @@ def _ref_cached(key: str | None) -> bool:
 
 @METRICS.register("fid")
 class FID(Metric):
-  """Frechet Inception Distance (pytorch-fid conventions, pool3 features)."""
+  """Frechet Inception Distance (pytorch-fid conventions, pool3 features); images only (videos:
+  ``frame_fid``)."""
+
+  @classmethod
+  def enabled(cls, config) -> bool:
+    return not is_video(config)
 
   def compute(self, ctx):
     r = _inception(ctx)
@@ -102,7 +108,12 @@ class FID(Metric):
 
 @METRICS.register("kid")
 class KID(Metric):
-  """Kernel Inception Distance (unbiased polynomial-kernel MMD^2 over subsets)."""
+  """Kernel Inception Distance (unbiased polynomial-kernel MMD^2 over subsets); images only
+  (videos: ``frame_fid`` also gives ``frame_kid``)."""
+
+  @classmethod
+  def enabled(cls, config) -> bool:
+    return not is_video(config)
 
   def compute(self, ctx):
     r = _inception(ctx)
@@ -111,7 +122,12 @@ class KID(Metric):
 
 @METRICS.register("is")
 class InceptionScore(Metric):
-  """Inception Score; ``None`` when the cached Inception weights lack the classifier."""
+  """Inception Score; ``None`` when the cached Inception weights lack the classifier; images
+  only."""
+
+  @classmethod
+  def enabled(cls, config) -> bool:
+    return not is_video(config)
 
   def compute(self, ctx):
     r = _inception(ctx)
@@ -125,7 +141,7 @@ class FDD(Metric):
 
   @classmethod
   def enabled(cls, config) -> bool:
-    return bool(config.eval.get("fdd_weights", ""))
+    return bool(config.eval.get("fdd_weights", "")) and not is_video(config)
 
   @classmethod
   def check_config(cls, config) -> list[str]:
@@ -147,11 +163,12 @@ class FDD(Metric):
 @METRICS.register("classifier")
 class ClassifierScores(Metric):
   """A small classifier trained on the real training split (``eval.classifier`` names it, for
-  28x28-class data): its accuracy on the conditioning labels and its Frechet distance."""
+  28x28-class data): its accuracy on the conditioning labels and its Frechet distance. Images
+  only; for moving-digits videos ``motion`` reports the per-frame accuracy."""
 
   @classmethod
   def enabled(cls, config) -> bool:
-    return bool(config.eval.get("classifier", ""))
+    return bool(config.eval.get("classifier", "")) and not is_video(config)
 
   def compute(self, ctx):
     from dfm_jax import data as data_lib  # pylint: disable=g-import-not-at-top
@@ -164,6 +181,149 @@ class ClassifierScores(Metric):
     return {"classifier_accuracy": float(clf.accuracy(ctx.fake, ctx.labels)),
             "classifier_fd": float(classifier_lib.classifier_frechet_distance(
                 clf, ctx.fake, ctx.real()))}
+
+
+# -------------------------------------------------------------------------------------------
+# Video metrics. Video configs (``data.frames`` > 0) give ``ctx.fake`` and the reference clips
+# as uint8 ``[N, T, H, W, C]``. The image metrics above (fid, kid, is, fdd, classifier) are
+# disabled for them; ``frame_fid`` is the per-frame Inception FID/KID.
+
+
+def is_video(config) -> bool:
+  """Whether ``config`` generates videos (``data.frames`` > 0)."""
+  return int(config.data.get("frames", 0)) > 0
+
+
+def frame_indices(num_frames: int, keep: int) -> np.ndarray:
+  """``keep`` frame indices spread evenly over ``[0, num_frames)`` (all frames when ``keep`` is
+  0 or at least ``num_frames``): int ``[min(keep, T)]``, first and last frame included."""
+  if keep <= 0 or keep >= num_frames:
+    return np.arange(num_frames)
+  return np.unique(np.round(np.linspace(0, num_frames - 1, keep)).astype(np.int64))
+
+
+def video_frames(videos: np.ndarray, keep: int = 0) -> np.ndarray:
+  """uint8 ``[N, T, H, W, C]`` -> the frames ``[N * K, H, W, C]`` (``K`` from
+  :func:`frame_indices`), video by video."""
+  v = np.asarray(videos)
+  if v.ndim != 5:
+    raise ValueError(f"expected videos [N, T, H, W, C], got shape {v.shape}")
+  v = v[:, frame_indices(v.shape[1], keep)]
+  return v.reshape((-1,) + v.shape[2:])
+
+
+@METRICS.register("frame_fid")
+class FrameFID(Metric):
+  """Inception FID and KID over video frames: every clip contributes ``eval.frame_fid_frames``
+  evenly spaced frames (0: all), generated and real alike; pytorch-fid conventions as ``fid``.
+  The reference statistics are cached per (reference set, frames, frame choice)."""
+
+  @classmethod
+  def enabled(cls, config) -> bool:
+    return is_video(config)
+
+  def compute(self, ctx):
+    from dfm_jax.evaluation import fid_features  # pylint: disable=g-import-not-at-top
+
+    keep = int(ctx.config.eval.get("frame_fid_frames", 0))
+    ref = reference_data(ctx.config)
+    clip = (f"T{ctx.fake.shape[1]}s{ref.get('frame_stride', 1)}d{ref.get('num_digits', 1)}"
+            f"-frames{keep}")
+    key = None if ctx.ref_key is None else f"{ctx.ref_key}-{clip}"
+    real = None if _ref_cached(key) else video_frames(ctx.real(), keep)
+    r = fid_features.compute_metrics(video_frames(ctx.fake, keep), real, ref_key=key,
+                                     batch_size=int(ctx.config.eval.get("inception_batch", 50)),
+                                     progress=ctx.progress)
+    return {"frame_fid": r["fid"], "frame_kid": r["kid"], "frame_kid_std": r["kid_std"],
+            "frame_fid_num_fake": r["num_fake"], "frame_fid_num_real": r["num_real"]}
+
+
+def fvd_clips(videos: np.ndarray, frames: int = 16) -> np.ndarray:
+  """Clips of exactly ``frames`` frames for FVD: ``[N, T, H, W, C]`` -> ``[N, frames, H, W, C]``.
+
+  The first ``frames`` frames when T >= frames (the FVD-16 convention); shorter clips are
+  resampled to ``frames`` by repeating frames (nearest neighbour in time), which I3D needs
+  (T >= 9) but which is not the standard protocol: such FVDs compare only among themselves.
+  """
+  v = np.asarray(videos)
+  t = v.shape[1]
+  if t >= frames:
+    return v[:, :frames]
+  return v[:, (np.arange(frames) * t) // frames]
+
+
+@METRICS.register("fvd")
+class FVD(Metric):
+  """Frechet Video Distance with the Kinetics-400 I3D (``eval.i3d_weights``: the user-supplied
+  ``i3d_pretrained_400.pt`` state dict, see ``i3d.py``): logits of 16-frame clips (see
+  :func:`fvd_clips`) resized to 224 px, generated vs real clips of the reference data."""
+
+  @classmethod
+  def enabled(cls, config) -> bool:
+    return is_video(config) and bool(config.eval.get("i3d_weights", ""))
+
+  @classmethod
+  def check_config(cls, config) -> list[str]:
+    path = config.eval.get("i3d_weights", "")
+    if path and not os.path.isfile(path):
+      return [f"eval.i3d_weights: file {path!r} does not exist (the Kinetics-400 I3D state "
+              "dict i3d_pretrained_400.pt)"]
+    return []
+
+  def compute(self, ctx):
+    from dfm_jax.evaluation import i3d  # pylint: disable=g-import-not-at-top
+
+    model = i3d.load_i3d(ctx.config.eval.i3d_weights)
+    batch = int(ctx.config.eval.get("i3d_batch", 8))
+    fake = i3d.i3d_features(model, fvd_clips(ctx.fake, i3d.NUM_FRAMES), batch)
+    real = i3d.i3d_features(model, fvd_clips(ctx.real(), i3d.NUM_FRAMES), batch)
+    return {"fvd": float(i3d.fvd_from_features(fake, real)), "fvd_num_fake": len(fake),
+            "fvd_num_real": len(real), "fvd_source_frames": int(ctx.fake.shape[1])}
+
+
+def digit_classifier(config):
+  """The MNIST digit classifier named ``eval.classifier`` (default ``mnist5k``), trained on the
+  5,000 embedded digits padded to 32x32 (the same weights and cache as the image configs')."""
+  from dfm_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+  from dfm_jax.evaluation import classifier as classifier_lib  # pylint: disable=g-import-not-at-top
+
+  digits = data_lib.default_data_config()  # mnist5k at 32 px, padded
+  images, labels = data_lib.load_images(digits, data_lib.dataset_size(digits), seed=0)
+  return classifier_lib.get_classifier(config.eval.get("classifier", "") or "mnist5k", images,
+                                       labels)
+
+
+@METRICS.register("motion")
+class MotionScores(Metric):
+  """Moving digits only (``motion.py``): the fraction of generated frames whose digit the MNIST
+  classifier reads as the conditioning label (``frame_accuracy``; ``real_frame_accuracy`` on the
+  reference clips for scale) and the centre-of-mass motion statistics against the reference
+  clips (``speed_ratio`` and ``roughness_ratio`` near 1 and small ``*_w1`` are faithful)."""
+
+  @classmethod
+  def enabled(cls, config) -> bool:
+    return is_video(config) and reference_data(config).get("source", "") == "moving_digits"
+
+  @classmethod
+  def check_config(cls, config) -> list[str]:
+    if cls.enabled(config) and int(config.data.frames) < 3:
+      return [f"eval.metrics: 'motion' needs clips of at least 3 frames, data.frames is "
+              f"{config.data.frames}"]
+    return []
+
+  def compute(self, ctx):
+    from dfm_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+    from dfm_jax.evaluation import motion  # pylint: disable=g-import-not-at-top
+
+    out = motion.motion_consistency(ctx.fake, ctx.real())
+    if ctx.fake.shape[-1] != 1:
+      return out
+    clf = ctx.cached("digit_classifier", lambda: digit_classifier(ctx.config))
+    out["frame_accuracy"] = motion.per_frame_accuracy(clf, ctx.fake, ctx.labels)["accuracy"]
+    real, labels = data_lib.load_images(reference_data(ctx.config), len(ctx.real()),
+                                        split=ctx.config.eval.real_split, seed=1)
+    out["real_frame_accuracy"] = motion.per_frame_accuracy(clf, real, labels)["accuracy"]
+    return out
 
 
 def reference_data(config):
