@@ -5,10 +5,16 @@ pyramid levels finer) with patch 4: both give 1024 tokens. As the paper: p_q = (
 350k steps, sampling 30 + 10 steps with tau = 0.95. `get_config('three')` is the ablation's
 3-stage 256 -> 512 -> 1024 px pyramid.
 
-`data.path` must point to precomputed latents (`latents` [N, 128, 128, 16], `labels` [N]).
+Latents come from the FLUX.1 autoencoder (`autoencoder.kind=flux1`, your `ae.safetensors`):
+128 x 128 x 16 float16 values per image, about 672 GB for the 1,281,167 training images
+(1.34 TB with `--flip`):
+
+  python -m dfm_jax.encode --config=configs/imagenet1024.py --out=gs://BUCKET/in1024_latents \
+      --config.encode.data.data_dir=/data/tfds \
+      --config.autoencoder.weights=/data/flux1/ae.safetensors
 
   python -m dfm_jax.main --config=configs/imagenet1024.py --workdir=gs://BUCKET/dfm1024 \
-      --config.data.path=/data/imagenet1024_latents.npz --config.distributed.initialize=True
+      --config.data.path=gs://BUCKET/in1024_latents --config.distributed.initialize=True
 
 Flow-matching twin (DiT-XL/4 on the 128x128 latents: same tokens and compute):
 
@@ -22,7 +28,9 @@ def get_config(arg: str = "dfm"):
   variants = parse_variants(arg, ("fm", "three", "runlocal"))
   c = paper_imagenet_config()
   c.total_steps = 350_000
-  c.data.path = "/data/imagenet1024_latents.npz"
+  c.data.path = "gs://BUCKET/in1024_latents"  # the encode command's --out
+  c.encode.data.resolution = 1024
+  c.eval.reference.resolution = 1024
   c.data.resolution = 128  # the latent grid: 1024 px through an 8x autoencoder
   c.decomposition.num_stages = 2
   c.decomposition.level_gaps = (2,)

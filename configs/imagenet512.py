@@ -6,11 +6,19 @@ Settings from the paper: p_q = (0.9, 0.1), logit-normal locations 0 (main) and 1
 stages), AdamW (0.9, 0.99), weight decay 0.01, lr 1e-4 with 10k warm-up, clipping 1.0,
 EMA 0.9999, batch 256, 500k steps; sampling 30 + 10 Euler steps with tau = 0.7.
 
-`data.path` must point to precomputed latents: an .npz with `latents` [N, 64, 64, 16] (float)
-and `labels` [N] (see README, "Training on ImageNet"). On a TPU v4-32 pod slice:
+Latents come from the FLUX.1 autoencoder (`autoencoder.kind=flux1`, your `ae.safetensors`).
+Encode the TFDS `imagenet2012` train split (prepared under `data_dir`) once into ArrayRecord
+shards; with `--flip` (mirrored copies, as the paper's augmentation) the 1,281,167 images take
+2 x 64 x 64 x 16 float16 values each: about 336 GB (168 GB without flips):
+
+  python -m dfm_jax.encode --config=configs/imagenet512.py --out=gs://BUCKET/in512_latents \
+      --flip --config.encode.data.data_dir=/data/tfds \
+      --config.autoencoder.weights=/data/flux1/ae.safetensors
+
+Train on a TPU v4-32 pod slice (every host reads the shards from gs://):
 
   python -m dfm_jax.main --config=configs/imagenet512.py --workdir=gs://BUCKET/dfm512 \
-      --config.data.path=/data/imagenet512_latents.npz --config.distributed.initialize=True
+      --config.data.path=gs://BUCKET/in512_latents --config.distributed.initialize=True
 
 Flow-matching twin (DiT-XL/2 on the 64x64 latents, same compute):
 
@@ -24,7 +32,9 @@ def get_config(arg: str = "dfm"):
   variants = parse_variants(arg, ("fm", "runlocal"))
   c = paper_imagenet_config()
   c.total_steps = 500_000
-  c.data.path = "/data/imagenet512_latents.npz"
+  c.data.path = "gs://BUCKET/in512_latents"  # the encode command's --out
+  c.encode.data.resolution = 512
+  c.eval.reference.resolution = 512
   c.data.resolution = 64  # the latent grid: 512 px through an 8x autoencoder
   c.decomposition.num_stages = 2
   c.model.patch_size = 1  # 32x32 stage: patch 1; 64x64 stage: patch 2

@@ -164,6 +164,23 @@ def paper_imagenet_config() -> ml_collections.ConfigDict:
   c.optim.ema_decay = 0.9999
   c.sampler.cfg_scale = 1.0
   c.eval.batch_size = 250
+  # The FLUX.1 autoencoder (16 channels, 8x down; scale 0.3611, shift 0.1159): its
+  # ae.safetensors (FLUX or diffusers key layout) is supplied by the user.
+  c.autoencoder.kind = "flux1"
+  c.autoencoder.weights = "/data/flux1/ae.safetensors"
+  c.autoencoder.batch_size = 16
+  # The pixels `python -m dfm_jax.encode` encodes and `--mode=eval` compares against: the
+  # ImageNet training split from TFDS (ArrayRecord build), ADM-style centre crops.
+  imagenet = data_lib.default_data_config()
+  imagenet.source = "tfds"
+  imagenet.tfds_name = "imagenet2012"
+  imagenet.channels = 3
+  imagenet.crop = "center"
+  imagenet.num_classes = 1000
+  imagenet.num_workers = 8
+  c.encode = ml_collections.ConfigDict({"data": imagenet})
+  c.eval.reference = ml_collections.ConfigDict(imagenet.to_dict())
+  c.eval.num_real = 50_000
   return c
 
 
