@@ -150,6 +150,8 @@ def encode_dataset(config, out: str, *, flip: bool = False, shard_size: int = 10
     raise ValueError(f"--shard_size must be a positive int, got {shard_size!r}")
   if not out:
     raise ValueError("--out is empty; give the shard folder (local or gs://)")
+  if "://" not in out and os.path.exists(out) and not os.path.isdir(out):
+    raise ValueError(f"--out {out} is a file; give the shard folder (local or gs://)")
   data = pixel_data_config(config)
   data_lib.validate_data_config(data)
   resolution, channels = int(data.get("resolution")), int(data.get("channels"))
@@ -284,21 +286,11 @@ def main(argv):
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-  """absl flag parsing with config-file problems reported as one ``error: ...`` line and exit
-  code 2 (as in `dfm_jax.main`, whose flags cannot be imported next to these)."""
-  try:
-    return FLAGS(argv)
-  except flags.Error as e:
-    message = str(e)
-  except (KeyError, AttributeError) as e:  # ml_collections: unknown field, with a hint
-    message = str(e.args[0] if e.args else e)
-  except (OSError, SyntaxError, ImportError, TypeError, ValueError) as e:
-    message = f"{type(e).__name__}: {e}"
-  if "--debug" in argv or os.environ.get("DFM_JAX_DEBUG", "") not in ("", "0"):
-    raise
-  print(f"error: {message.strip()}", file=sys.stderr)
-  print("Pass --helpfull to see the flags.", file=sys.stderr)
-  sys.exit(2)
+  """absl flag parsing with flag and config-file problems reported as one ``error: ...`` line and
+  exit code 2 (as in `dfm_jax.main`, whose flags cannot be imported next to these)."""
+  from dfm_jax import cli_errors  # pylint: disable=g-import-not-at-top
+
+  return cli_errors.parse_flags(FLAGS, argv)
 
 
 def run():

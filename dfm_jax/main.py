@@ -5,7 +5,8 @@ Modes: ``train`` (default; re-running resumes from the newest intact checkpoint)
 ``eval.metrics``). Override any config field with ``--config.FIELD=VALUE``. Sample and eval read
 no training data.
 
-Exit codes: 0 done; 1 an error, reported as one ``error: ...`` line (``--debug`` or
+Exit codes: 0 done; 2 a bad flag, config file or ``--workdir`` (one ``error: ...`` line);
+1 an error, reported as one ``error: ...`` line (``--debug`` or
 ``DFM_JAX_DEBUG=1`` shows the traceback); 75 (``EX_TEMPFAIL``) stopped by SIGTERM or Ctrl-C
 after saving a checkpoint: run the same command again to resume (schedulers may requeue on it);
 130 interrupted by Ctrl-C outside training (nothing to save).
@@ -75,34 +76,47 @@ def main(argv):
   except expected_errors() as e:
     if debug:
       raise
-    print(f"error: {e}", file=sys.stderr, flush=True)
+    print(f"error: {_message(e)}", file=sys.stderr, flush=True)
     sys.exit(EXIT_ERROR)
 
 
+def _message(e: BaseException) -> str:
+  """The error's text; a heading with a single ``- item`` under it reads as one line."""
+  lines = str(e).strip().splitlines()
+  if len(lines) == 2 and lines[0].endswith(":") and lines[1].lstrip().startswith("- "):
+    return f"{lines[0]} {lines[1].lstrip()[2:]}"
+  return "\n".join(lines)
+
+
 class _QuietLibraries(std_logging.Filter):
-  """Keeps the checkpoint and input libraries' per-operation INFO lines out of the log."""
+  """Keeps the checkpoint and input libraries' per-operation INFO lines out of the log, and the
+  tracebacks of the errors they log and hand on (a failed background save reaches the caller and
+  is reported as one ``error: ...`` line; ``--debug`` keeps the traceback)."""
 
   def filter(self, record):
     noisy = any(name in record.pathname for name in ("orbax", "grain", "tensorstore"))
+    if noisy and record.exc_info and not _debug():
+      record.exc_info, record.exc_text = None, None
     return record.levelno >= std_logging.WARNING or not noisy
 
 
+def _debug() -> bool:
+  flag = FLAGS.is_parsed() and FLAGS.debug
+  return bool(flag) or os.environ.get("DFM_JAX_DEBUG", "") not in ("", "0")
+
+
 def parse_flags(argv: list[str]) -> list[str]:
-  """absl flag parsing with config-file problems (missing file, syntax error, unknown field,
-  wrong type) reported as one ``error: ...`` line and exit code 2."""
-  try:
-    return FLAGS(argv)
-  except flags.Error as e:
-    message = str(e)
-  except (KeyError, AttributeError) as e:  # ml_collections: unknown field, with a hint
-    message = str(e.args[0] if e.args else e)
-  except (OSError, SyntaxError, ImportError, TypeError, ValueError) as e:
-    message = f"{type(e).__name__}: {e}"
-  if "--debug" in argv or os.environ.get("DFM_JAX_DEBUG", "") not in ("", "0"):
-    raise
-  print(f"error: {message.strip()}", file=sys.stderr)
-  print("Pass --helpfull to see the flags.", file=sys.stderr)
-  sys.exit(2)
+  """absl flag parsing with flag and config-file problems (missing file, syntax error, unknown
+  field, wrong type) and a ``--workdir`` that is not a folder reported as one ``error: ...`` line
+  and exit code 2."""
+  from dfm_jax import cli_errors  # pylint: disable=g-import-not-at-top
+
+  rest = cli_errors.parse_flags(FLAGS, argv)
+  workdir = FLAGS.workdir
+  if "://" not in workdir and os.path.exists(workdir) and not os.path.isdir(workdir):
+    print(f"error: --workdir {workdir} is a file, not a folder", file=sys.stderr)
+    sys.exit(cli_errors.EXIT_USAGE)
+  return rest
 
 
 def run():

@@ -241,10 +241,30 @@ def save_samples_npz(path, pictures: np.ndarray, labels: np.ndarray,
     np.savez_compressed(f, **arrays)
 
 
+def check_writable(folder) -> None:
+  """Creates ``folder`` and writes and deletes a probe file in it.
+
+  Raises:
+    OSError: one line naming the folder and the reason.
+  """
+  folder = epath.Path(folder)
+  probe = folder / f".write_check.{jax.process_index()}"
+  try:
+    folder.mkdir(parents=True, exist_ok=True)
+    probe.write_text("")
+    probe.unlink()
+  except OSError as e:
+    reason = ("a file is in the way" if isinstance(e, (FileExistsError, NotADirectoryError))
+              else e.strerror or str(e))
+    raise OSError(f"cannot write samples to {folder}: {reason}") from e
+
+
 def sample_mode(config: ml_collections.ConfigDict, workdir: str) -> str:
   """Writes ``workdir/samples/final_step{N}.{png,npz,json}`` (videos: also ``.gif`` and, where
   PyAV has an MP4 encoder, ``.mp4``; the PNG is then a contact sheet); returns the .npz path."""
   run, ema, step = restore_ema(config, workdir, int(config.sampler.checkpoint_step))
+  if jax.process_index() == 0:
+    check_writable(epath.Path(workdir) / "samples")  # before the sampling, not after it
   s = config.sampler
   samples, labels = sample_images(run, ema, int(s.num_samples), int(s.batch_size),
                                   config.seed + 1)

@@ -1,0 +1,90 @@
+"""Flag parsing for the command lines (``dfm_jax.main``, ``dfm_jax.encode``) with problems in the
+flags or the config file reported as one ``error: ...`` line and exit code 2.
+
+``ml_collections`` reports a config file it cannot open over several lines, and without
+``--config.X`` overrides only on the first use of the config (deep inside the run); an unknown
+field comes back as the repr of a repr. Here each becomes one line, before anything runs.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import sys
+
+from absl import flags
+
+EXIT_USAGE = 2
+
+
+def debug_requested(argv: list[str]) -> bool:
+  return "--debug" in argv or os.environ.get("DFM_JAX_DEBUG", "") not in ("", "0")
+
+
+def parse_flags(flag_values: flags.FlagValues, argv: list[str], config_flag: str = "config"
+                ) -> list[str]:
+  """``flag_values(argv)``; on a bad flag or config file prints one line and exits 2."""
+  hint = False
+  try:
+    rest = flag_values(argv)
+    _raise_deferred_load_error(flag_values, config_flag)
+    return rest
+  except flags.Error as e:
+    if debug_requested(argv):
+      raise
+    message, hint = str(e), True
+  except (KeyError, AttributeError) as e:  # ml_collections: unknown field, maybe with a hint
+    if debug_requested(argv):
+      raise
+    message = _unknown_field(e, argv, config_flag)
+  except (OSError, SyntaxError, ImportError, TypeError, ValueError) as e:
+    if debug_requested(argv):
+      raise
+    message = _load_error(e)
+  print(f"error: {' '.join(message.split())}", file=sys.stderr)
+  if hint:
+    print("Pass --helpfull to see the flags.", file=sys.stderr)
+  sys.exit(EXIT_USAGE)
+
+
+def _raise_deferred_load_error(flag_values: flags.FlagValues, name: str) -> None:
+  """ml_collections keeps a config file it could not load as a placeholder that raises on first
+  use; raise its error now."""
+  if name not in flag_values:
+    return
+  error = getattr(flag_values[name].value, "__dict__", {}).get("_error")
+  if isinstance(error, BaseException):
+    raise error
+
+
+def _load_error(e: BaseException) -> str:
+  if isinstance(e, OSError):
+    # "Failed loading config file ...\n  Attempted [...]:\n ...\n  [Errno 2] No such file ...":
+    # the last line names the file and the reason.
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    last = lines[-1] if lines else type(e).__name__
+    last = last.split("earlier failure to load: ")[-1]
+    return f"cannot load the config file: {last}"
+  return f"{type(e).__name__}: {e}"
+
+
+def _unknown_field(e: BaseException, argv: list[str], config_flag: str) -> str:
+  """``unknown config field 'x' (--config.a.x): Did you mean "y" ...?``"""
+  text = e
+  while isinstance(text, BaseException):  # AttributeError(KeyError("'x'\nDid you mean ..."))
+    text = text.args[0] if text.args else str(text)
+  for _ in range(3):  # the field name may arrive as (a repr of) a repr
+    if not (isinstance(text, str) and len(text) > 1 and text[0] == text[-1] and text[0] in "'\""):
+      break
+    try:
+      text = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      break
+  lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+  name = lines[0].strip("'\"") if lines else "?"
+  prefix = f"--{config_flag}."
+  named = [a.split("=", 1)[0] for a in argv
+           if a.startswith(prefix) and name in a.split("=", 1)[0].split(".")]
+  where = f" ({named[0]})" if named else ""
+  hint = f": {' '.join(lines[1:])}" if len(lines) > 1 else ""
+  return f"unknown config field {name!r}{where}{hint}"

@@ -1,0 +1,321 @@
+"""No silent data loss, through the real command line as a hostile but realistic user runs it: a
+second trainer on a busy workdir, a resume with another model, Ctrl-C during training and during
+start-up, a damaged checkpoint, a full disk during a save, bad configs and workdirs, sample mode
+that cannot write, and the encode and fid tools on bad inputs.
+
+Each case checks its row of the table in ``docs/reliability.md`` (exit code, message, command)
+with ``check_row``, so the doc cannot drift from what the CLI does. The training runs share one
+uninterrupted reference run (8 steps of ``configs/default.py:runlocal``)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from tests.test_reliability_doc import check_row
+from tests.train_utils import REPO, env, main_command, read_checkpoint, run_main, tiny_flags
+
+pytestmark = pytest.mark.integration
+
+STEPS = 8
+FLAGS = tiny_flags(total_steps=STEPS)
+FAULT_HOOKS = os.path.join(REPO, "tests", "fault_hooks")
+
+
+def _wait_for(predicate, what: str, proc: subprocess.Popen | None = None, timeout: float = 300):
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    if predicate():
+      return
+    if proc is not None and proc.poll() is not None:
+      pytest.fail(f"the run ended ({proc.returncode}) before {what}")
+    time.sleep(0.01)
+  pytest.fail(f"timed out waiting for {what}")
+
+
+def _steps(workdir: str) -> list[int]:
+  d = os.path.join(workdir, "checkpoints")
+  return sorted(int(n) for n in os.listdir(d) if n.isdigit()) if os.path.isdir(d) else []
+
+
+def _snapshot(folder: str) -> dict[str, str]:
+  """{relative path: SHA-256} of every file under ``folder``."""
+  out = {}
+  for root, _, files in os.walk(folder):
+    for name in files:
+      path = os.path.join(root, name)
+      with open(path, "rb") as f:
+        out[os.path.relpath(path, folder)] = hashlib.sha256(f.read()).hexdigest()
+  return out
+
+
+def _error_line(stderr: str, single: bool = True) -> str:
+  """The ``error: ...`` line; with ``single``, also that it is the only one, the last line and
+  that there is no traceback."""
+  assert "Traceback" not in stderr, stderr[-3000:]
+  lines = [line for line in stderr.splitlines() if line.startswith("error: ")]
+  assert len(lines) == 1, stderr[-3000:]
+  if single:
+    assert stderr.rstrip().splitlines()[-1] == lines[0], stderr[-3000:]
+  return lines[0]
+
+
+def _log_line(stderr: str, needle: str) -> str:
+  lines = [line for line in stderr.splitlines() if needle in line]
+  assert len(lines) == 1, stderr[-3000:]
+  return lines[0]
+
+
+def _assert_same_parameters(workdir: str, reference: str, step: int = STEPS):
+  got, want = read_checkpoint(workdir, step), read_checkpoint(reference, step)
+  assert got.keys() == want.keys()
+  for key in want:
+    np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+
+
+def _run(cmd: list[str], extra_env: dict | None = None) -> subprocess.CompletedProcess:
+  return subprocess.run(cmd, cwd=REPO, env={**env(), **(extra_env or {})}, capture_output=True,
+                        text=True, timeout=600)
+
+
+# ------------------------------------------------- the reference run and a second trainer on it
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+  """An uninterrupted run; while it starts up, a second trainer is started on its workdir.
+
+  Returns ``(workdir, first, second, first_was_running)``."""
+  root = tmp_path_factory.mktemp("reference")
+  workdir = str(root / "run")
+  cmd = main_command(workdir, *FLAGS)
+  with open(root / "first.out", "w") as out, open(root / "first.err", "w") as err:
+    first = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=out, stderr=err, text=True)
+    _wait_for(lambda: os.path.exists(os.path.join(workdir, ".lock")), "the workdir lock", first)
+    second = _run(cmd)
+    first_was_running = first.poll() is None
+    first.wait(timeout=600)
+  first_output = (root / "first.out").read_text() + (root / "first.err").read_text()
+  assert first.returncode == 0, first_output[-3000:]
+  return workdir, (cmd, first.pid, first_output), second, first_was_running
+
+
+def test_second_trainer_is_refused_and_the_first_finishes(reference):
+  workdir, (cmd, pid, first_output), second, first_was_running = reference
+  assert first_was_running, "the first trainer ended before the second one was refused"
+  check_row("second-trainer", cmd, second.returncode, _error_line(second.stderr),
+            workdir=workdir, host=socket.gethostname(), pid=pid)
+  assert "Traceback" not in first_output and f"step {STEPS}/{STEPS}" in first_output
+  assert _steps(workdir)[-1] == STEPS
+  assert not os.path.exists(os.path.join(workdir, ".lock"))
+
+
+# ------------------------------------------------------------------ resume with another model
+
+
+def test_resume_with_another_model_names_tensors_and_changes_nothing(reference, tmp_path):
+  workdir = str(tmp_path / "run")
+  shutil.copytree(reference[0], workdir)
+  before = _snapshot(workdir)
+  cmd = main_command(workdir, *FLAGS, "--config.model.hidden_size=64")
+  proc = _run(cmd)
+  check_row("other-model", cmd, proc.returncode, _error_line(proc.stderr, single=False),
+            checkpoints=os.path.join(workdir, "checkpoints"))
+  assert "shape differs:" in proc.stderr and "saved (" in proc.stderr
+  assert "vs model (" in proc.stderr and "config.json" in proc.stderr
+  assert _snapshot(workdir) == before  # config.json, checkpoints: byte-identical, nothing new
+
+
+# ----------------------------------------------------------------------------------- Ctrl-C
+
+
+def test_ctrl_c_saves_then_a_rerun_resumes_to_the_same_parameters(reference, tmp_path):
+  workdir = str(tmp_path / "run")
+  cmd = main_command(workdir, *FLAGS)
+  with open(tmp_path / "err", "w") as err:
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=err,
+                            text=True)
+    for line in proc.stdout:
+      if line.startswith("step "):
+        proc.send_signal(signal.SIGINT)
+        break
+    proc.communicate(timeout=300)
+  stderr = (tmp_path / "err").read_text()
+  assert "Traceback" not in stderr, stderr[-3000:]
+  stopped = _steps(workdir)[-1]
+  assert 0 < stopped < STEPS
+  check_row("ctrl-c-training", cmd, proc.returncode,
+            _log_line(stderr, "re-run the same command to resume"), step=stopped)
+
+  rerun = run_main(workdir, *FLAGS)
+  assert f"resuming from checkpoint at step {stopped}" in rerun.stderr
+  _assert_same_parameters(workdir, reference[0])
+
+
+def test_ctrl_c_during_start_up_exits_130_and_leaves_no_checkpoint(tmp_path):
+  workdir = str(tmp_path / "run")
+  cmd = main_command(workdir, *FLAGS)
+  proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  _wait_for(lambda: os.path.exists(os.path.join(workdir, ".lock")), "the workdir lock", proc)
+  proc.send_signal(signal.SIGINT)
+  out, err = proc.communicate(timeout=300)
+  assert "Traceback" not in err and "step " not in out, err[-3000:]
+  check_row("ctrl-c-startup", cmd, proc.returncode, err.rstrip().splitlines()[-1])
+  assert _steps(workdir) == []
+  assert not os.path.exists(os.path.join(workdir, ".lock"))
+
+
+# ------------------------------------------------------------------------- damaged checkpoint
+
+
+def test_damaged_newest_checkpoint_is_quarantined_and_the_run_finishes(reference, tmp_path):
+  workdir = str(tmp_path / "run")
+  shutil.copytree(reference[0], workdir)
+  checkpoints = os.path.join(workdir, "checkpoints")
+  data = os.path.join(checkpoints, str(STEPS), "state", "d")
+  (name,) = sorted(os.listdir(data), key=lambda n: -os.path.getsize(os.path.join(data, n)))[:1]
+  with open(os.path.join(data, name), "r+b") as f:
+    size = f.seek(0, os.SEEK_END)
+    f.seek(size // 2)
+    f.write(bytes(64))  # zeros over the middle of the largest array file
+  cmd = main_command(workdir, *FLAGS)
+  proc = _run(cmd)
+  assert "Traceback" not in proc.stderr
+  check_row("corrupt-checkpoint", cmd, proc.returncode, _log_line(proc.stderr, "is damaged"),
+            checkpoints=checkpoints)
+  assert f"resuming from checkpoint at step {STEPS - 2}" in proc.stderr
+  (moved,) = os.listdir(os.path.join(checkpoints, "quarantine"))
+  assert moved.startswith(f"{STEPS}-")
+  _assert_same_parameters(workdir, reference[0])
+
+
+# -------------------------------------------------------------------------------- failed save
+
+
+def test_failed_save_stops_the_run_and_keeps_the_last_good_checkpoint(reference, tmp_path):
+  """The disk fills up while step 4 is saved (root ignores permissions, so the fault is injected
+  by tests/fault_hooks/sitecustomize.py)."""
+  workdir = str(tmp_path / "run")
+  cmd = main_command(workdir, *FLAGS)
+  pythonpath = os.pathsep.join(p for p in (FAULT_HOOKS, os.environ.get("PYTHONPATH")) if p)
+  proc = _run(cmd, {"PYTHONPATH": pythonpath, "DFM_TEST_FAIL_SAVE_AT_STEP": "4"})
+  check_row("failed-save", cmd, proc.returncode, _error_line(proc.stderr),
+            checkpoints=os.path.join(workdir, "checkpoints"))
+  assert _steps(workdir) == [2]
+  _assert_same_parameters(workdir, reference[0], step=2)
+  assert not os.path.exists(os.path.join(workdir, ".lock"))
+
+
+# ---------------------------------------------------------------------- bad configs, workdirs
+
+
+@pytest.mark.parametrize("case, overrides", [
+    ("nan-learning-rate", ["--config.optim.learning_rate=nan"]),
+    ("unknown-field", ["--config.optim.learning_rat=0.001"]),
+])
+def test_bad_config_value_is_one_line_and_writes_nothing(tmp_path, case, overrides):
+  workdir = str(tmp_path / "run")
+  cmd = main_command(workdir, *overrides)
+  proc = _run(cmd)
+  check_row(case, cmd, proc.returncode, _error_line(proc.stderr))
+  assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("case, text", [
+    ("missing-config", None),
+    ("config-syntax-error", "def get_config(:\n  return None\n"),
+])
+def test_bad_config_file_is_one_line_and_writes_nothing(tmp_path, case, text):
+  path = tmp_path / "config.py"
+  if text is not None:
+    path.write_text(text)
+  workdir = str(tmp_path / "run")
+  cmd = [sys.executable, "-m", "dfm_jax.main", f"--config={path}", f"--workdir={workdir}"]
+  proc = _run(cmd)
+  check_row(case, cmd, proc.returncode, _error_line(proc.stderr), path=path, file=path.name)
+  assert not os.path.exists(workdir)
+
+
+def test_workdir_that_is_a_file_is_left_alone(tmp_path):
+  path = tmp_path / "notes.txt"
+  path.write_text("not a workdir")
+  cmd = main_command(str(path), *FLAGS)
+  proc = _run(cmd)
+  check_row("workdir-is-file", cmd, proc.returncode, _error_line(proc.stderr), path=path)
+  assert path.read_text() == "not a workdir" and os.listdir(tmp_path) == ["notes.txt"]
+
+
+# -------------------------------------------------------------------------------- sample mode
+
+
+def test_sample_mode_fails_before_sampling_when_it_cannot_write(reference, tmp_path):
+  workdir = str(tmp_path / "run")
+  shutil.copytree(reference[0], workdir)
+  blocker = os.path.join(workdir, "samples")
+  with open(blocker, "w") as f:
+    f.write("in the way")
+  cmd = main_command(workdir, *FLAGS, "--mode=sample")
+  proc = _run(cmd)
+  check_row("sample-unwritable", cmd, proc.returncode, _error_line(proc.stderr), workdir=workdir)
+  assert "sampling:" not in proc.stderr  # no progress line: it failed before sampling
+  with open(blocker) as f:
+    assert f.read() == "in the way"
+
+
+def test_sample_mode_without_a_checkpoint(tmp_path):
+  workdir = str(tmp_path / "run")
+  cmd = main_command(workdir, *FLAGS, "--mode=sample")
+  proc = _run(cmd)
+  check_row("sample-no-checkpoint", cmd, proc.returncode, _error_line(proc.stderr),
+            checkpoints=os.path.join(workdir, "checkpoints"))
+  assert not os.path.exists(os.path.join(workdir, "samples"))
+
+
+# ----------------------------------------------------------------------------- encode and fid
+
+
+def _encode_command(out: str, *extra: str, config: str = "configs/default.py:runlocal"):
+  return [sys.executable, "-m", "dfm_jax.encode", f"--config={config}", f"--out={out}", *extra]
+
+
+def test_encode_bad_inputs_are_one_line(tmp_path):
+  cmd = _encode_command(str(tmp_path / "out"), "--config.data.source=latents")
+  proc = _run(cmd)
+  check_row("encode-no-pixels", cmd, proc.returncode, _error_line(proc.stderr))
+
+  path = tmp_path / "a_file"
+  path.write_text("x")
+  cmd = _encode_command(str(path))
+  proc = _run(cmd)
+  check_row("encode-out-is-file", cmd, proc.returncode, _error_line(proc.stderr), path=path)
+  assert path.read_text() == "x"
+
+  missing = tmp_path / "missing.py"
+  cmd = _encode_command(str(tmp_path / "out"), config=str(missing))
+  proc = _run(cmd)
+  check_row("encode-missing-config", cmd, proc.returncode, _error_line(proc.stderr), path=missing)
+  assert sorted(os.listdir(tmp_path)) == ["a_file"]
+
+
+def test_fid_bad_inputs_are_one_line(tmp_path):
+  good = tmp_path / "good.npz"
+  np.savez(good, images=np.zeros((3, 8, 8, 3), np.uint8))
+  missing = tmp_path / "nowhere"
+  cmd = [sys.executable, "-m", "dfm_jax.fid", str(missing), str(good)]
+  proc = _run(cmd)
+  check_row("fid-missing-path", cmd, proc.returncode, _error_line(proc.stderr), path=missing)
+  text = tmp_path / "notes.txt"
+  text.write_text("not images")
+  cmd = [sys.executable, "-m", "dfm_jax.fid", str(text), str(good)]
+  proc = _run(cmd)
+  check_row("fid-not-images", cmd, proc.returncode, _error_line(proc.stderr), path=text)
