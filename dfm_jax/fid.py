@@ -1,6 +1,6 @@
 """Compare two image sets with FID, KID and the Inception Score, pytorch-fid style.
 
-    python -m dfm_jax.fid PATH_A PATH_B [--batch-size N]
+    python -m dfm_jax.fid PATH_A PATH_B [--batch-size N] [--fdd-weights DINOV2.pth]
 
 Each path is a folder of images (searched recursively; .png, .jpg, .jpeg, .bmp, .ppm, .pgm,
 .tif, .tiff, .webp, read as RGB) or an ``.npz`` holding uint8 images ``[N, H, W, C]`` with C in
@@ -10,7 +10,10 @@ several arrays and none of these names is refused, listing its keys. Channels-fi
 ``[N, C, H, W]`` are refused with the transpose that fixes them. Progress goes to stderr; the last
 stdout line is a JSON object ``{"fid", "kid", "kid_std", "is", "is_std", "num_a", "num_b"}``
 where the Inception Score is that of PATH_A (``null`` when the cached weights lack the
-classifier). The weights come from ``python -m dfm_jax.evaluation.weights``.
+classifier). The weights come from ``python -m dfm_jax.evaluation.weights``. With
+``--fdd-weights`` (an official DINOv2 checkpoint such as ``dinov2_vitl14_pretrain.pth``) the JSON
+also holds ``fdd``, the Frechet distance in DINOv2 CLS features (FD-DINOv2: bicubic antialiased
+resize to 224, ImageNet normalisation; see ``dfm_jax.evaluation.dinov2``).
 
 Bad inputs (missing paths, unreadable or truncated files, wrong keys, dtypes or shapes) print one
 line ``error: ...`` on stderr and exit with status 2; missing or unreadable Inception weights exit
@@ -121,9 +124,14 @@ def main(argv=None) -> int:
     parser.add_argument("path_a", help="generated images: folder or .npz")
     parser.add_argument("path_b", help="reference images: folder or .npz")
     parser.add_argument("--batch-size", type=int, default=50, help="images per network call")
+    parser.add_argument("--fdd-weights", metavar="PATH", default=None,
+                        help="official DINOv2 checkpoint (.pth): also report FDD")
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error("--batch-size must be positive")
+    if args.fdd_weights is not None and not Path(args.fdd_weights).is_file():
+        print(f"error: --fdd-weights: no such file: {args.fdd_weights}", file=sys.stderr)
+        return 2
     try:
         images_a, images_b = load_images(args.path_a), load_images(args.path_b)
     except InputError as e:
@@ -155,9 +163,21 @@ def main(argv=None) -> int:
         print("note: the cached Inception weights have no classifier, so no Inception Score; "
               "convert pytorch-fid's pt_inception-2015-12-05-6726825d.pth with "
               "`python -m dfm_jax.evaluation.weights --from-pth PATH` to get it", file=sys.stderr)
-    print(json.dumps({"fid": result["fid"], "kid": result["kid"], "kid_std": result["kid_std"],
-                      "is": result["is"], "is_std": result["is_std"],
-                      "num_a": result["num_fake"], "num_b": result["num_real"]}))
+    out = {"fid": result["fid"], "kid": result["kid"], "kid_std": result["kid_std"],
+           "is": result["is"], "is_std": result["is_std"],
+           "num_a": result["num_fake"], "num_b": result["num_real"]}
+    if args.fdd_weights is not None:
+        from dfm_jax.evaluation import dinov2
+
+        try:
+            model = dinov2.load_dinov2(args.fdd_weights)
+        except (KeyError, ValueError, OSError) as e:
+            print(f"error: --fdd-weights {args.fdd_weights}: {e}", file=sys.stderr)
+            return 2
+        out["fdd"] = dinov2.frechet_distance_of_features(
+            dinov2.dinov2_features(model, fid_features.to_rgb_uint8(np.stack(images_a))),
+            dinov2.dinov2_features(model, fid_features.to_rgb_uint8(np.stack(images_b))))
+    print(json.dumps(out))
     return 0
 
 
