@@ -198,7 +198,7 @@ def _folder_with_truncated_png(root):
 
 
 def test_corrupt_png_error_names_the_file(tmp_path):
-    bad = _folder_with_truncated_png(str(tmp_path))
+    _folder_with_truncated_png(str(tmp_path))
     c = cfg(source="folder", path=str(tmp_path), resolution=8)
     with pytest.raises(D.CorruptRecordError, match=r"2_bad\.png"):
         D.load_images(c, 5)
