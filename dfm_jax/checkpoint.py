@@ -2,7 +2,10 @@
 
 Each step directory is written under a temporary name and renamed when complete, so a process
 killed at any moment (even inside an async save) leaves the latest complete checkpoint intact;
-an unfinished temporary directory is ignored on restart.
+an unfinished temporary directory is ignored on restart. On object stores (``gs://``), where a
+rename copies every object, a step is written in place and marked complete by Orbax's
+``commit_success.txt``, written last; a step directory without it is unfinished and ignored.
+All directory work goes through ``etils.epath``, so ``directory`` may be local or ``gs://``.
 
 Integrity. Every step also holds an ``integrity`` item (a JSON manifest, written by the same
 atomic save, so a step directory has it or is not finalized) with
@@ -62,6 +65,7 @@ INTEGRITY_ITEM = "integrity"
 QUARANTINE_DIR = "quarantine"
 _MANIFEST_FILE = "metadata"  # what ocp.args.JsonSave writes inside the item directory
 _STEP_METADATA_FILE = "_CHECKPOINT_METADATA"
+_COMMIT_FILE = "commit_success.txt"  # Orbax's completion marker of a step written in place
 
 _log = logging.getLogger(__name__)
 
@@ -92,11 +96,12 @@ class Checkpointer:
   """Saves and restores ``{'state': nnx.State, 'data_iter': grain iterator}`` by step."""
 
   def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
-    self.directory = os.path.abspath(directory)
+    self.directory = _absolute(directory)
+    mode = (ocp.options.AtomicityMode.COMMIT_FILE if _is_url(self.directory)
+            else ocp.options.AtomicityMode.ATOMIC_RENAME)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
-        atomicity_options=ocp.options.AtomicityOptions(
-            mode=ocp.options.AtomicityMode.ATOMIC_RENAME))
+        atomicity_options=ocp.options.AtomicityOptions(mode=mode))
     self.manager = ocp.CheckpointManager(self.directory, options=options,
                                          item_names=("state", "data_iter", INTEGRITY_ITEM))
     self._in_flight: int | None = None  # the step of the last save dispatched
@@ -240,7 +245,7 @@ class Checkpointer:
       except CheckpointCorruptError as e:
         where = self.quarantine(step, e.reason)
         _log.warning("%s; moved it to %s and trying the previous step", e, where)
-    if os.path.isdir(os.path.join(self.directory, QUARANTINE_DIR)):
+    if (epath.Path(self.directory) / QUARANTINE_DIR).is_dir():
       _log.warning("no intact checkpoint left in %s (damaged steps are in %s/)", self.directory,
                    QUARANTINE_DIR)
     return None, None
@@ -248,28 +253,31 @@ class Checkpointer:
   def quarantine(self, step: int, reason: str) -> str:
     """Moves step ``step`` to ``<directory>/quarantine/<step>-<reason>[-k]`` (process 0 renames,
     all processes wait); returns the new path."""
-    source = os.path.join(self.directory, str(step))
-    folder = os.path.join(self.directory, QUARANTINE_DIR)
+    source = epath.Path(self.directory) / str(step)
+    folder = epath.Path(self.directory) / QUARANTINE_DIR
     slug = "".join(c if c.isalnum() or c in "-_" else "-" for c in reason)[:40] or "damaged"
-    target = os.path.join(folder, f"{step}-{slug}")
+    target = folder / f"{step}-{slug}"
     if jax.process_index() == 0:
-      os.makedirs(folder, exist_ok=True)
+      folder.mkdir(parents=True, exist_ok=True)
       k = 1
-      while os.path.exists(target):
+      while target.exists():
         k += 1
-        target = os.path.join(folder, f"{step}-{slug}-{k}")
-      if os.path.exists(source):
-        os.rename(source, target)
+        target = folder / f"{step}-{slug}-{k}"
+      if source.exists():
+        _move_dir(source, target)
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices(f"dfm_jax_quarantine_{step}")
     self.manager.reload()
-    return target
+    return os.fspath(target)
 
   def _candidate_steps(self) -> set[int]:
-    on_disk = set()
-    if os.path.isdir(self.directory):
-      on_disk = {int(n) for n in os.listdir(self.directory)
-                 if n.isdigit() and os.path.isdir(os.path.join(self.directory, n))}
+    """Finalized steps plus step directories Orbax does not list (e.g. damaged metadata); on
+    object stores only those holding the commit file (the others are unfinished saves)."""
+    root, on_disk = epath.Path(self.directory), set()
+    if root.is_dir():
+      url = _is_url(self.directory)
+      on_disk = {int(p.name) for p in root.iterdir() if p.name.isdigit() and p.is_dir()
+                 and (not url or (p / _COMMIT_FILE).exists())}
     return on_disk | set(self.manager.all_steps())
 
   def _check_structure(self, step: int, target: dict) -> None:
@@ -610,12 +618,40 @@ def _one_line(e: BaseException, limit: int = 300) -> str:
   return out if len(out) <= limit else out[:limit - 3] + "..."
 
 
+def _move_dir(source: epath.Path, target: epath.Path) -> None:
+  """Renames a directory; on object stores (no directories, no rename) copies every object,
+  then deletes the source, so an interrupted move leaves the source whole."""
+  if not _is_url(os.fspath(source)):
+    source.rename(target)
+    return
+
+  def copy(src: epath.Path, dst: epath.Path) -> None:
+    for p in src.iterdir():
+      if p.is_dir():
+        copy(p, dst / p.name)
+      else:
+        p.copy(dst / p.name, overwrite=True)
+
+  copy(source, target)
+  source.rmtree()
+
+
+def _is_url(path: str) -> bool:
+  return "://" in os.fspath(path)
+
+
+def _absolute(path: str) -> str:
+  """A URL as given; a local path made absolute (Orbax wants absolute directories)."""
+  path = os.fspath(path)
+  return path if _is_url(path) else os.path.abspath(path)  # a string operation, no I/O
+
+
 def save_json(path: str, obj: Any) -> None:
-  """Writes JSON atomically (temporary file + rename) on process 0."""
+  """Writes JSON atomically (temporary file + rename, local or ``gs://``) on process 0."""
   if jax.process_index() != 0:
     return
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True, default=str)
-  os.replace(tmp, path)
+  path = epath.Path(_absolute(path))
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.parent / (path.name + ".tmp")
+  tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
+  tmp.replace(path)

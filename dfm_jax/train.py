@@ -12,7 +12,9 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import shutil
 import signal
+import tempfile
 import threading
 import time
 
@@ -233,7 +235,8 @@ def _loop(run: Run, ckpt: checkpoint.Checkpointer, data_iter, state, start: int)
   try:
     for step in range(start, config.total_steps):
       if profile and step + 1 == profile[0]:
-        jax.profiler.start_trace(str(epath.Path(workdir) / "profile"))
+        trace_dir = _trace_dir(workdir)
+        jax.profiler.start_trace(trace_dir)
       if batch_local is None:
         t_data = time.time()
         batch_local = next(data_iter)
@@ -248,6 +251,7 @@ def _loop(run: Run, ckpt: checkpoint.Checkpointer, data_iter, state, start: int)
       if profile and done == profile[-1]:
         jax.block_until_ready(state)
         jax.profiler.stop_trace()
+        _publish_trace(trace_dir, workdir)
         logging.info("profiler trace of steps %d-%d written to %s/profile", *profile[:1],
                      done, workdir)
       if config.stop_on_nonfinite and (done % config.log_every == 0 or last or
@@ -286,6 +290,33 @@ def _loop(run: Run, ckpt: checkpoint.Checkpointer, data_iter, state, start: int)
     writer.close()
     signals.restore()
   return state
+
+
+def _trace_dir(workdir: str) -> str:
+  """Where the profiler writes: ``workdir/profile``, or a local temporary folder for a ``gs://``
+  workdir (the profiler's own GCS client does not go through etils.epath)."""
+  if "://" not in workdir:
+    return str(epath.Path(workdir) / "profile")
+  return tempfile.mkdtemp(prefix="dfm_profile_")
+
+
+def _publish_trace(trace_dir: str, workdir: str) -> None:
+  """Copies a trace written to a temporary folder into ``workdir/profile`` (through epath)."""
+  if "://" not in workdir:
+    return
+
+  def copy(src: epath.Path, dst: epath.Path) -> None:
+    for p in src.iterdir():
+      if p.is_dir():
+        copy(p, dst / p.name)
+      else:
+        dst.mkdir(parents=True, exist_ok=True)
+        p.copy(dst / p.name, overwrite=True)
+
+  try:
+    copy(epath.Path(trace_dir), epath.Path(workdir) / "profile")
+  finally:
+    shutil.rmtree(trace_dir, ignore_errors=True)
 
 
 def _write_samples(run: Run, sample_fn, state, labels, step: int, writer) -> None:

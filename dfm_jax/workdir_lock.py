@@ -21,8 +21,9 @@ unchanged, so two trainers taking over the same stale lock cannot both win.
 
 Only process 0 of a multi-host job takes the lock (pass ``process_index``); the others get a
 no-op ``Lock``. On object stores (``gs://...``) there is no exclusive create: the lock is written
-and checked the same way but is advisory -- two trainers started within the same second may both
-get it.
+and checked the same way (through ``etils.epath``) but is advisory -- two trainers started within
+the same second may both get it -- and a storage error while taking or releasing it is one
+warning line, not a failed run.
 """
 
 from __future__ import annotations
@@ -206,7 +207,9 @@ class Lock:
         self._store.remove(self.path)
       else:
         _log.warning("the workdir lock %s is no longer this process's; left as it is", self.path)
-    except (OSError, ValueError) as e:
+    except Exception as e:  # pylint: disable=broad-except
+      if self._store.local and not isinstance(e, (OSError, ValueError)):
+        raise
       _log.warning("cannot release the workdir lock %s: %s", self.path, e)
     finally:
       with _held_mutex:
@@ -257,8 +260,18 @@ def acquire(workdir: str, *, process_index: int | None = None, heartbeat_s: floa
   with _held_mutex:
     if path in _held:
       raise WorkdirLockedError(f"this process already holds the workdir lock {path}", holder)
-  if not store.create(path, text):
-    _take_over_if_stale(store, path, text, stale_after_s)
+  try:
+    if not store.create(path, text):
+      _take_over_if_stale(store, path, text, stale_after_s)
+  except WorkdirLockedError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    if store.local:
+      raise
+    # Advisory on object stores: a storage error must not stop the run.
+    _log.warning("cannot take the advisory workdir lock %s (%s); training without it", path,
+                 f"{type(e).__name__}: {e}".splitlines()[0][:300])
+    return Lock(path, None, None, None)
   with _held_mutex:
     _held.add(path)
   return Lock(path, holder, store, heartbeat_s)

@@ -190,7 +190,7 @@ def write_shard(out: str | os.PathLike, index: int, num_shards: int, latents: np
   final, tmp = out / name, out / (name + ".tmp")
   if _is_local(out):
     _write_array_record(os.fspath(tmp), stored, labels)
-    digest, size = _sha256(os.fspath(tmp)), os.path.getsize(tmp)
+    digest, size = _sha256(os.fspath(tmp)), tmp.stat().length
   else:
     local_dir = tempfile.mkdtemp(prefix="dfm_shard_")
     try:
@@ -266,7 +266,7 @@ def read_metadata(path: str | os.PathLike) -> dict:
 
 def latent_shape(path: str | os.PathLike) -> tuple[int, int, int]:
   """[h, w, c] of the stored latents of an .npz file or a shard folder (headers only)."""
-  if os.fspath(path).endswith(".npz") or os.path.isfile(path):
+  if os.fspath(path).endswith(".npz") or epath.Path(path).is_file():
     from dfm_jax.data import arrays  # pylint: disable=g-import-not-at-top
     return tuple(int(v) for v in arrays.npz_array_specs(os.fspath(path))["latents"][0][1:])
   return tuple(int(v) for v in read_metadata(path)["latent_shape"])
