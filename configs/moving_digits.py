@@ -6,8 +6,11 @@ the fly, deterministic per index). 40 px rather than 32 px leaves the digit 12 p
 move (at 32 px it could only wiggle by 4 px). Two Laplacian stages halve space only
 (`decomposition.halve_time=False`): 8x20x20 -> 8x40x40. Frames are patchified independently
 with 3D RoPE: patch 5 on the coarse stage, 10 on the fine one, so 8 frames x 4 x 4 = 128 tokens.
-The model is 128 wide and 4 deep; sized for a 2-core CPU (about 1-2 s per step of 32 clips,
-i.e. a few hundred steps in 15 minutes).
+The model is 128 wide and 4 deep (1.4M parameters); sized for a 2-core CPU. Measured on 2 cores
+shared with other jobs: about 2.5-2.8 s per step of 32 clips, so 300 steps take about 15
+minutes. At 300 steps the samples are digit-sized blobs, not yet readable digits or smooth
+motion (frame FID about 300, per-frame digit accuracy about 0.1), so the default trains 600
+steps; readable digits need more (`--config.total_steps=N`; how many was not measured).
 
 Train (periodic GIF/contact-sheet grids in workdir/samples, TensorBoard in workdir/tb):
 
