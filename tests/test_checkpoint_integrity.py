@@ -245,7 +245,7 @@ def test_checkpoint_without_checksums_restores_with_one_warning(tmp_path, caplog
   manager = ocp.CheckpointManager(directory, item_names=("state", "data_iter"))
   it = make_iter()
   next(it)
-  manager.save(3, args=ocp.args.Composite(state=ocp.args.StandardSave(make_state(3).to_pure_dict()),
+  manager.save(3, args=ocp.args.Composite(state=ocp.args.StandardSave(nnx.to_pure_dict(make_state(3))),
                                           data_iter=grain.checkpoint.CheckpointSave(it)))
   manager.close()
   ckpt = Checkpointer(directory)
@@ -347,9 +347,9 @@ def test_checksum_cost_on_a_100mb_state(tmp_path):
   """Checksumming a ~100 MiB state (50 sharded arrays) costs well under a save."""
   state = nnx.State({f"p{i}": jax.device_put(jax.random.normal(jax.random.key(i), (512, 1024)),
                                              sharding()) for i in range(50)})
-  checkpoint.array_checksums(state.to_pure_dict())  # compile
+  checkpoint.array_checksums(nnx.to_pure_dict(state))  # compile
   t = time.perf_counter()
-  checkpoint.array_checksums(state.to_pure_dict())
+  checkpoint.array_checksums(nnx.to_pure_dict(state))
   checksum_s = time.perf_counter() - t
   ckpt = Checkpointer(str(tmp_path / "checkpoints"))
   ckpt.save(1, state)

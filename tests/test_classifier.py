@@ -12,6 +12,9 @@ from dfm_jax.evaluation import classifier as C
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 
+# Trains the metric network (tens of seconds on 2 cores).
+pytestmark = pytest.mark.integration
+
 
 @pytest.fixture(scope="module")
 def digits():
@@ -94,7 +97,6 @@ def test_training_is_deterministic(digits):
     np.testing.assert_array_equal(a.features(x_test[:100]), b.features(x_test[:100]))
 
 
-@pytest.mark.integration
 def test_fashion_mnist_accuracy(cache):
     x, y = load_idx_dataset(str(FASHION_DIR / "train-images-idx3-ubyte.gz"))
     x_test, y_test = load_idx_dataset(str(FASHION_DIR / "t10k-images-idx3-ubyte.gz"))

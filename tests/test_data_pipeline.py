@@ -130,6 +130,7 @@ def test_two_processes_see_row_blocks_of_the_global_batch():
         _assert_rows_match(global_batches, _local_batches(c, 6, 4, p), p, 3)
 
 
+@pytest.mark.integration
 def test_worker_processes_keep_the_row_blocks_and_resume(tmp_path):
     # Spawned workers take seconds to start, so this one test covers mp_prefetch: process 1
     # of 2 with two workers against the in-process global batches, then a restore.

@@ -64,6 +64,7 @@ def test_load_images_folder_and_npz(image_sets, tmp_path):
         fid.load_images(tmp_path / "float.npz")
 
 
+@pytest.mark.integration
 def test_cli_prints_metrics_json_last(image_sets):
     if not weights.weights_path().is_file():
         pytest.fail(f"FID Inception weights are not cached at {weights.weights_path()}: run "

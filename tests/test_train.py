@@ -11,6 +11,9 @@ from flax import nnx
 from dfm_jax import experiment, sharding, train
 from tests.train_utils import read_checkpoint, tiny_config
 
+# Whole training runs in-process (tens of seconds each on 2 cores).
+pytestmark = pytest.mark.integration
+
 
 def _params(state):
   return {"/".join(map(str, p)): np.asarray(v) for p, v in
