@@ -32,6 +32,7 @@ import numpy as np  # noqa: E402
 # ---------------------------------------------------------------------------------------------
 # Machine and output
 
+
 def machine_summary() -> str:
   """One line: CPU model, cores visible to this process, JAX version and devices."""
   model = platform.processor() or "unknown CPU"
@@ -45,8 +46,10 @@ def machine_summary() -> str:
     pass
   cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
   devices = jax.devices()
-  return (f"{model}, {cores} cores visible, jax {jax.__version__}, "
-          f"{len(devices)} x {devices[0].device_kind} ({jax.default_backend()})")
+  return (
+    f"{model}, {cores} cores visible, jax {jax.__version__}, "
+    f"{len(devices)} x {devices[0].device_kind} ({jax.default_backend()})"
+  )
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -71,8 +74,10 @@ def print_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[Any]
 # ---------------------------------------------------------------------------------------------
 # Timing
 
-def interleaved_times(fns: dict[str, Callable[[], Any]], rounds: int,
-                      warmup: int = 1) -> dict[str, list[float]]:
+
+def interleaved_times(
+  fns: dict[str, Callable[[], Any]], rounds: int, warmup: int = 1
+) -> dict[str, list[float]]:
   """Seconds per call of each blocking ``fn()``, measured in alternating rounds.
 
   Every function first runs ``warmup`` times untimed. Then each of ``rounds`` rounds calls every
@@ -111,6 +116,7 @@ def blocking(fn: Callable[[], Any]) -> Callable[[], Any]:
 # ---------------------------------------------------------------------------------------------
 # Compiled-program figures
 
+
 def xla_flops(stage) -> float:
   """FLOPs of one call from XLA's cost analysis of a lowered or compiled program. XLA counts a
   loop body once, whatever its trip count: see :func:`step_flops` for the train step."""
@@ -120,11 +126,13 @@ def xla_flops(stage) -> float:
   return float(analysis.get("flops", float("nan"))) if analysis else float("nan")
 
 
-def step_flops(config: ml_collections.ConfigDict, depth: int, local_batch_shape: dict,
-               devices=None) -> float:
+def step_flops(
+  config: ml_collections.ConfigDict, depth: int, local_batch_shape: dict, devices=None
+) -> float:
   """XLA's FLOP count of one train step with all ``depth`` DiT blocks unrolled (the scanned
   step's count would hold one block), from the lowered program: nothing is compiled."""
   from dfm_jax import train  # pylint: disable=g-import-not-at-top
+
   config = copy.deepcopy(config)
   with config.unlocked():
     config.model.scan_unroll = depth
@@ -163,10 +171,12 @@ def per_device_bytes(tree) -> int:
 # ---------------------------------------------------------------------------------------------
 # Configurations and train steps
 
+
 def load_config(name: str, arg: str = "dfm") -> ml_collections.ConfigDict:
   """``get_config(arg)`` of ``configs/<name>.py``, or of a ``.py`` path relative to the
   repository (as ``--config=<path>:<arg>``)."""
   import importlib.util  # pylint: disable=g-import-not-at-top
+
   path = REPO / name if name.endswith(".py") else REPO / "configs" / f"{name}.py"
   spec = importlib.util.spec_from_file_location(f"configs_{path.stem}", path)
   module = importlib.util.module_from_spec(spec)
@@ -174,17 +184,20 @@ def load_config(name: str, arg: str = "dfm") -> ml_collections.ConfigDict:
   return module.get_config(arg)
 
 
-def latent_config(base: ml_collections.ConfigDict, workdir: str, resolution: int,
-                  channels: int, num: int = 8) -> ml_collections.ConfigDict:
+def latent_config(
+  base: ml_collections.ConfigDict, workdir: str, resolution: int, channels: int, num: int = 8
+) -> ml_collections.ConfigDict:
   """``base`` reading ``num`` random latents ``[resolution, resolution, channels]`` that are
   written to ``workdir`` (the configs validate their data even when the benchmark feeds its own
   batches)."""
   path = os.path.join(workdir, f"latents_{resolution}x{channels}.npz")
   if not os.path.exists(path):
     rng = np.random.default_rng(0)
-    np.savez(path, latents=rng.standard_normal((num, resolution, resolution, channels),
-                                               np.float32),
-             labels=rng.integers(0, 10, num).astype(np.int32))
+    np.savez(
+      path,
+      latents=rng.standard_normal((num, resolution, resolution, channels), np.float32),
+      labels=rng.integers(0, 10, num).astype(np.int32),
+    )
   c = ml_collections.ConfigDict(base.to_dict())
   c.data.source = "latents"
   c.data.path = path
@@ -199,13 +212,16 @@ def random_batch(config, seed: int = 0) -> dict[str, np.ndarray]:
   d = config.data
   rng = np.random.default_rng(seed)
   shape = (config.batch_size, d.resolution, d.resolution, d.channels)
-  return {"image": rng.standard_normal(shape, np.float32),
-          "label": rng.integers(0, d.num_classes, config.batch_size).astype(np.int32)}
+  return {
+    "image": rng.standard_normal(shape, np.float32),
+    "label": rng.integers(0, d.num_classes, config.batch_size).astype(np.int32),
+  }
 
 
 @dataclasses.dataclass
 class TrainStep:
   """A compiled train step with its own state; calling it runs one blocking step."""
+
   run: Any
   compiled: Any
   state: Any
@@ -221,12 +237,16 @@ class TrainStep:
   def num_params(self) -> int:
     from flax import nnx  # pylint: disable=g-import-not-at-top
     from dfm_jax import dit  # pylint: disable=g-import-not-at-top
+
     return dit.count_parameters(nnx.merge(self.run.graphdef, self.run.abstract_state).model)
 
 
-def build_train_steps(configs: dict[str, ml_collections.ConfigDict], devices=None,
-                      initialize: bool = True,
-                      batches: dict[str, dict] | None = None) -> dict[str, TrainStep]:
+def build_train_steps(
+  configs: dict[str, ml_collections.ConfigDict],
+  devices=None,
+  initialize: bool = True,
+  batches: dict[str, dict] | None = None,
+) -> dict[str, TrainStep]:
   """Sets up each config and compiles its train step through ``dfm_jax.train``'s own path.
 
   ``devices``: a device list for all configs, or a dict of lists by config name (default: all

@@ -39,8 +39,14 @@ BATCH = 50
 
 def fashion_images(split_file: str, num: int, seed: int) -> np.ndarray:
   data = data_lib.default_data_config()
-  data.update(source="idx", path=os.path.join(FASHION, split_file), resolution=32, channels=1,
-              crop="pad", num_classes=10)
+  data.update(
+    source="idx",
+    path=os.path.join(FASHION, split_file),
+    resolution=32,
+    channels=1,
+    crop="pad",
+    num_classes=10,
+  )
   images, _ = data_lib.load_images(data, num, seed=seed)
   return images
 
@@ -62,8 +68,10 @@ def main():
   train = fashion_images("train-images-idx3-ubyte.gz", args.num, args.seed)
   test = fashion_images("t10k-images-idx3-ubyte.gz", args.num, args.seed)
   rng = np.random.default_rng(args.seed)
-  fakes = {"Fashion-MNIST test (real)": test,
-           "uniform noise": rng.integers(0, 256, test.shape, dtype=np.uint8)}
+  fakes = {
+    "Fashion-MNIST test (real)": test,
+    "uniform noise": rng.integers(0, 256, test.shape, dtype=np.uint8),
+  }
   for sigma in (float(s) for s in args.blur.split(",")):
     fakes[f"test, Gaussian blur sigma {sigma:g} px"] = blurred(test, sigma)
 
@@ -83,11 +91,23 @@ def main():
       reference_s = time.perf_counter() - start
       for name, images in fakes.items():
         start = time.perf_counter()
-        m = fid_features.compute_metrics(images, ref_key=key, batch_size=BATCH, params=params,
-                                         kid_subset_size=min(1000, args.num // 2))
+        m = fid_features.compute_metrics(
+          images,
+          ref_key=key,
+          batch_size=BATCH,
+          params=params,
+          kid_subset_size=min(1000, args.num // 2),
+        )
         seconds = time.perf_counter() - start
-        rows.append([name, f"{m['fid']:.2f}", f"{m['kid']:.4f} +- {m['kid_std']:.4f}",
-                     f"{seconds:.1f}", f"{len(images) / seconds:.2f}"])
+        rows.append(
+          [
+            name,
+            f"{m['fid']:.2f}",
+            f"{m['kid']:.4f} +- {m['kid_std']:.4f}",
+            f"{seconds:.1f}",
+            f"{len(images) / seconds:.2f}",
+          ]
+        )
     finally:
       if previous is None:
         del os.environ["DFM_JAX_CACHE"]
@@ -96,12 +116,16 @@ def main():
 
   rate = args.num / reference_s
   common.print_table(
-      f"FID / KID against {args.num} Fashion-MNIST training images (32x32 grayscale, padded), "
-      f"{args.num} images per set; KID over 100 subsets of {min(1000, args.num // 2)}; s and "
-      f"images/s include FID and KID",
-      ["set", "FID", "KID", "s", "images/s"], rows)
-  print(f"\nInception compile + first batch: {compile_s:.1f} s; reference statistics of "
-        f"{args.num} images: {reference_s:.1f} s")
+    f"FID / KID against {args.num} Fashion-MNIST training images (32x32 grayscale, padded), "
+    f"{args.num} images per set; KID over 100 subsets of {min(1000, args.num // 2)}; s and "
+    f"images/s include FID and KID",
+    ["set", "FID", "KID", "s", "images/s"],
+    rows,
+  )
+  print(
+    f"\nInception compile + first batch: {compile_s:.1f} s; reference statistics of "
+    f"{args.num} images: {reference_s:.1f} s"
+  )
   print(f"Inception feature extraction throughput: {rate:.2f} images/s")
 
 

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import os
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                           + " --xla_force_host_platform_device_count=8").strip()
+os.environ["XLA_FLAGS"] = (
+  os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
 
 import argparse  # noqa: E402
 import tempfile  # noqa: E402
@@ -47,8 +48,11 @@ def dfm_config(size: str, workdir: str, args, mesh_shape):
 
 def replicated_bytes(abstract_state) -> int:
   """Bytes of the state leaves that are not split over any mesh axis."""
-  return sum(common.leaf_bytes(x) for x in jax.tree.leaves(abstract_state)
-             if all(a is None for a in x.sharding.spec))
+  return sum(
+    common.leaf_bytes(x)
+    for x in jax.tree.leaves(abstract_state)
+    if all(a is None for a in x.sharding.spec)
+  )
 
 
 def main():
@@ -67,34 +71,58 @@ def main():
   rows, state_ratio = [], {}
   with tempfile.TemporaryDirectory() as workdir:
     for size in args.sizes.split(","):
-      configs = {"1 device": dfm_config(size, workdir, args, (1, 1, 1)),
-                 "FSDP 8": dfm_config(size, workdir, args, (1, 8, 1))}
+      configs = {
+        "1 device": dfm_config(size, workdir, args, (1, 1, 1)),
+        "FSDP 8": dfm_config(size, workdir, args, (1, 8, 1)),
+      }
       steps = common.build_train_steps(
-          configs, devices={"1 device": devices[:1], "FSDP 8": devices}, initialize=False)
+        configs, devices={"1 device": devices[:1], "FSDP 8": devices}, initialize=False
+      )
       state = {}
       for name, step in steps.items():
         mem = step.compiled.memory_analysis()
         batch = common.per_device_bytes(step.batch)
         state[name] = mem.argument_size_in_bytes - batch
         from_rules = common.per_device_bytes(step.run.abstract_state)
-        rows.append([f"DiT-{size}", name, f"{mem.argument_size_in_bytes / MIB:.1f}",
-                     f"{mem.output_size_in_bytes / MIB:.1f}",
-                     f"{mem.alias_size_in_bytes / MIB:.1f}",
-                     f"{mem.temp_size_in_bytes / MIB:.1f}", f"{state[name] / MIB:.1f}",
-                     f"{from_rules / MIB:.1f}",
-                     f"{replicated_bytes(step.run.abstract_state) / MIB:.2f}"
-                     if step.run.mesh.size > 1 else ""])
+        rows.append(
+          [
+            f"DiT-{size}",
+            name,
+            f"{mem.argument_size_in_bytes / MIB:.1f}",
+            f"{mem.output_size_in_bytes / MIB:.1f}",
+            f"{mem.alias_size_in_bytes / MIB:.1f}",
+            f"{mem.temp_size_in_bytes / MIB:.1f}",
+            f"{state[name] / MIB:.1f}",
+            f"{from_rules / MIB:.1f}",
+            f"{replicated_bytes(step.run.abstract_state) / MIB:.2f}"
+            if step.run.mesh.size > 1
+            else "",
+          ]
+        )
       state_ratio[size] = state["FSDP 8"] / state["1 device"]
       rows.append([f"DiT-{size}", "FSDP/1", "", "", "", "", f"{state_ratio[size]:.3f}", "", ""])
   common.print_table(
-      f"Train-step memory per device (MiB), batch {args.batch}, {args.resolution}x"
-      f"{args.resolution}x{args.channels} latents; state = arguments - batch; rules = shard "
-      f"shapes from the sharding rules; replicated = state leaves split over no axis",
-      ["model", "mesh", "arguments", "outputs", "aliased", "temporaries", "state",
-       "state (rules)", "replicated"], rows)
+    f"Train-step memory per device (MiB), batch {args.batch}, {args.resolution}x"
+    f"{args.resolution}x{args.channels} latents; state = arguments - batch; rules = shard "
+    f"shapes from the sharding rules; replicated = state leaves split over no axis",
+    [
+      "model",
+      "mesh",
+      "arguments",
+      "outputs",
+      "aliased",
+      "temporaries",
+      "state",
+      "state (rules)",
+      "replicated",
+    ],
+    rows,
+  )
   headline = "B" if "B" in state_ratio else list(state_ratio)[-1]
-  print(f"FSDP(8)/1-device parameter+optimizer memory per device (DiT-{headline}): "
-        f"{state_ratio[headline]:.2f}")
+  print(
+    f"FSDP(8)/1-device parameter+optimizer memory per device (DiT-{headline}): "
+    f"{state_ratio[headline]:.2f}"
+  )
 
 
 if __name__ == "__main__":

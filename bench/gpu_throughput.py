@@ -62,6 +62,7 @@ def make_configs(size: str, tokens: int, batch: int, workdir: str, args) -> dict
 def analytic_flops(config) -> float:
   """Training FLOPs per step: 3 x the forward's matmul and attention FLOPs."""
   from dfm_jax import experiment  # pylint: disable=g-import-not-at-top
+
   model = experiment.from_config(config, 1, check_data=False).model
   d, r = model.hidden_size, model.mlp_ratio
   first = model.stage_shapes[0]
@@ -88,12 +89,17 @@ def measure_pair(size: str, tokens: int, batch: int, workdir: str, args):
       for name, step in steps.items():
         mem = step.compiled.memory_analysis()
         rows[name] = dict(
-            model=f"DiT-{size}/2", tokens=tokens, method=name, batch=batch,
-            step_ms=common.median(times[name]) * 1e3,
-            images_per_s=batch / common.median(times[name]),
-            xla_tflop=step.flops / 1e12, analytic_tflop=analytic_flops(configs[name]) / 1e12,
-            params_m=step.num_params / 1e6,
-            temp_gib=(mem.temp_size_in_bytes / 2**30) if mem is not None else float("nan"))
+          model=f"DiT-{size}/2",
+          tokens=tokens,
+          method=name,
+          batch=batch,
+          step_ms=common.median(times[name]) * 1e3,
+          images_per_s=batch / common.median(times[name]),
+          xla_tflop=step.flops / 1e12,
+          analytic_tflop=analytic_flops(configs[name]) / 1e12,
+          params_m=step.num_params / 1e6,
+          temp_gib=(mem.temp_size_in_bytes / 2**30) if mem is not None else float("nan"),
+        )
       rows["DFM"]["dfm_fm_time"] = common.paired_ratio(times["DFM"], times["FM"])[0]
       return batch, list(rows.values())
     except Exception as err:  # pylint: disable=broad-except
@@ -117,18 +123,27 @@ def main():
   parser.add_argument("--remat", action="store_true", help="rematerialise each block")
   parser.add_argument("--rounds", type=int, default=10, help="timed steps per method")
   parser.add_argument("--warmup", type=int, default=2)
-  parser.add_argument("--peak-tflops", type=float, default=989.0,
-                      help="peak FLOP/s of one device in TFLOP/s (H100 SXM dense bf16: 989)")
-  parser.add_argument("--quick", action="store_true",
-                      help="tiny model, 16 and 64 tokens, batch 4, 2 rounds: checks the script")
+  parser.add_argument(
+    "--peak-tflops",
+    type=float,
+    default=989.0,
+    help="peak FLOP/s of one device in TFLOP/s (H100 SXM dense bf16: 989)",
+  )
+  parser.add_argument(
+    "--quick",
+    action="store_true",
+    help="tiny model, 16 and 64 tokens, batch 4, 2 rounds: checks the script",
+  )
   parser.add_argument("--out", default="", help="also write the rows to this JSON file")
   args = parser.parse_args()
   if args.quick:
     args.sizes, args.tokens, args.batch, args.rounds, args.warmup = "tiny", "16,64", 4, 2, 1
 
   print(common.machine_summary())
-  print(f"dtype {args.dtype}, remat {args.remat}, peak {args.peak_tflops:g} TFLOP/s, "
-        f"{args.rounds} timed steps per method after {args.warmup} warm-up steps")
+  print(
+    f"dtype {args.dtype}, remat {args.remat}, peak {args.peak_tflops:g} TFLOP/s, "
+    f"{args.rounds} timed steps per method after {args.warmup} warm-up steps"
+  )
   results = []
   with tempfile.TemporaryDirectory() as workdir:
     for size in args.sizes.split(","):
@@ -139,25 +154,55 @@ def main():
   for r in results:
     r["mfu_xla"] = r["xla_tflop"] / (r["step_ms"] / 1e3) / peak
     r["mfu_analytic"] = r["analytic_tflop"] / (r["step_ms"] / 1e3) / peak
-  table = [[r["model"], r["tokens"], r["method"], r["batch"], f"{r['step_ms']:.1f}",
-            f"{r['images_per_s']:.1f}", r["xla_tflop"] * 1e3, r["analytic_tflop"] * 1e3,
-            100 * r["mfu_xla"], 100 * r["mfu_analytic"],
-            f"{r['params_m']:.1f}", f"{r['temp_gib']:.2f}",
-            f"{r['dfm_fm_time']:.3f}" if "dfm_fm_time" in r else ""] for r in results]
+  table = [
+    [
+      r["model"],
+      r["tokens"],
+      r["method"],
+      r["batch"],
+      f"{r['step_ms']:.1f}",
+      f"{r['images_per_s']:.1f}",
+      r["xla_tflop"] * 1e3,
+      r["analytic_tflop"] * 1e3,
+      100 * r["mfu_xla"],
+      100 * r["mfu_analytic"],
+      f"{r['params_m']:.1f}",
+      f"{r['temp_gib']:.2f}",
+      f"{r['dfm_fm_time']:.3f}" if "dfm_fm_time" in r else "",
+    ]
+    for r in results
+  ]
   common.print_table(
-      f"Training throughput, {jax.devices()[0].device_kind}, {args.dtype}",
-      ["model", "tokens", "method", "batch", "step ms", "images/s", "XLA GFLOP/step",
-       "analytic GFLOP/step", "MFU % (XLA)", "MFU % (analytic)", "Mparams", "temp GiB",
-       "DFM/FM time"], table)
+    f"Training throughput, {jax.devices()[0].device_kind}, {args.dtype}",
+    [
+      "model",
+      "tokens",
+      "method",
+      "batch",
+      "step ms",
+      "images/s",
+      "XLA GFLOP/step",
+      "analytic GFLOP/step",
+      "MFU % (XLA)",
+      "MFU % (analytic)",
+      "Mparams",
+      "temp GiB",
+      "DFM/FM time",
+    ],
+    table,
+  )
   if args.out:
     with open(args.out, "w") as f:
-      json.dump({"device": jax.devices()[0].device_kind, "args": vars(args), "rows": results},
-                f, indent=1)
+      json.dump(
+        {"device": jax.devices()[0].device_kind, "args": vars(args), "rows": results}, f, indent=1
+      )
   if not results:
     raise SystemExit("no configuration fitted in memory")
   last = [r for r in results if r["method"] == "DFM"][-1]
-  print(f"DFM {last['model']} {last['tokens']} tokens: {last['images_per_s']:.1f} images/s, "
-        f"MFU {100 * last['mfu_xla']:.3g}% (XLA FLOPs, peak {peak:g} TFLOP/s)")
+  print(
+    f"DFM {last['model']} {last['tokens']} tokens: {last['images_per_s']:.1f} images/s, "
+    f"MFU {100 * last['mfu_xla']:.3g}% (XLA FLOPs, peak {peak:g} TFLOP/s)"
+  )
 
 
 if __name__ == "__main__":

@@ -45,7 +45,8 @@ def synthetic_images(num: int, size: int, seed: int = 0):
   rng = np.random.default_rng(seed)
   for _ in range(num):
     field = Image.fromarray(rng.integers(0, 256, (8, 8, 3), np.uint8)).resize(
-        (size, size), Image.Resampling.BICUBIC)
+      (size, size), Image.Resampling.BICUBIC
+    )
     noisy = np.asarray(field, np.float32) + rng.normal(0, 8, (size, size, 3))
     yield Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
 
@@ -64,12 +65,19 @@ def build_tfds(data_dir: str, jpegs: list[bytes]) -> str:
 
   class DfmBenchImages(tfds.core.GeneratorBasedBuilder):
     """Encoded JPEG images with cyclic labels."""
+
     VERSION = tfds.core.Version("1.0.0")
 
     def _info(self):
-      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-          "image": tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg"),
-          "label": tfds.features.ClassLabel(num_classes=NUM_CLASSES)}))
+      return tfds.core.DatasetInfo(
+        builder=self,
+        features=tfds.features.FeaturesDict(
+          {
+            "image": tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg"),
+            "label": tfds.features.ClassLabel(num_classes=NUM_CLASSES),
+          }
+        ),
+      )
 
     def _split_generators(self, dl_manager):
       del dl_manager
@@ -94,8 +102,7 @@ def encode(images, fmt: str) -> list[bytes]:
 
 def pixel_config(workers: int, **fields) -> ml_collections.ConfigDict:
   c = data_lib.default_data_config()
-  c.update(resolution=64, channels=3, crop="center", num_classes=NUM_CLASSES,
-           num_workers=workers)
+  c.update(resolution=64, channels=3, crop="center", num_classes=NUM_CLASSES, num_workers=workers)
   c.update(fields)
   return c
 
@@ -111,8 +118,9 @@ class PipelineRun:
 
   def __call__(self):
     start = time.perf_counter()
-    it = data_lib.make_train_iterator(self.data, global_batch_size=self.batch,
-                                      seed=len(self.rates) + 1)
+    it = data_lib.make_train_iterator(
+      self.data, global_batch_size=self.batch, seed=len(self.rates) + 1
+    )
     next(it)
     self.startup.append(time.perf_counter() - start)
     for _ in range(self.skip - 1):
@@ -127,8 +135,9 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--images", type=int, default=400, help="images in folder and tfds sets")
   parser.add_argument("--batch", type=int, default=64)
-  parser.add_argument("--batches", type=int, default=12,
-                      help="timed batches per pipeline run, after two untimed ones")
+  parser.add_argument(
+    "--batches", type=int, default=12, help="timed batches per pipeline run, after two untimed ones"
+  )
   parser.add_argument("--steps", type=int, default=3, help="train steps per timed run")
   parser.add_argument("--workers", type=int, default=0, help="data.num_workers (0: threads)")
   parser.add_argument("--rounds", type=int, default=5)
@@ -143,54 +152,72 @@ def main():
     write_folder(os.path.join(tmp, "jpeg"), jpegs, "jpg")
     write_folder(os.path.join(tmp, "png"), pngs, "png")
     sources = {
-        "folder (JPEG)": pixel_config(args.workers, source="folder",
-                                      path=os.path.join(tmp, "jpeg")),
-        "folder (PNG)": pixel_config(args.workers, source="folder",
-                                     path=os.path.join(tmp, "png")),
+      "folder (JPEG)": pixel_config(args.workers, source="folder", path=os.path.join(tmp, "jpeg")),
+      "folder (PNG)": pixel_config(args.workers, source="folder", path=os.path.join(tmp, "png")),
     }
     if not args.no_tfds:
       name = build_tfds(os.path.join(tmp, "tfds"), jpegs)
       sources["tfds ArrayRecord (JPEG)"] = pixel_config(
-          args.workers, source="tfds", tfds_name=name, data_dir=os.path.join(tmp, "tfds"))
+        args.workers, source="tfds", tfds_name=name, data_dir=os.path.join(tmp, "tfds")
+      )
     mnist = data_lib.default_data_config()
     mnist.num_workers = args.workers
     sources["mnist5k (arrays)"] = mnist
-    print(f"{args.images} images 256x256: JPEG {np.mean([len(b) for b in jpegs]) / 1024:.1f} "
-          f"KiB, PNG {np.mean([len(b) for b in pngs]) / 1024:.1f} KiB on average; prepared in "
-          f"{time.perf_counter() - start:.1f} s")
+    print(
+      f"{args.images} images 256x256: JPEG {np.mean([len(b) for b in jpegs]) / 1024:.1f} "
+      f"KiB, PNG {np.mean([len(b) for b in pngs]) / 1024:.1f} KiB on average; prepared in "
+      f"{time.perf_counter() - start:.1f} s"
+    )
 
     config = common.load_config("default")
-    real = next(data_lib.make_train_iterator(config.data, global_batch_size=config.batch_size,
-                                             seed=0))
-    step = common.build_train_steps({"default": config}, batches={"default": real},
-                                    devices=jax.devices()[:1])["default"]
+    real = next(
+      data_lib.make_train_iterator(config.data, global_batch_size=config.batch_size, seed=0)
+    )
+    step = common.build_train_steps(
+      {"default": config}, batches={"default": real}, devices=jax.devices()[:1]
+    )["default"]
 
     def train_steps():
       for _ in range(args.steps):
         step()
 
-    pipelines = {name: PipelineRun(data, args.batch, args.batches)
-                 for name, data in sources.items()}
+    pipelines = {
+      name: PipelineRun(data, args.batch, args.batches) for name, data in sources.items()
+    }
     fns = {**pipelines, "train step": train_steps}
     times = common.interleaved_times(fns, rounds=args.rounds, warmup=1)
 
   consumed = config.batch_size * args.steps / np.asarray(times["train step"])
   rows, ratios = [], {}
   for name, pipe in pipelines.items():
-    produced = np.asarray(pipe.rates[-args.rounds:])  # the warm-up call is not a round
+    produced = np.asarray(pipe.rates[-args.rounds :])  # the warm-up call is not a round
     ratios[name] = common.paired_ratio(produced, consumed)
-    rows.append([name, f"{common.median(produced):.0f}",
-                 f"{common.median(pipe.startup[-args.rounds:]):.2f}",
-                 f"{ratios[name][0]:.2f} ({ratios[name][1]:.2f}-{ratios[name][2]:.2f})"])
-  rows.append([f"train step, configs/default.py (batch {config.batch_size}, "
-               f"{config.data.resolution}x{config.data.resolution}x{config.data.channels})",
-               f"{common.median(consumed):.0f}", "", "1"])
+    rows.append(
+      [
+        name,
+        f"{common.median(produced):.0f}",
+        f"{common.median(pipe.startup[-args.rounds :]):.2f}",
+        f"{ratios[name][0]:.2f} ({ratios[name][1]:.2f}-{ratios[name][2]:.2f})",
+      ]
+    )
+  rows.append(
+    [
+      f"train step, configs/default.py (batch {config.batch_size}, "
+      f"{config.data.resolution}x{config.data.resolution}x{config.data.channels})",
+      f"{common.median(consumed):.0f}",
+      "",
+      "1",
+    ]
+  )
   common.print_table(
-      f"Images/s (median over {args.rounds} rounds; pixel sources at 64x64x3, centre crop, "
-      f"data.num_workers={args.workers}); ratio = pipeline / train-step consumption (IQR)",
-      ["source", "images/s", "first batch s", "ratio to train step"], rows)
-  print(f"folder (JPEG) pipeline / default train-step consumption: "
-        f"{ratios['folder (JPEG)'][0]:.2f}")
+    f"Images/s (median over {args.rounds} rounds; pixel sources at 64x64x3, centre crop, "
+    f"data.num_workers={args.workers}); ratio = pipeline / train-step consumption (IQR)",
+    ["source", "images/s", "first batch s", "ratio to train step"],
+    rows,
+  )
+  print(
+    f"folder (JPEG) pipeline / default train-step consumption: {ratios['folder (JPEG)'][0]:.2f}"
+  )
 
 
 if __name__ == "__main__":

@@ -32,9 +32,12 @@ from dfm_jax.data import load_mnist5k
 
 def digits(num: int, resolution: int) -> np.ndarray:
   images, _ = load_mnist5k()
-  out = [np.asarray(Image.fromarray(im[..., 0]).resize((resolution, resolution),
-                                                       Image.Resampling.BICUBIC))
-         for im in images[:num]]
+  out = [
+    np.asarray(
+      Image.fromarray(im[..., 0]).resize((resolution, resolution), Image.Resampling.BICUBIC)
+    )
+    for im in images[:num]
+  ]
   rgb = np.repeat(np.stack(out)[..., None], 3, axis=-1)
   return rgb.astype(np.float32) / 127.5 - 1.0
 
@@ -54,26 +57,37 @@ def main():
   latents = jax.block_until_ready(ae.encode(images))
   config = latent_demo.get_config()
   with tempfile.TemporaryDirectory() as workdir:
-    config = common.latent_config(config, workdir, config.data.resolution,
-                                  config.data.channels)
+    config = common.latent_config(config, workdir, config.data.resolution, config.data.channels)
     step = common.build_train_steps({"train": config}, devices=jax.devices()[:1])["train"]
-  fns = {"encode": common.blocking(lambda: ae.encode(images)),
-         "decode": common.blocking(lambda: ae.decode(latents)),
-         "train": step}
+  fns = {
+    "encode": common.blocking(lambda: ae.encode(images)),
+    "decode": common.blocking(lambda: ae.decode(latents)),
+    "train": step,
+  }
   times = common.interleaved_times(fns, args.rounds)
   enc = [args.batch / t for t in times["encode"]]
   train = [config.batch_size / t for t in times["train"]]
   ratio, lo, hi = common.paired_ratio(enc, train)
-  rows = [["encode", f"{args.resolution}px", args.batch, f"{common.median(enc):.1f}", ""],
-          ["decode", f"{args.resolution}px", args.batch,
-           f"{args.batch / common.median(times['decode']):.1f}",
-           f"{1e3 * common.median(times['decode']) / args.batch:.1f}"],
-          ["train step (latent_demo)", "8x8x32", config.batch_size, f"{common.median(train):.1f}",
-           ""]]
-  common.print_table("TAEF2 against the latent train step",
-                     ["program", "input", "batch", "images/s", "ms per sample"], rows)
-  print(f"encode / train images per second: {ratio:.2f} (IQR {lo:.2f}-{hi:.2f}); decode "
-        f"{1e3 * common.median(times['decode']) / args.batch:.1f} ms per sample")
+  rows = [
+    ["encode", f"{args.resolution}px", args.batch, f"{common.median(enc):.1f}", ""],
+    [
+      "decode",
+      f"{args.resolution}px",
+      args.batch,
+      f"{args.batch / common.median(times['decode']):.1f}",
+      f"{1e3 * common.median(times['decode']) / args.batch:.1f}",
+    ],
+    ["train step (latent_demo)", "8x8x32", config.batch_size, f"{common.median(train):.1f}", ""],
+  ]
+  common.print_table(
+    "TAEF2 against the latent train step",
+    ["program", "input", "batch", "images/s", "ms per sample"],
+    rows,
+  )
+  print(
+    f"encode / train images per second: {ratio:.2f} (IQR {lo:.2f}-{hi:.2f}); decode "
+    f"{1e3 * common.median(times['decode']) / args.batch:.1f} ms per sample"
+  )
 
 
 if __name__ == "__main__":

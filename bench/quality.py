@@ -37,12 +37,11 @@ REPO = str(common.REPO)
 # (name, config variant, overrides). The first two are the headline pair; the final pair gets
 # every seed of --seeds, the other rows the first seed.
 ROWS = [
-    ("fm", "fm", {}),
-    ("dfm_pq0.9", "dfm", {"flow.stage_probs": (0.9, 0.1)}),
-    ("dfm_pq0.7", "dfm", {"flow.stage_probs": (0.7, 0.3)}),
-    ("fm_noprecond", "fm", {"model.precondition": False}),
-    ("dfm_pq0.9_noprecond", "dfm", {"flow.stage_probs": (0.9, 0.1),
-                                    "model.precondition": False}),
+  ("fm", "fm", {}),
+  ("dfm_pq0.9", "dfm", {"flow.stage_probs": (0.9, 0.1)}),
+  ("dfm_pq0.7", "dfm", {"flow.stage_probs": (0.7, 0.3)}),
+  ("fm_noprecond", "fm", {"model.precondition": False}),
+  ("dfm_pq0.9_noprecond", "dfm", {"flow.stage_probs": (0.9, 0.1), "model.precondition": False}),
 ]
 HEADLINE = ("dfm_pq0.9", "fm")
 METRICS = ("fid", "kid", "classifier_fd", "classifier_accuracy")
@@ -55,8 +54,15 @@ def flag(key: str, value) -> str:
 
 
 def main_cmd(config: str, variant: str, workdir: str, overrides: dict, *flags: str) -> list[str]:
-  return [sys.executable, "-m", "dfm_jax.main", f"--config={config}:{variant}",
-          f"--workdir={workdir}", *(flag(k, v) for k, v in overrides.items()), *flags]
+  return [
+    sys.executable,
+    "-m",
+    "dfm_jax.main",
+    f"--config={config}:{variant}",
+    f"--workdir={workdir}",
+    *(flag(k, v) for k, v in overrides.items()),
+    *flags,
+  ]
 
 
 def run(cmd: list[str]) -> str:
@@ -92,8 +98,10 @@ def summarise(rows: list[dict]) -> list[dict]:
 
 
 def table(summary: list[dict]) -> str:
-  lines = ["| row | cfg | seeds | FID | KID x1e3 | classifier FD | class accuracy |",
-           "|---|---|---|---|---|---|---|"]
+  lines = [
+    "| row | cfg | seeds | FID | KID x1e3 | classifier FD | class accuracy |",
+    "|---|---|---|---|---|---|---|",
+  ]
 
   def cell(e, m, scale=1.0, fmt="{:.1f}"):
     if m not in e:
@@ -104,15 +112,18 @@ def table(summary: list[dict]) -> str:
     return s
 
   for e in summary:
-    lines.append(f"| {e['row']} | {e['cfg']:g} | {len(e['seeds'])} | {cell(e, 'fid')} | "
-                 f"{cell(e, 'kid', 1e3, '{:.2f}')} | {cell(e, 'classifier_fd')} | "
-                 f"{cell(e, 'classifier_accuracy', 100, '{:.1f}')}% |")
+    lines.append(
+      f"| {e['row']} | {e['cfg']:g} | {len(e['seeds'])} | {cell(e, 'fid')} | "
+      f"{cell(e, 'kid', 1e3, '{:.2f}')} | {cell(e, 'classifier_fd')} | "
+      f"{cell(e, 'classifier_accuracy', 100, '{:.1f}')}% |"
+    )
   return "\n".join(lines)
 
 
 def plot(summary: list[dict], path: str) -> None:
   try:
     import matplotlib  # pylint: disable=g-import-not-at-top
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   except ImportError:
@@ -125,10 +136,14 @@ def plot(summary: list[dict], path: str) -> None:
   width = 0.8 / len(cfgs)
   for ax, m in zip(axes[0], metrics):
     for i, cfg in enumerate(cfgs):
-      vals = [next((e.get(m, np.nan) for e in summary if e["row"] == n and e["cfg"] == cfg),
-                   np.nan) for n in names]
-      errs = [next((e.get(m + "_spread", 0) for e in summary
-                    if e["row"] == n and e["cfg"] == cfg), 0) for n in names]
+      vals = [
+        next((e.get(m, np.nan) for e in summary if e["row"] == n and e["cfg"] == cfg), np.nan)
+        for n in names
+      ]
+      errs = [
+        next((e.get(m + "_spread", 0) for e in summary if e["row"] == n and e["cfg"] == cfg), 0)
+        for n in names
+      ]
       ax.bar(np.arange(len(names)) + i * width, vals, width, yerr=errs, label=f"cfg {cfg:g}")
     ax.set_xticks(np.arange(len(names)) + width * (len(cfgs) - 1) / 2, names, rotation=20)
     ax.set_ylabel({"fid": "FID (Inception)", "classifier_fd": "classifier Frechet distance"}[m])
@@ -147,31 +162,56 @@ def main():
   parser.add_argument("--cfgs", default="1.0,1.5")
   parser.add_argument("--seeds", default="0,1")
   parser.add_argument("--rows", default=",".join(r[0] for r in ROWS))
-  parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                      help="a config override applied to every run, e.g. eval.num_real=1000")
+  parser.add_argument(
+    "--set",
+    action="append",
+    default=[],
+    metavar="FIELD=VALUE",
+    help="a config override applied to every run, e.g. eval.num_real=1000",
+  )
   args = parser.parse_args()
   extra = dict(kv.split("=", 1) for kv in args.set)
   cfgs = [float(v) for v in args.cfgs.split(",")]
   seeds = [int(v) for v in args.seeds.split(",")]
   wanted = args.rows.split(",")
-  plan = [(name, variant, overrides, seed) for name, variant, overrides in ROWS
-          if name in wanted for seed in (seeds if name in HEADLINE else seeds[:1])]
+  plan = [
+    (name, variant, overrides, seed)
+    for name, variant, overrides in ROWS
+    if name in wanted
+    for seed in (seeds if name in HEADLINE else seeds[:1])
+  ]
   # Seed 0 of every row before the extra seeds of the headline pair.
-  plan.sort(key=lambda p: (p[3] != seeds[0], ))
+  plan.sort(key=lambda p: (p[3] != seeds[0],))
   results_path = os.path.join(args.workdir, "results.json")
   rows: list[dict] = []
   for name, variant, overrides, seed in plan:
     workdir = os.path.join(args.workdir, name, f"seed{seed}")
     ov = dict(overrides, seed=seed, **extra)
-    run(main_cmd(args.config, variant, workdir, ov, f"--config.total_steps={args.steps}",
-                 f"--config.checkpoint_every={args.steps}",
-                 f"--config.sample_every={args.steps}"))
+    run(
+      main_cmd(
+        args.config,
+        variant,
+        workdir,
+        ov,
+        f"--config.total_steps={args.steps}",
+        f"--config.checkpoint_every={args.steps}",
+        f"--config.sample_every={args.steps}",
+      )
+    )
     for cfg in cfgs:
       r = cached_eval(workdir, args.steps, args.eval_samples, cfg)
       if r is None:
-        out = run(main_cmd(args.config, variant, workdir, ov, "--mode=eval",
-                           f"--config.eval.num_samples={args.eval_samples}",
-                           f"--config.sampler.cfg_scale={cfg}"))
+        out = run(
+          main_cmd(
+            args.config,
+            variant,
+            workdir,
+            ov,
+            "--mode=eval",
+            f"--config.eval.num_samples={args.eval_samples}",
+            f"--config.sampler.cfg_scale={cfg}",
+          )
+        )
         r = json.loads(out.strip().splitlines()[-1])
       row = {"row": name, "seed": seed, "cfg": cfg, **{m: r.get(m) for m in METRICS}}
       rows.append(row)
@@ -179,17 +219,27 @@ def main():
       summary = summarise(rows)
       os.makedirs(args.workdir, exist_ok=True)
       with open(results_path, "w") as f:
-        json.dump({"config": args.config, "steps": args.steps,
-                   "eval_samples": args.eval_samples, "runs": rows, "summary": summary}, f,
-                  indent=2)
+        json.dump(
+          {
+            "config": args.config,
+            "steps": args.steps,
+            "eval_samples": args.eval_samples,
+            "runs": rows,
+            "summary": summary,
+          },
+          f,
+          indent=2,
+        )
       with open(os.path.join(args.workdir, "table.md"), "w") as f:
         f.write(table(summary) + "\n")
   plot(summary, os.path.join(args.workdir, "quality.png"))
   print(table(summary))
   head = {e["row"]: e.get("fid") for e in summary if e["cfg"] == 1.0}
   if all(head.get(n) for n in HEADLINE):
-    print(f"FID at {args.steps} steps, cfg 1.0: DFM {head[HEADLINE[0]]:.2f} vs FM "
-          f"{head[HEADLINE[1]]:.2f}, ratio {head[HEADLINE[0]] / head[HEADLINE[1]]:.3f}")
+    print(
+      f"FID at {args.steps} steps, cfg 1.0: DFM {head[HEADLINE[0]]:.2f} vs FM "
+      f"{head[HEADLINE[1]]:.2f}, ratio {head[HEADLINE[0]] / head[HEADLINE[1]]:.3f}"
+    )
 
 
 if __name__ == "__main__":

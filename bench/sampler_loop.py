@@ -50,14 +50,17 @@ def main():
   base = exp.sampler
   lo, hi = (float(v) for v in args.interval.split(","))
   variants = {
-      f"config: cfg {base.cfg_scale:g}, interval {base.guidance_interval}": base,
-      f"cfg {args.cfg_scale:g}, interval ({lo:g}, {hi:g})": dataclasses.replace(
-          base, cfg_scale=args.cfg_scale, guidance_interval=(lo, hi)),
-      "no guidance (cfg 1)": dataclasses.replace(base, cfg_scale=1.0),
+    f"config: cfg {base.cfg_scale:g}, interval {base.guidance_interval}": base,
+    f"cfg {args.cfg_scale:g}, interval ({lo:g}, {hi:g})": dataclasses.replace(
+      base, cfg_scale=args.cfg_scale, guidance_interval=(lo, hi)
+    ),
+    "no guidance (cfg 1)": dataclasses.replace(base, cfg_scale=1.0),
   }
   if base.cfg_scale == 1.0:
-    raise SystemExit(f"configs/{args.config}.py samples without guidance; pick a config with "
-                     f"sampler.cfg_scale != 1")
+    raise SystemExit(
+      f"configs/{args.config}.py samples without guidance; pick a config with "
+      f"sampler.cfg_scale != 1"
+    )
   labels = jnp.asarray(sampling.class_cycle_labels(args.batch, config.data.num_classes))
   key = jax.random.key(0)
   fns, nfe = {}, {}
@@ -72,8 +75,9 @@ def main():
 
   def forward_loop(batch):
     rng = np.random.default_rng(0)
-    x = tuple(jnp.asarray(rng.standard_normal((batch,) + s, np.float32))
-              for s in exp.model.stage_shapes)
+    x = tuple(
+      jnp.asarray(rng.standard_normal((batch,) + s, np.float32)) for s in exp.model.stage_shapes
+    )
     t = jnp.full((batch, num_stages), 0.5, jnp.float32)
     y = jnp.zeros((batch,), jnp.int32)
     s = jnp.zeros((batch,), jnp.int32)
@@ -83,6 +87,7 @@ def main():
       for _ in range(calls):
         out = forward(model_state, x, t, y, s)
       return out
+
     return common.blocking(loop)
 
   fns["forward B"] = forward_loop(args.batch)
@@ -97,17 +102,36 @@ def main():
     loop = np.asarray(times[name])
     ratio = common.paired_ratio(loop, nfe[name] * per_b)
     exact = common.paired_ratio(loop, (passes - guided) * per_b + guided * per_2b)
-    rows.append([name, cfg.num_steps, nfe[name], guided, f"{common.median(loop) * 1e3:.0f}",
-                 f"{ratio[0]:.3f} ({ratio[1]:.3f}-{ratio[2]:.3f})",
-                 f"{exact[0]:.3f} ({exact[1]:.3f}-{exact[2]:.3f})"])
+    rows.append(
+      [
+        name,
+        cfg.num_steps,
+        nfe[name],
+        guided,
+        f"{common.median(loop) * 1e3:.0f}",
+        f"{ratio[0]:.3f} ({ratio[1]:.3f}-{ratio[2]:.3f})",
+        f"{exact[0]:.3f} ({exact[1]:.3f}-{exact[2]:.3f})",
+      ]
+    )
     headline = headline or (name, ratio[0])
-  print(f"\nforward at B={args.batch}: {common.median(per_b) * 1e3:.2f} ms, at 2B: "
-        f"{common.median(per_2b) * 1e3:.2f} ms (loops of {calls} calls)")
+  print(
+    f"\nforward at B={args.batch}: {common.median(per_b) * 1e3:.2f} ms, at 2B: "
+    f"{common.median(per_2b) * 1e3:.2f} ms (loops of {calls} calls)"
+  )
   common.print_table(
-      f"Sampling loop vs bare forwards, configs/{args.config}.py model, batch {args.batch}, "
-      f"steps {base.steps_per_stage}, thresholds {base.thresholds}, {base.solver}",
-      ["sampler", "steps", "nfe", "guided passes", "loop ms", "loop / (nfe x fwd B) (IQR)",
-       "loop / exact mix (IQR)"], rows)
+    f"Sampling loop vs bare forwards, configs/{args.config}.py model, batch {args.batch}, "
+    f"steps {base.steps_per_stage}, thresholds {base.thresholds}, {base.solver}",
+    [
+      "sampler",
+      "steps",
+      "nfe",
+      "guided passes",
+      "loop ms",
+      "loop / (nfe x fwd B) (IQR)",
+      "loop / exact mix (IQR)",
+    ],
+    rows,
+  )
   print(f"sampling loop / (nfe x forward) ({headline[0]}): {headline[1]:.3f}")
 
 

@@ -61,12 +61,16 @@ def model_parts(step: common.TrainStep) -> dict:
   @jax.jit
   def grad(params, stages, labels):
     def loss(model):
-      return flow.dfm_training_loss(lambda *a: model(*a), key, stages, labels, exp.timesteps,
-                                    null_label=exp.null_label)[0]
+      return flow.dfm_training_loss(
+        lambda *a: model(*a), key, stages, labels, exp.timesteps, null_label=exp.null_label
+      )[0]
+
     return nnx.grad(loss)(nnx.merge(graphdef, params))
 
-  return {"forward": common.blocking(lambda: forward(params, stages, labels)),
-          "forward+backward": common.blocking(lambda: grad(params, stages, labels))}
+  return {
+    "forward": common.blocking(lambda: forward(params, stages, labels)),
+    "forward+backward": common.blocking(lambda: grad(params, stages, labels)),
+  }
 
 
 def main():
@@ -77,14 +81,19 @@ def main():
   parser.add_argument("--patch", type=int, default=2, help="patch of DFM's coarse stage")
   parser.add_argument("--batch", type=int, default=8)
   parser.add_argument("--rounds", type=int, default=4, help="timed DFM/FM pairs per size")
-  parser.add_argument("--breakdown", action="store_true",
-                      help="also time the model's forward and forward+backward alone")
+  parser.add_argument(
+    "--breakdown",
+    action="store_true",
+    help="also time the model's forward and forward+backward alone",
+  )
   args = parser.parse_args()
 
   print(common.machine_summary())
   tokens = (args.resolution // (2 * args.patch)) ** 2
-  print(f"data {args.resolution}x{args.resolution}x{args.channels}, batch {args.batch}, "
-        f"{tokens} tokens, {args.rounds} interleaved rounds after one warm-up step each")
+  print(
+    f"data {args.resolution}x{args.resolution}x{args.channels}, batch {args.batch}, "
+    f"{tokens} tokens, {args.rounds} interleaved rounds after one warm-up step each"
+  )
   rows, ratio_by_size, parts_rows = [], {}, []
   with tempfile.TemporaryDirectory() as workdir:
     for size in args.sizes.split(","):
@@ -97,37 +106,80 @@ def main():
       temp = [x.compiled.memory_analysis().temp_size_in_bytes / 2**20 for x in (dfm, fm)]
       copies = [common.copied_bytes(x.compiled) / 2**20 for x in (dfm, fm)]
       state = common.leaf_bytes(fm.run.abstract_state) / 2**20
-      rows.append([f"DiT-{size}", f"{common.median(times['dfm']) * 1e3:.0f}",
-                   f"{common.median(times['fm']) * 1e3:.0f}", f"{ratio:.3f}",
-                   f"{q25:.3f}-{q75:.3f}", f"{min(times['dfm']) / min(times['fm']):.3f}",
-                   f"{dfm.flops / 1e9:.2f}", f"{fm.flops / 1e9:.2f}",
-                   f"{dfm.flops / fm.flops:.4f}", f"{dfm.num_params / 1e6:.2f}",
-                   f"{fm.num_params / 1e6:.2f}", f"{temp[0]:.0f}", f"{temp[1]:.0f}",
-                   f"{copies[0]:.0f}", f"{copies[1]:.0f}", f"{state:.0f}"])
+      rows.append(
+        [
+          f"DiT-{size}",
+          f"{common.median(times['dfm']) * 1e3:.0f}",
+          f"{common.median(times['fm']) * 1e3:.0f}",
+          f"{ratio:.3f}",
+          f"{q25:.3f}-{q75:.3f}",
+          f"{min(times['dfm']) / min(times['fm']):.3f}",
+          f"{dfm.flops / 1e9:.2f}",
+          f"{fm.flops / 1e9:.2f}",
+          f"{dfm.flops / fm.flops:.4f}",
+          f"{dfm.num_params / 1e6:.2f}",
+          f"{fm.num_params / 1e6:.2f}",
+          f"{temp[0]:.0f}",
+          f"{temp[1]:.0f}",
+          f"{copies[0]:.0f}",
+          f"{copies[1]:.0f}",
+          f"{state:.0f}",
+        ]
+      )
       if args.breakdown:
-        parts = {f"{method} {part}": fn for method, x in (("dfm", dfm), ("fm", fm))
-                 for part, fn in model_parts(x).items()}
+        parts = {
+          f"{method} {part}": fn
+          for method, x in (("dfm", dfm), ("fm", fm))
+          for part, fn in model_parts(x).items()
+        }
         part_times = common.interleaved_times(parts, rounds=args.rounds, warmup=1)
         for part in ("forward", "forward+backward"):
           r = common.paired_ratio(part_times[f"dfm {part}"], part_times[f"fm {part}"])
-          parts_rows.append([f"DiT-{size}", part,
-                             f"{common.median(part_times[f'dfm {part}']) * 1e3:.0f}",
-                             f"{common.median(part_times[f'fm {part}']) * 1e3:.0f}",
-                             f"{r[0]:.3f}", f"{r[1]:.3f}-{r[2]:.3f}"])
-        parts_rows.append([f"DiT-{size}", "whole train step", rows[-1][1], rows[-1][2],
-                           rows[-1][3], rows[-1][4]])
+          parts_rows.append(
+            [
+              f"DiT-{size}",
+              part,
+              f"{common.median(part_times[f'dfm {part}']) * 1e3:.0f}",
+              f"{common.median(part_times[f'fm {part}']) * 1e3:.0f}",
+              f"{r[0]:.3f}",
+              f"{r[1]:.3f}-{r[2]:.3f}",
+            ]
+          )
+        parts_rows.append(
+          [f"DiT-{size}", "whole train step", rows[-1][1], rows[-1][2], rows[-1][3], rows[-1][4]]
+        )
       del steps, dfm, fm
   common.print_table(
-      "DFM vs flow-matching twin, one train step (ms: median; time ratio: median of per-round "
-      "DFM/FM with its interquartile range; min ratio: fastest DFM / fastest FM; temp: XLA "
-      "temporaries; copy: bytes of HLO copy instructions per step; state: FM train state)",
-      ["model", "DFM ms", "FM ms", "time ratio", "IQR", "min ratio", "DFM GFLOP", "FM GFLOP",
-       "FLOP ratio", "DFM Mparams", "FM Mparams", "DFM temp MiB", "FM temp MiB",
-       "DFM copy MiB", "FM copy MiB", "FM state MiB"], rows)
+    "DFM vs flow-matching twin, one train step (ms: median; time ratio: median of per-round "
+    "DFM/FM with its interquartile range; min ratio: fastest DFM / fastest FM; temp: XLA "
+    "temporaries; copy: bytes of HLO copy instructions per step; state: FM train state)",
+    [
+      "model",
+      "DFM ms",
+      "FM ms",
+      "time ratio",
+      "IQR",
+      "min ratio",
+      "DFM GFLOP",
+      "FM GFLOP",
+      "FLOP ratio",
+      "DFM Mparams",
+      "FM Mparams",
+      "DFM temp MiB",
+      "FM temp MiB",
+      "DFM copy MiB",
+      "FM copy MiB",
+      "FM state MiB",
+    ],
+    rows,
+  )
   if parts_rows:
-    common.print_table("The model alone (jitted separately; the train step adds AdamW, EMA and "
-                       "the non-finite guard)",
-                       ["model", "part", "DFM ms", "FM ms", "time ratio", "IQR"], parts_rows)
+    common.print_table(
+      "The model alone (jitted separately; the train step adds AdamW, EMA and "
+      "the non-finite guard)",
+      ["model", "part", "DFM ms", "FM ms", "time ratio", "IQR"],
+      parts_rows,
+    )
   headline = "B" if "B" in ratio_by_size else list(ratio_by_size)[-1]
   print(f"DFM/FM train-step time ratio (DiT-{headline}): {ratio_by_size[headline]:.3f}")
 

@@ -29,7 +29,8 @@ from dfm_jax.data import default_data_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TAEF2 = os.environ.get("DFM_JAX_TAEF2_DIR") or os.path.join(
-    os.path.dirname(REPO), "shared", "weights", "taef2")
+  os.path.dirname(REPO), "shared", "weights", "taef2"
+)
 
 
 def pixel_digits():

@@ -97,13 +97,20 @@ class Checkpointer:
 
   def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
     self.directory = _absolute(directory)
-    mode = (ocp.options.AtomicityMode.COMMIT_FILE if _is_url(self.directory)
-            else ocp.options.AtomicityMode.ATOMIC_RENAME)
+    mode = (
+      ocp.options.AtomicityMode.COMMIT_FILE
+      if _is_url(self.directory)
+      else ocp.options.AtomicityMode.ATOMIC_RENAME
+    )
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
-        atomicity_options=ocp.options.AtomicityOptions(mode=mode))
-    self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                         item_names=("state", "data_iter", INTEGRITY_ITEM))
+      max_to_keep=keep,
+      create=True,
+      enable_async_checkpointing=async_save,
+      atomicity_options=ocp.options.AtomicityOptions(mode=mode),
+    )
+    self.manager = ocp.CheckpointManager(
+      self.directory, options=options, item_names=("state", "data_iter", INTEGRITY_ITEM)
+    )
     self._in_flight: int | None = None  # the step of the last save dispatched
 
   def latest_step(self) -> int | None:
@@ -124,8 +131,7 @@ class Checkpointer:
     pure = nnx.to_pure_dict(state)
     try:
       manifest = build_manifest(step, pure, data_iter)
-      items = {"state": ocp.args.StandardSave(pure),
-               INTEGRITY_ITEM: ocp.args.JsonSave(manifest)}
+      items = {"state": ocp.args.StandardSave(pure), INTEGRITY_ITEM: ocp.args.JsonSave(manifest)}
       if data_iter is not None:
         items["data_iter"] = grain.checkpoint.CheckpointSave(data_iter)
       self._in_flight = step
@@ -166,17 +172,20 @@ class Checkpointer:
       good = self.manager.latest_step()
     except Exception:  # pylint: disable=broad-except
       good = None
-    last = (f"the newest complete checkpoint is step {good}" if good is not None
-            else "there is no complete checkpoint")
+    last = (
+      f"the newest complete checkpoint is step {good}"
+      if good is not None
+      else "there is no complete checkpoint"
+    )
     what = f"step {step}" if step is not None else "a step"
-    message = (f"saving checkpoint {what} to {self.directory} failed: {_one_line(cause)}; "
-               f"{last}")
+    message = f"saving checkpoint {what} to {self.directory} failed: {_one_line(cause)}; {last}"
     return CheckpointSaveError(message, step)
 
   # ---------------------------------------------------------------------------------- restore
 
-  def restore(self, step: int, abstract_state: nnx.State,
-              data_iter: Any | None = None) -> nnx.State:
+  def restore(
+    self, step: int, abstract_state: nnx.State, data_iter: Any | None = None
+  ) -> nnx.State:
     """Restores into ``abstract_state`` (its ``jax.ShapeDtypeStruct`` leaves carry shardings),
     verifying every array and the iterator state against the step's checksums.
 
@@ -195,35 +204,44 @@ class Checkpointer:
       target = nnx.to_pure_dict(abstract_state)
       self._check_structure(step, target)
       if manifest is None:
-        _log.warning("checkpoint step %d has no checksums (written before integrity checks); "
-                     "restoring it unverified", step)
+        _log.warning(
+          "checkpoint step %d has no checksums (written before integrity checks); "
+          "restoring it unverified",
+          step,
+        )
       restore_iter = data_iter is not None and "data_iter" in items
       if data_iter is not None and not restore_iter:
-        _log.warning("checkpoint step %d holds no data-iterator state; the iterator starts "
-                     "from its beginning", step)
+        _log.warning(
+          "checkpoint step %d holds no data-iterator state; the iterator starts from its beginning",
+          step,
+        )
       if restore_iter and manifest is not None:
         _verify_iterator_file(step, step_dir, manifest)
       # Arrays are restored in their saved dtype, verified, then cast to the model's.
       as_saved = _saved_dtypes(target, manifest) if manifest is not None else target
       try:
         restored = self.manager.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(as_saved)))["state"]
+          step, args=ocp.args.Composite(state=ocp.args.StandardRestore(as_saved))
+        )["state"]
       except Exception as e:  # pylint: disable=broad-except
         _raise_if_not_damage(e)
         raise CheckpointCorruptError(step, "unreadable", _one_line(e)) from e
       if manifest is not None:
         _verify_arrays(step, restored, manifest)
         restored = jax.tree.map(
-            lambda x, t: x.astype(t.dtype) if x.dtype != t.dtype else x, restored, target)
+          lambda x, t: x.astype(t.dtype) if x.dtype != t.dtype else x, restored, target
+        )
     except CheckpointCorruptError as e:
       ok, error = False, e
     if not _all_processes_agree(ok):
-      raise error or CheckpointCorruptError(step, "other-process",
-                                            "another process found it damaged")
+      raise error or CheckpointCorruptError(
+        step, "other-process", "another process found it damaged"
+      )
     if restore_iter:
       try:
-        self.manager.restore(step, args=ocp.args.Composite(
-            data_iter=grain.checkpoint.CheckpointRestore(data_iter)))
+        self.manager.restore(
+          step, args=ocp.args.Composite(data_iter=grain.checkpoint.CheckpointRestore(data_iter))
+        )
       except Exception as e:  # pylint: disable=broad-except
         _raise_if_not_damage(e)
         raise CheckpointCorruptError(step, "data-iter", _one_line(e)) from e
@@ -231,8 +249,9 @@ class Checkpointer:
     nnx.replace_by_pure_dict(state, restored)
     return state
 
-  def restore_latest(self, abstract_state: nnx.State, data_iter: Any | None = None
-                     ) -> tuple[int, nnx.State] | tuple[None, None]:
+  def restore_latest(
+    self, abstract_state: nnx.State, data_iter: Any | None = None
+  ) -> tuple[int, nnx.State] | tuple[None, None]:
     """Restores the newest intact step: ``(step, state)``, or ``(None, None)`` if none is left.
 
     Each damaged step met on the way (newest first) is named in one warning line and moved to
@@ -246,8 +265,9 @@ class Checkpointer:
         where = self.quarantine(step, e.reason)
         _log.warning("%s; moved it to %s and trying the previous step", e, where)
     if (epath.Path(self.directory) / QUARANTINE_DIR).is_dir():
-      _log.warning("no intact checkpoint left in %s (damaged steps are in %s/)", self.directory,
-                   QUARANTINE_DIR)
+      _log.warning(
+        "no intact checkpoint left in %s (damaged steps are in %s/)", self.directory, QUARANTINE_DIR
+      )
     return None, None
 
   def quarantine(self, step: int, reason: str) -> str:
@@ -276,8 +296,11 @@ class Checkpointer:
     root, on_disk = epath.Path(self.directory), set()
     if root.is_dir():
       url = _is_url(self.directory)
-      on_disk = {int(p.name) for p in root.iterdir() if p.name.isdigit() and p.is_dir()
-                 and (not url or (p / _COMMIT_FILE).exists())}
+      on_disk = {
+        int(p.name)
+        for p in root.iterdir()
+        if p.name.isdigit() and p.is_dir() and (not url or (p / _COMMIT_FILE).exists())
+      }
     return on_disk | set(self.manager.all_steps())
 
   def _check_structure(self, step: int, target: dict) -> None:
@@ -289,8 +312,9 @@ class Checkpointer:
       saved = _shapes(ocp.StandardCheckpointHandler().metadata(path))
     except Exception as e:  # pylint: disable=broad-except
       _raise_if_not_damage(e)
-      raise CheckpointCorruptError(step, "metadata",
-                                   f"cannot read the state's tree metadata: {_one_line(e)}") from e
+      raise CheckpointCorruptError(
+        step, "metadata", f"cannot read the state's tree metadata: {_one_line(e)}"
+      ) from e
     wanted = _shapes(target)
     missing = sorted(set(wanted) - set(saved))
     extra = sorted(set(saved) - set(wanted))
@@ -304,10 +328,13 @@ class Checkpointer:
     if extra:
       lines.append(f"  not in the model: {show(extra)}")
     if reshaped:
-      lines.append("  shape differs: " + show(
-          [f"{k} saved {saved[k]} vs model {wanted[k]}" for k in reshaped]))
-    lines.append("It was written by a different config or code version: restore with the config "
-                 "saved beside it (workdir/config.json) or start a fresh workdir.")
+      lines.append(
+        "  shape differs: " + show([f"{k} saved {saved[k]} vs model {wanted[k]}" for k in reshaped])
+      )
+    lines.append(
+      "It was written by a different config or code version: restore with the config "
+      "saved beside it (workdir/config.json) or start a fresh workdir."
+    )
     raise CheckpointMismatchError("\n".join(lines))
 
 
@@ -317,18 +344,22 @@ class Checkpointer:
 def _leaf_name(path) -> str:
   def name(entry):
     return str(getattr(entry, "key", getattr(entry, "idx", getattr(entry, "name", entry))))
+
   return "/".join(name(e) for e in path)
 
 
 def _shapes(tree) -> dict[str, tuple[int, ...]]:
   """{'/'-joined key path: shape} of a nested dict of arrays or array metadata."""
+
   def shape(leaf):
     dtype = getattr(leaf, "dtype", None)
     if dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key):
       return jax.eval_shape(jax.random.key_data, leaf).shape  # Orbax stores the key data
     return tuple(getattr(leaf, "shape", ()))
-  return {_leaf_name(path): shape(leaf)
-          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+  return {
+    _leaf_name(path): shape(leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+  }
 
 
 def _fmix32(h: jax.Array) -> jax.Array:
@@ -369,8 +400,7 @@ def _checksum_words(w: jax.Array) -> jax.Array:
   index = jnp.zeros(w.shape, jnp.uint32)
   stride = 1
   for axis in reversed(range(w.ndim)):
-    index = index + jax.lax.broadcasted_iota(jnp.uint32, w.shape, axis) * jnp.uint32(
-        stride % 2**32)
+    index = index + jax.lax.broadcasted_iota(jnp.uint32, w.shape, axis) * jnp.uint32(stride % 2**32)
     stride *= w.shape[axis]
   sums = []
   for mult, step in _MIX:
@@ -415,8 +445,9 @@ def _np_words(data: np.ndarray) -> np.ndarray | None:
   return data.view(unsigned).astype(np.uint32)
 
 
-def _host_partial(words: np.ndarray, offsets: tuple[int, ...], global_shape: tuple[int, ...]
-                  ) -> np.ndarray:
+def _host_partial(
+  words: np.ndarray, offsets: tuple[int, ...], global_shape: tuple[int, ...]
+) -> np.ndarray:
   """uint32 [2]: ``_checksum_words`` restricted to the block ``words`` of a global array of
   ``global_shape`` starting at ``offsets`` (the sums over blocks add up to the whole)."""
   index = np.zeros(words.shape, np.uint64)
@@ -440,7 +471,7 @@ def _checksum_on_host(x: jax.Array) -> np.ndarray | None:
   numpy; None if the dtype is not handled here. On several processes, the partial sums are
   combined with ``process_allgather`` (every process must call this for the same leaves)."""
   key = jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
-  global_shape = x.shape + (jax.random.key_data(x).shape[x.ndim:] if key else ())
+  global_shape = x.shape + (jax.random.key_data(x).shape[x.ndim :] if key else ())
   total = np.zeros(2, np.uint32)
   for shard in x.addressable_shards:
     if shard.replica_id != 0:
@@ -467,8 +498,10 @@ def array_checksums(tree) -> dict[str, dict]:
   live by a jitted function (compiled once per distinct shape, dtype and sharding); smaller ones
   on the host from their shards, with the same arithmetic in numpy and no compilation.
   """
-  named = [(_leaf_name(p), leaf if isinstance(leaf, jax.Array) else jnp.asarray(leaf))
-           for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]]
+  named = [
+    (_leaf_name(p), leaf if isinstance(leaf, jax.Array) else jnp.asarray(leaf))
+    for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+  ]
   sums = []
   for _, leaf in named:
     value = _checksum_on_host(leaf) if leaf.size <= _HOST_MAX_ELEMENTS else None
@@ -477,9 +510,14 @@ def array_checksums(tree) -> dict[str, dict]:
       # collectives of XLA:CPU's (forced) multi-device runs.
       value = _host_value(jax.block_until_ready(_checksum_leaf(leaf)))
     sums.append(value)
-  return {name: {"shape": list(leaf.shape), "dtype": str(leaf.dtype),
-                 "checksum": f"{int(s[0]):08x}{int(s[1]):08x}"}
-          for (name, leaf), s in zip(named, sums)}
+  return {
+    name: {
+      "shape": list(leaf.shape),
+      "dtype": str(leaf.dtype),
+      "checksum": f"{int(s[0]):08x}{int(s[1]):08x}",
+    }
+    for (name, leaf), s in zip(named, sums)
+  }
 
 
 def _iterator_text(data_iter) -> str:
@@ -499,9 +537,15 @@ def build_manifest(step: int, pure_state: dict, data_iter: Any | None) -> dict:
       iterator = [bytes(np.asarray(r, np.uint8)).hex() for r in rows]
     else:
       iterator = [digest.hex()]
-  return {"format": MANIFEST_FORMAT, "algorithm": CHECKSUM_ALGORITHM, "step": int(step),
-          "process_count": jax.process_count(), "host": socket.gethostname(),
-          "arrays": array_checksums(pure_state), "data_iter_sha256": iterator}
+  return {
+    "format": MANIFEST_FORMAT,
+    "algorithm": CHECKSUM_ALGORITHM,
+    "step": int(step),
+    "process_count": jax.process_count(),
+    "host": socket.gethostname(),
+    "arrays": array_checksums(pure_state),
+    "data_iter_sha256": iterator,
+  }
 
 
 # ------------------------------------------------------------------------------ verification
@@ -516,8 +560,9 @@ def _saved_items(step: int, step_dir: epath.Path) -> set[str]:
       raise ValueError(f"item_handlers {items!r} lists no state")
   except Exception as e:  # pylint: disable=broad-except
     _raise_if_not_damage(e)
-    raise CheckpointCorruptError(step, "metadata",
-                                 f"cannot read {path.name}: {_one_line(e)}") from e
+    raise CheckpointCorruptError(
+      step, "metadata", f"cannot read {path.name}: {_one_line(e)}"
+    ) from e
   return set(items)
 
 
@@ -525,16 +570,22 @@ def _read_manifest(step: int, step_dir: epath.Path) -> dict:
   path = step_dir / INTEGRITY_ITEM / _MANIFEST_FILE
   try:
     manifest = json.loads(path.read_text())
-    if (not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT
-        or not isinstance(manifest.get("arrays"), dict) or not manifest["arrays"]):
+    if (
+      not isinstance(manifest, dict)
+      or manifest.get("format") != MANIFEST_FORMAT
+      or not isinstance(manifest.get("arrays"), dict)
+      or not manifest["arrays"]
+    ):
       raise ValueError("empty or not a checksum manifest")
   except Exception as e:  # pylint: disable=broad-except
     _raise_if_not_damage(e)
-    raise CheckpointCorruptError(step, "manifest",
-                                 f"cannot read {INTEGRITY_ITEM}/{path.name}: {_one_line(e)}") from e
+    raise CheckpointCorruptError(
+      step, "manifest", f"cannot read {INTEGRITY_ITEM}/{path.name}: {_one_line(e)}"
+    ) from e
   if manifest.get("algorithm") != CHECKSUM_ALGORITHM:
-    raise CheckpointCorruptError(step, "manifest",
-                                 f"unknown checksum algorithm {manifest.get('algorithm')!r}")
+    raise CheckpointCorruptError(
+      step, "manifest", f"unknown checksum algorithm {manifest.get('algorithm')!r}"
+    )
   return manifest
 
 
@@ -560,8 +611,11 @@ def _verify_iterator_file(step: int, step_dir: epath.Path, manifest: dict) -> No
   index, count = jax.process_index(), jax.process_count()
   if not isinstance(digests, list) or len(digests) != count:
     raise CheckpointCorruptError(
-        step, "manifest", f"it records {len(digests) if isinstance(digests, list) else 'no'} "
-        f"data-iterator checksums for {count} process(es)")
+      step,
+      "manifest",
+      f"it records {len(digests) if isinstance(digests, list) else 'no'} "
+      f"data-iterator checksums for {count} process(es)",
+    )
   path = step_dir / "data_iter" / f"process_{index}-of-{count}.json"
   try:
     got = hashlib.sha256(path.read_bytes()).hexdigest()
@@ -569,8 +623,9 @@ def _verify_iterator_file(step: int, step_dir: epath.Path, manifest: dict) -> No
     _raise_if_not_damage(e)
     raise CheckpointCorruptError(step, "data-iter", f"cannot read {path.name}: {_one_line(e)}")
   if got != digests[index]:
-    raise CheckpointCorruptError(step, "data-iter",
-                                 f"data_iter/{path.name} does not match its checksum")
+    raise CheckpointCorruptError(
+      step, "data-iter", f"data_iter/{path.name} does not match its checksum"
+    )
 
 
 def _verify_arrays(step: int, restored: dict, manifest: dict) -> None:
@@ -580,24 +635,42 @@ def _verify_arrays(step: int, restored: dict, manifest: dict) -> None:
   bad += sorted(k for k in expected if k not in got)
   if bad:
     more = f" (+{len(bad) - 3} more)" if len(bad) > 3 else ""
-    raise CheckpointCorruptError(step, "checksum",
-                                 f"restored values differ from the checksums saved with them "
-                                 f"in {', '.join(bad[:3])}{more}")
+    raise CheckpointCorruptError(
+      step,
+      "checksum",
+      f"restored values differ from the checksums saved with them in {', '.join(bad[:3])}{more}",
+    )
 
 
 # Errors of the environment, not of the files: they propagate instead of quarantining a step.
-_ENVIRONMENT_ERRORS = (MemoryError, PermissionError, ConnectionError, TimeoutError,
-                       InterruptedError)
-_ENVIRONMENT_CODES = ("RESOURCE_EXHAUSTED", "out of memory", "UNAVAILABLE", "DEADLINE_EXCEEDED",
-                      "PERMISSION_DENIED", "UNAUTHENTICATED", "CANCELLED", "Permission denied")
+_ENVIRONMENT_ERRORS = (
+  MemoryError,
+  PermissionError,
+  ConnectionError,
+  TimeoutError,
+  InterruptedError,
+)
+_ENVIRONMENT_CODES = (
+  "RESOURCE_EXHAUSTED",
+  "out of memory",
+  "UNAVAILABLE",
+  "DEADLINE_EXCEEDED",
+  "PERMISSION_DENIED",
+  "UNAUTHENTICATED",
+  "CANCELLED",
+  "Permission denied",
+)
 
 
 def _raise_if_not_damage(e: BaseException) -> None:
   """Re-raises ``e`` when it says that memory, permissions or storage access failed, which does
   not make a checkpoint damaged (quarantining it would lose good data)."""
   text = str(e)
-  if (isinstance(e, _ENVIRONMENT_ERRORS) or not isinstance(e, Exception)
-      or any(code in text for code in _ENVIRONMENT_CODES)):
+  if (
+    isinstance(e, _ENVIRONMENT_ERRORS)
+    or not isinstance(e, Exception)
+    or any(code in text for code in _ENVIRONMENT_CODES)
+  ):
     raise e
 
 
@@ -615,7 +688,7 @@ def _one_line(e: BaseException, limit: int = 300) -> str:
   if isinstance(e, OSError) and e.errno in errno.errorcode and not first:
     first = os.strerror(e.errno)
   out = f"{type(e).__name__}: {first}" if first else type(e).__name__
-  return out if len(out) <= limit else out[:limit - 3] + "..."
+  return out if len(out) <= limit else out[: limit - 3] + "..."
 
 
 def _move_dir(source: epath.Path, target: epath.Path) -> None:

@@ -21,8 +21,9 @@ def debug_requested(argv: list[str]) -> bool:
   return "--debug" in argv or os.environ.get("DFM_JAX_DEBUG", "") not in ("", "0")
 
 
-def parse_flags(flag_values: flags.FlagValues, argv: list[str], config_flag: str = "config"
-                ) -> list[str]:
+def parse_flags(
+  flag_values: flags.FlagValues, argv: list[str], config_flag: str = "config"
+) -> list[str]:
   """``flag_values(argv)``; on a bad flag or config file prints one line and exits 2."""
   hint = False
   try:
@@ -83,8 +84,11 @@ def _unknown_field(e: BaseException, argv: list[str], config_flag: str) -> str:
   lines = [line.strip() for line in str(text).splitlines() if line.strip()]
   name = lines[0].strip("'\"") if lines else "?"
   prefix = f"--{config_flag}."
-  named = [a.split("=", 1)[0] for a in argv
-           if a.startswith(prefix) and name in a.split("=", 1)[0].split(".")]
+  named = [
+    a.split("=", 1)[0]
+    for a in argv
+    if a.startswith(prefix) and name in a.split("=", 1)[0].split(".")
+  ]
   where = f" ({named[0]})" if named else ""
   hint = f": {' '.join(lines[1:])}" if len(lines) > 1 else ""
   return f"unknown config field {name!r}{where}{hint}"

@@ -63,9 +63,11 @@ class CompileCheckError(Exception):
 # ---------------------------------------------------------------------------------------------
 # Topologies
 
+
 @dataclasses.dataclass(frozen=True)
 class Topology:
   """A TPU slice as libtpu's topology description needs it, with the chip's figures."""
+
   name: str  # the accelerator type, e.g. "v5p-64" (v4 / v5p count TensorCores, 2 per chip)
   topology_name: str  # libtpu's, e.g. "v5:2x4x4"
   chip_config_name: str  # "megacore" (one JAX device per chip) or "default"
@@ -81,19 +83,37 @@ class Topology:
 
 # Chips -> slice shape. v4 / v5p slices are 3D (full cubes of 4x4x4 and up have wrap-around
 # links), v5e / v6e slices 2D (a 16-chip axis wraps). As the Cloud TPU documentation lists them.
-_CUBES = {4: (2, 2, 1), 8: (2, 2, 2), 16: (2, 2, 4), 32: (2, 4, 4), 64: (4, 4, 4),
-          128: (4, 4, 8), 256: (4, 8, 8), 512: (8, 8, 8), 1024: (8, 8, 16), 2048: (8, 16, 16),
-          4096: (16, 16, 16)}
-_PLANES = {1: (1, 1), 4: (2, 2), 8: (2, 4), 16: (4, 4), 32: (4, 8), 64: (8, 8), 128: (8, 16),
-           256: (16, 16)}
+_CUBES = {
+  4: (2, 2, 1),
+  8: (2, 2, 2),
+  16: (2, 2, 4),
+  32: (2, 4, 4),
+  64: (4, 4, 4),
+  128: (4, 4, 8),
+  256: (4, 8, 8),
+  512: (8, 8, 8),
+  1024: (8, 8, 16),
+  2048: (8, 16, 16),
+  4096: (16, 16, 16),
+}
+_PLANES = {
+  1: (1, 1),
+  4: (2, 2),
+  8: (2, 4),
+  16: (4, 4),
+  32: (4, 8),
+  64: (8, 8),
+  128: (8, 16),
+  256: (16, 16),
+}
 # family: (libtpu prefix, chip config, TensorCores per chip in the name, HBM GiB, bf16 TFLOP/s)
 # HBM from the Cloud TPU system-architecture pages (v4 32 GiB, v5e 16 GB, v5p 95 GB, v6e 32 GB;
 # the check takes them as GiB, which is what the runtime's per-chip limit is close to).
 _FAMILIES = {
-    "v4": ("v4", "megacore", 2, 32.0, 275.0),
-    "v5p": ("v5", "megacore", 2, 95.0, 459.0),
-    "v5e": ("v5e", "default", 1, 16.0, 197.0),
-    "v6e": ("v6e", "default", 1, 32.0, 918.0),
+  "v4": ("v4", "megacore", 2, 32.0, 275.0),
+  "v5p": ("v5", "megacore", 2, 95.0, 459.0),
+  "v5e": ("v5e", "default", 1, 16.0, 197.0),
+  "v6e": ("v6e", "default", 1, 32.0, 918.0),
 }
 
 
@@ -107,13 +127,24 @@ def _topology_for(family: str, chips: int) -> Topology:
     shape = _PLANES[chips]
     wrap = (shape[0] == 16, shape[1] == 16, False)
     per_host = {1: (1, 1, 1), 4: (2, 2, 1), 8: (2, 4, 1)}.get(chips, (2, 2, 1))
-  return Topology(f"{family}-{chips * cores}", f"{prefix}:{'x'.join(map(str, shape))}",
-                  chip_config, per_host, wrap, hbm, peak)
+  return Topology(
+    f"{family}-{chips * cores}",
+    f"{prefix}:{'x'.join(map(str, shape))}",
+    chip_config,
+    per_host,
+    wrap,
+    hbm,
+    peak,
+  )
 
 
-TOPOLOGIES = {t.name: t for t in (
+TOPOLOGIES = {
+  t.name: t
+  for t in (
     [_topology_for(f, c) for f in ("v4", "v5p") for c in _CUBES]
-    + [_topology_for(f, c) for f in ("v5e", "v6e") for c in _PLANES])}
+    + [_topology_for(f, c) for f in ("v5e", "v6e") for c in _PLANES]
+  )
+}
 
 
 def lookup_topology(name: str) -> Topology:
@@ -131,19 +162,25 @@ def topology_devices(topology: Topology, num_slices: int = 1) -> list:
   """Compile-only devices of ``num_slices`` slices of ``topology`` (needs libtpu, no TPU)."""
   if importlib.util.find_spec("libtpu") is None:
     raise CompileCheckError(
-        "libtpu is not installed, so TPU programs cannot be compiled here: "
-        "pip install -r requirements-tpu-compile.txt")
+      "libtpu is not installed, so TPU programs cannot be compiled here: "
+      "pip install -r requirements-tpu-compile.txt"
+    )
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+
   try:
     desc = topologies.get_topology_desc(
-        topology_name=topology.topology_name, platform="tpu",
-        chip_config_name=topology.chip_config_name,
-        chips_per_host_bounds=topology.chips_per_host_bounds, num_slices=num_slices,
-        wrap=topology.wrap)
+      topology_name=topology.topology_name,
+      platform="tpu",
+      chip_config_name=topology.chip_config_name,
+      chips_per_host_bounds=topology.chips_per_host_bounds,
+      num_slices=num_slices,
+      wrap=topology.wrap,
+    )
   except Exception as e:  # pylint: disable=broad-except
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    raise CompileCheckError(f"libtpu could not describe {topology.name} "
-                            f"({topology.topology_name}): {first}") from e
+    raise CompileCheckError(
+      f"libtpu could not describe {topology.name} ({topology.topology_name}): {first}"
+    ) from e
   return list(desc.devices)
 
 
@@ -167,6 +204,7 @@ def build_run(config: ml_collections.ConfigDict, devices):
   """``train.setup`` over ``devices``, reading no data. Per-stage standardisation is switched
   off: its statistics are constants of the step that change no shape, buffer or FLOP."""
   from dfm_jax import train  # pylint: disable=g-import-not-at-top
+
   config = copy.deepcopy(config)
   config.decomposition.standardize = False
   return train.setup(config, None, devices, check_data=False)
@@ -181,9 +219,11 @@ def batch_shapes(run) -> dict:
 # ---------------------------------------------------------------------------------------------
 # Compiling and measuring
 
+
 @dataclasses.dataclass
 class Memory:
   """Per-device bytes of a compiled program (``compiled.memory_analysis()``)."""
+
   arguments: int
   outputs: int
   aliased: int
@@ -197,14 +237,19 @@ class Memory:
   @classmethod
   def of(cls, compiled) -> "Memory":
     m = compiled.memory_analysis()
-    return cls(int(m.argument_size_in_bytes), int(m.output_size_in_bytes),
-               int(m.alias_size_in_bytes), int(m.temp_size_in_bytes),
-               int(m.generated_code_size_in_bytes))
+    return cls(
+      int(m.argument_size_in_bytes),
+      int(m.output_size_in_bytes),
+      int(m.alias_size_in_bytes),
+      int(m.temp_size_in_bytes),
+      int(m.generated_code_size_in_bytes),
+    )
 
 
 @dataclasses.dataclass
 class Result:
   """One compiled program on one mesh."""
+
   program: str  # "train step" | "sampler"
   mesh: str
   mesh_shape: tuple[int, int, int]
@@ -246,6 +291,7 @@ def _out_of_memory(e: Exception) -> str | None:
 
 def compile_train_step(run) -> jax.stages.Compiled:
   from dfm_jax import train  # pylint: disable=g-import-not-at-top
+
   lowered = train.lower_step(run, batch_shapes(run))
   with jax.set_mesh(run.mesh):
     return lowered.compile()
@@ -302,15 +348,24 @@ def step_flops(config: ml_collections.ConfigDict, depth: int) -> float:
   """XLA's FLOP count of one global train step with all ``depth`` blocks unrolled, from the
   step lowered on one host CPU device (before partitioning; nothing is compiled)."""
   from dfm_jax import train  # pylint: disable=g-import-not-at-top
+
   config = _unrolled(config, depth)
   config.mesh.shape = (1, 1, 1)
   run = build_run(config, jax.devices("cpu")[:1])
   return _flops(train.lower_step(run, batch_shapes(run)))
 
 
-def check(config: ml_collections.ConfigDict, topology: Topology, meshes: Sequence[str],
-          devices=None, sampler: bool = True, sample_batch: int = 0, flops: str = "lowered",
-          dump_dir: str | None = None, log=print) -> list[Result]:
+def check(
+  config: ml_collections.ConfigDict,
+  topology: Topology,
+  meshes: Sequence[str],
+  devices=None,
+  sampler: bool = True,
+  sample_batch: int = 0,
+  flops: str = "lowered",
+  dump_dir: str | None = None,
+  log=print,
+) -> list[Result]:
   """Compiles the train step (and the sampler) of ``config`` for ``topology`` on each mesh.
 
   ``flops``: ``lowered`` (the exact global count / devices), ``compiled`` (one more compile with
@@ -327,8 +382,10 @@ def check(config: ml_collections.ConfigDict, topology: Topology, meshes: Sequenc
     run = build_run(cfg, devices)
     shape = tuple(run.mesh.devices.shape)
     res = Result("train step", mesh_name, shape, int(cfg.batch_size), hbm)
-    log(f"[{topology.name} {mesh_name} {shape}] compiling the train step "
-        f"(global batch {cfg.batch_size}) ...")
+    log(
+      f"[{topology.name} {mesh_name} {shape}] compiling the train step "
+      f"(global batch {cfg.batch_size}) ..."
+    )
     compiled = _measure(res, lambda: compile_train_step(run))  # pylint: disable=cell-var-from-loop
     _dump(compiled, dump_dir, f"{topology.name}_{mesh_name}_train_step")
     depth = run.exp.model.depth
@@ -336,8 +393,10 @@ def check(config: ml_collections.ConfigDict, topology: Topology, meshes: Sequenc
       res.flops_compiled = _flops(compiled)
     if flops == "lowered" or (compiled is not None and flops == "compiled"):
       if flops == "compiled":
-        log(f"[{topology.name} {mesh_name} {shape}] compiling it with every block unrolled to "
-            "count its FLOPs ...")
+        log(
+          f"[{topology.name} {mesh_name} {shape}] compiling it with every block unrolled to "
+          "count its FLOPs ..."
+        )
         res.flops = _flops(compile_train_step(build_run(_unrolled(cfg, depth), devices)))
       else:
         if global_flops is None:
@@ -349,8 +408,11 @@ def check(config: ml_collections.ConfigDict, topology: Topology, meshes: Sequenc
       b = int(sample_batch or cfg.sampler.batch_size)
       sres = Result("sampler", mesh_name, shape, b, hbm)
       log(f"[{topology.name} {mesh_name} {shape}] compiling the sampler (batch {b}) ...")
-      _dump(_measure(sres, lambda: compile_sampler(run, b)),  # pylint: disable=cell-var-from-loop
-            dump_dir, f"{topology.name}_{mesh_name}_sampler")
+      _dump(
+        _measure(sres, lambda: compile_sampler(run, b)),  # pylint: disable=cell-var-from-loop
+        dump_dir,
+        f"{topology.name}_{mesh_name}_sampler",
+      )
       results.append(sres)
       log(format_result(sres, topology))
   return results
@@ -359,45 +421,67 @@ def check(config: ml_collections.ConfigDict, topology: Topology, meshes: Sequenc
 # ---------------------------------------------------------------------------------------------
 # Output
 
+
 def _gib(n: float) -> str:
   return f"{n / GIB:.2f}"
 
 
 def format_result(r: Result, topology: Topology) -> str:
-  head = (f"  {r.program}, mesh {r.mesh} {r.mesh_shape}, global batch {r.batch}, "
-          f"compiled in {r.compile_s:.0f} s")
+  head = (
+    f"  {r.program}, mesh {r.mesh} {r.mesh_shape}, global batch {r.batch}, "
+    f"compiled in {r.compile_s:.0f} s"
+  )
   if r.memory is None:
-    return (f"{head}\n  DOES NOT FIT: the TPU compiler ran out of HBM ({topology.hbm_gib:g} GiB "
-            f"per chip): {r.error}")
+    return (
+      f"{head}\n  DOES NOT FIT: the TPU compiler ran out of HBM ({topology.hbm_gib:g} GiB "
+      f"per chip): {r.error}"
+    )
   m = r.memory
-  lines = [head, f"  per device (GiB): arguments {_gib(m.arguments)}, outputs "
-                 f"{_gib(m.outputs)}, aliased {_gib(m.aliased)}, temporaries "
-                 f"{_gib(m.temporaries)}, generated code {_gib(m.code)}; total {_gib(m.total)} "
-                 f"of {topology.hbm_gib:g} ({100 * m.total / r.hbm_bytes:.0f}%)"]
+  lines = [
+    head,
+    f"  per device (GiB): arguments {_gib(m.arguments)}, outputs "
+    f"{_gib(m.outputs)}, aliased {_gib(m.aliased)}, temporaries "
+    f"{_gib(m.temporaries)}, generated code {_gib(m.code)}; total {_gib(m.total)} "
+    f"of {topology.hbm_gib:g} ({100 * m.total / r.hbm_bytes:.0f}%)",
+  ]
   if not np.isnan(r.flops):
-    lines.append(f"  FLOPs per device per step: {r.flops / 1e9:.1f} GFLOP (XLA's count of the "
-                 f"compiled step: {r.flops_compiled / 1e9:.1f}); at the chip's peak "
-                 f"{topology.peak_tflops:g} TFLOP/s: {r.flops / topology.peak_tflops / 1e9:.1f} "
-                 "ms")
+    lines.append(
+      f"  FLOPs per device per step: {r.flops / 1e9:.1f} GFLOP (XLA's count of the "
+      f"compiled step: {r.flops_compiled / 1e9:.1f}); at the chip's peak "
+      f"{topology.peak_tflops:g} TFLOP/s: {r.flops / topology.peak_tflops / 1e9:.1f} "
+      "ms"
+    )
   if not r.fits:
-    lines.append(f"  DOES NOT FIT: {r.program} on {topology.name} mesh {r.mesh} needs "
-                 f"{_gib(m.total)} GiB per device, the chip has {topology.hbm_gib:g} GiB")
+    lines.append(
+      f"  DOES NOT FIT: {r.program} on {topology.name} mesh {r.mesh} needs "
+      f"{_gib(m.total)} GiB per device, the chip has {topology.hbm_gib:g} GiB"
+    )
   return "\n".join(lines)
 
 
 def summary_table(results: Sequence[Result], topology: Topology, config_name: str) -> str:
   """Markdown rows: config, topology, mesh, program, per-device GiB, GFLOPs, fits."""
-  head = ("| config | topology | mesh | program | batch | args GiB | temps GiB | total GiB | "
-          "HBM GiB | GFLOP/step/device | fits |\n|---|---|---|---|---:|---:|---:|---:|---:|---:"
-          "|---|")
+  head = (
+    "| config | topology | mesh | program | batch | args GiB | temps GiB | total GiB | "
+    "HBM GiB | GFLOP/step/device | fits |\n|---|---|---|---|---:|---:|---:|---:|---:|---:"
+    "|---|"
+  )
   rows = []
   for r in results:
     m = r.memory
-    cells = [config_name, topology.name, f"{r.mesh} {'x'.join(map(str, r.mesh_shape))}",
-             r.program, str(r.batch), _gib(m.arguments) if m else "-",
-             _gib(m.temporaries) if m else "-", _gib(m.total) if m else "> HBM",
-             f"{topology.hbm_gib:g}", "" if np.isnan(r.flops) else f"{r.flops / 1e9:.1f}",
-             "yes" if r.fits else "**NO**"]
+    cells = [
+      config_name,
+      topology.name,
+      f"{r.mesh} {'x'.join(map(str, r.mesh_shape))}",
+      r.program,
+      str(r.batch),
+      _gib(m.arguments) if m else "-",
+      _gib(m.temporaries) if m else "-",
+      _gib(m.total) if m else "> HBM",
+      f"{topology.hbm_gib:g}",
+      "" if np.isnan(r.flops) else f"{r.flops / 1e9:.1f}",
+      "yes" if r.fits else "**NO**",
+    ]
     rows.append("| " + " | ".join(cells) + " |")
   return "\n".join([head] + rows)
 
@@ -405,19 +489,28 @@ def summary_table(results: Sequence[Result], topology: Topology, config_name: st
 # ---------------------------------------------------------------------------------------------
 # Command line
 
+
 def _define_flags():
   from absl import flags  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+
   config_flags.DEFINE_config_file("config", None, "Path to a config file.", lock_config=True)
   flags.DEFINE_string("topology", None, "TPU accelerator type, e.g. v4-32, v5p-64, v5e-256.")
-  flags.DEFINE_list("mesh", ["dp", "fsdp"], "Meshes: dp = (-1, 1, 1), fsdp = (1, -1, 1), "
-                    "config = the config's mesh.shape.")
+  flags.DEFINE_list(
+    "mesh",
+    ["dp", "fsdp"],
+    "Meshes: dp = (-1, 1, 1), fsdp = (1, -1, 1), config = the config's mesh.shape.",
+  )
   flags.DEFINE_integer("num_slices", 1, "Slices of the topology (multislice over DCN).")
   flags.DEFINE_bool("sampler", True, "Also compile the sampler.")
   flags.DEFINE_integer("sample_batch", 0, "Sampler batch (0: the config's sampler.batch_size).")
-  flags.DEFINE_enum("flops", "lowered", ["lowered", "compiled", "none"],
-                    "FLOPs of the step with every block unrolled: lowered on the host (global "
-                    "count / devices), compiled for the topology (one more compile), or none.")
+  flags.DEFINE_enum(
+    "flops",
+    "lowered",
+    ["lowered", "compiled", "none"],
+    "FLOPs of the step with every block unrolled: lowered on the host (global "
+    "count / devices), compiled for the topology (one more compile), or none.",
+  )
   flags.DEFINE_string("json", None, "Also write the results to this JSON file.")
   flags.DEFINE_string("dump_hlo", None, "Also write each compiled program's HLO to this folder.")
   flags.mark_flags_as_required(["config", "topology"])
@@ -434,6 +527,7 @@ def config_label(path: str) -> str:
 def main(argv) -> int:
   from absl import flags  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+
   if len(argv) > 1:
     print(f"compile_check: unexpected arguments {argv[1:]}", file=sys.stderr)
     return 2
@@ -447,21 +541,39 @@ def main(argv) -> int:
     print(f"compile_check: {e}", file=sys.stderr)
     return 2
   name = config_label(config_flags.get_config_filename(f["config"]))
-  print(f"{topology.name}: {len(devices)} devices ({devices[0].device_kind}), libtpu topology "
-        f"{topology.topology_name} x {f.num_slices} slice(s), {topology.hbm_gib:g} GiB HBM "
-        f"per chip; jax {jax.__version__}", flush=True)
+  print(
+    f"{topology.name}: {len(devices)} devices ({devices[0].device_kind}), libtpu topology "
+    f"{topology.topology_name} x {f.num_slices} slice(s), {topology.hbm_gib:g} GiB HBM "
+    f"per chip; jax {jax.__version__}",
+    flush=True,
+  )
   try:
-    results = check(f.config, topology, f.mesh, devices, sampler=f.sampler,
-                    sample_batch=f.sample_batch, flops=f.flops, dump_dir=f.dump_hlo,
-                    log=lambda s: print(s, flush=True))
+    results = check(
+      f.config,
+      topology,
+      f.mesh,
+      devices,
+      sampler=f.sampler,
+      sample_batch=f.sample_batch,
+      flops=f.flops,
+      dump_dir=f.dump_hlo,
+      log=lambda s: print(s, flush=True),
+    )
   except (ValueError, CompileCheckError) as e:  # e.g. batch not divisible by the mesh
     print(f"compile_check: {e}", file=sys.stderr)
     return 2
   print("\n" + summary_table(results, topology, name))
   if f.json:
     with open(f.json, "w") as fh:
-      json.dump({"topology": dataclasses.asdict(topology), "config": name,
-                 "results": [r.to_dict() for r in results]}, fh, indent=1)
+      json.dump(
+        {
+          "topology": dataclasses.asdict(topology),
+          "config": name,
+          "results": [r.to_dict() for r in results],
+        },
+        fh,
+        indent=1,
+      )
   bad = [r for r in results if not r.fits]
   for r in bad:
     print(f"DOES NOT FIT: {name} {r.program} on {topology.name} mesh {r.mesh}", flush=True)
@@ -470,6 +582,7 @@ def main(argv) -> int:
 
 def run():
   from absl import app  # pylint: disable=g-import-not-at-top
+
   _define_flags()
   app.run(lambda argv: sys.exit(main(argv)))
 

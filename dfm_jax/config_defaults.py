@@ -125,8 +125,12 @@ def base_config() -> ml_collections.ConfigDict:
   # Logical parameter axes -> mesh axes. FSDP shards 'embed' over 'fsdp'; tensor parallelism
   # shards 'mlp' and 'heads' over 'tensor'.
   c.mesh.axis_rules = (
-      ("embed", "fsdp"), ("mlp", "tensor"), ("heads", "tensor"), ("vocab", None),
-      ("patch", None), ("layers", None),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("vocab", None),
+    ("patch", None),
+    ("layers", None),
   )
 
   c.distributed = ml_collections.ConfigDict()
@@ -191,7 +195,7 @@ def flow_matching_twin(c: ml_collections.ConfigDict) -> ml_collections.ConfigDic
     c.sampler[name] = per_stage_field(_one_stage(c.sampler[name], name))
   stages = c.decomposition.num_stages
   levels = sum(c.decomposition.level_gaps) if c.decomposition.level_gaps else stages - 1
-  c.model.patch_size = c.model.patch_size * 2 ** levels
+  c.model.patch_size = c.model.patch_size * 2**levels
   c.method = "fm"
   c.decomposition.num_stages = 1
   c.decomposition.level_gaps = ()
@@ -205,13 +209,18 @@ def flow_matching_twin(c: ml_collections.ConfigDict) -> ml_collections.ConfigDic
 def _one_stage(value, name: str):
   """The single-stage form of a per-stage sampler setting: a value shared by every stage, or
   a per-stage tuple whose entries are all equal; other per-stage values have no FM twin."""
-  per_stage = isinstance(value, (tuple, list)) and len(value) and (
-      isinstance(value[0], (tuple, list)) if name == "guidance_interval" else True)
+  per_stage = (
+    isinstance(value, (tuple, list))
+    and len(value)
+    and (isinstance(value[0], (tuple, list)) if name == "guidance_interval" else True)
+  )
   if not per_stage:
     return value
   if any(tuple(np.ravel(v)) != tuple(np.ravel(value[0])) for v in value):
-    raise ValueError(f"sampler.{name} = {tuple(value)} differs between stages; the flow "
-                     f"matching twin has one stage: set sampler.{name} for it explicitly")
+    raise ValueError(
+      f"sampler.{name} = {tuple(value)} differs between stages; the flow "
+      f"matching twin has one stage: set sampler.{name} for it explicitly"
+    )
   return tuple(value[0]) if name == "guidance_interval" else value[0]
 
 
@@ -220,8 +229,10 @@ def parse_variants(arg: str | None, allowed: tuple[str, ...]) -> set[str]:
   variants = {v.strip() for v in (arg or "").split(",") if v.strip()} - {"dfm"}
   unknown = variants - set(allowed)
   if unknown:
-    raise ValueError(f"unknown config variant(s) {sorted(unknown)}; choose from "
-                     f"{', '.join(('dfm',) + tuple(allowed))} (comma-separated)")
+    raise ValueError(
+      f"unknown config variant(s) {sorted(unknown)}; choose from "
+      f"{', '.join(('dfm',) + tuple(allowed))} (comma-separated)"
+    )
   return variants
 
 

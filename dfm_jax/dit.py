@@ -35,6 +35,7 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 @dataclasses.dataclass(frozen=True)
 class DiTConfig:
   """Model hyperparameters. ``stage_shapes`` exclude the batch axis, coarse to fine."""
+
   stage_shapes: tuple[tuple[int, ...], ...]
   patch_size: int = 2
   hidden_size: int = 384
@@ -56,18 +57,21 @@ class DiTConfig:
   precondition: bool = False
 
   def __post_init__(self):
-    object.__setattr__(self, "stage_shapes", tuple(tuple(int(d) for d in s)
-                                                   for s in self.stage_shapes))
+    object.__setattr__(
+      self, "stage_shapes", tuple(tuple(int(d) for d in s) for s in self.stage_shapes)
+    )
     if self.pos_embed not in ("rope", "sincos"):
       raise ValueError(f"pos_embed must be 'rope' or 'sincos', got {self.pos_embed!r}")
     if self.dtype not in DTYPES:
       raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
     if self.hidden_size % self.num_heads:
-      raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads "
-                       f"{self.num_heads}")
+      raise ValueError(
+        f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}"
+      )
     if self.scan_unroll < 1 or self.depth % self.scan_unroll:
-      raise ValueError(f"scan_unroll must be a positive divisor of depth {self.depth}, got "
-                       f"{self.scan_unroll}")
+      raise ValueError(
+        f"scan_unroll must be a positive divisor of depth {self.depth}, got {self.scan_unroll}"
+      )
     token_layout(self.stage_shapes, self.patch_size)  # validates the patch geometry
 
   @property
@@ -82,8 +86,9 @@ class DiTConfig:
     return cls(hidden_size=hidden, depth=depth, num_heads=heads, **kw)
 
 
-def token_layout(stage_shapes: Sequence[Sequence[int]], patch_size: int
-                 ) -> tuple[tuple[int, ...], tuple[tuple[int, ...], ...]]:
+def token_layout(
+  stage_shapes: Sequence[Sequence[int]], patch_size: int
+) -> tuple[tuple[int, ...], tuple[tuple[int, ...], ...]]:
   """The shared token grid and each stage's patch size per grid axis.
 
   Images use a 2D grid ``(H_1 / p, W_1 / p)``; videos a 3D grid ``(T_1, H_1 / p, W_1 / p)``.
@@ -96,8 +101,9 @@ def token_layout(stage_shapes: Sequence[Sequence[int]], patch_size: int
   for d in spatial0:
     if d < patch_size or d % patch_size:
       raise ValueError(
-          f"the coarsest stage {tuple(first)} cannot be cut into {patch_size}x{patch_size} "
-          f"patches: its spatial size must be a positive multiple of the patch size")
+        f"the coarsest stage {tuple(first)} cannot be cut into {patch_size}x{patch_size} "
+        f"patches: its spatial size must be a positive multiple of the patch size"
+      )
   base = ((1,) if len(first) == 4 else ()) + (patch_size, patch_size)
   grid = tuple(d // p for d, p in zip(first[:-1], base))
   patches = []
@@ -108,9 +114,10 @@ def token_layout(stage_shapes: Sequence[Sequence[int]], patch_size: int
     for d, g in zip(shape[:-1], grid):
       if d % g:
         raise ValueError(
-            f"stage of shape {tuple(shape)} cannot give the same token grid {grid} as the "
-            f"coarsest stage (size {d} is not a multiple of {g}); every stage must be an "
-            f"integer multiple of the coarsest stage's grid")
+          f"stage of shape {tuple(shape)} cannot give the same token grid {grid} as the "
+          f"coarsest stage (size {d} is not a multiple of {g}); every stage must be an "
+          f"integer multiple of the coarsest stage's grid"
+        )
       patch.append(d // g)
     patches.append(tuple(patch))
   return grid, tuple(patches)
@@ -127,8 +134,9 @@ def patchify(x: jax.Array, patch: Sequence[int]) -> jax.Array:
   return x.transpose(perm).reshape(b, int(np.prod(grid)), -1)
 
 
-def unpatchify(tokens: jax.Array, grid: Sequence[int], patch: Sequence[int],
-               channels: int) -> jax.Array:
+def unpatchify(
+  tokens: jax.Array, grid: Sequence[int], patch: Sequence[int], channels: int
+) -> jax.Array:
   """Inverse of :func:`patchify`: ``[B, N, prod(patch) * C]`` -> ``[B, d_1..d_k, C]``."""
   b = tokens.shape[0]
   k = len(grid)
@@ -138,14 +146,21 @@ def unpatchify(tokens: jax.Array, grid: Sequence[int], patch: Sequence[int],
 
 
 def _dense(rngs, din, dout, names, *, init="xavier", dtype=jnp.float32, use_bias=True):
-  inits = {"xavier": nnx.initializers.xavier_uniform(), "zeros": nnx.initializers.zeros_init(),
-           "normal": nnx.initializers.normal(0.02)}
+  inits = {
+    "xavier": nnx.initializers.xavier_uniform(),
+    "zeros": nnx.initializers.zeros_init(),
+    "normal": nnx.initializers.normal(0.02),
+  }
   return nnx.Linear(
-      din, dout, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
-      kernel_init=nnx.with_partitioning(inits[init], names, eager_sharding=False),
-      bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), names[1:],
-                                      eager_sharding=False),
-      rngs=rngs)
+    din,
+    dout,
+    use_bias=use_bias,
+    dtype=dtype,
+    param_dtype=jnp.float32,
+    kernel_init=nnx.with_partitioning(inits[init], names, eager_sharding=False),
+    bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), names[1:], eager_sharding=False),
+    rngs=rngs,
+  )
 
 
 def layer_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
@@ -180,7 +195,6 @@ class TimestepEmbedder(nnx.Module):
 
 
 class Attention(nnx.Module):
-
   def __init__(self, cfg: DiTConfig, rngs: nnx.Rngs):
     dtype = DTYPES[cfg.dtype]
     self.num_heads = cfg.num_heads
@@ -189,8 +203,9 @@ class Attention(nnx.Module):
 
   def __call__(self, x, rope):
     b, n, d = x.shape
-    q, k, v = jnp.split(self.qkv(x).reshape(b, n, 3 * self.num_heads, d // self.num_heads),
-                        3, axis=2)
+    q, k, v = jnp.split(
+      self.qkv(x).reshape(b, n, 3 * self.num_heads, d // self.num_heads), 3, axis=2
+    )
     if rope is not None:
       q = positions.apply_rope(q, *rope)
       k = positions.apply_rope(k, *rope)
@@ -199,7 +214,6 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-
   def __init__(self, cfg: DiTConfig, rngs: nnx.Rngs):
     dtype = DTYPES[cfg.dtype]
     hidden = int(cfg.hidden_size * cfg.mlp_ratio)
@@ -257,19 +271,35 @@ class DFMDiT(nnx.Module):
     self.cfg = cfg
     self.grid, self.patches = token_layout(cfg.stage_shapes, cfg.patch_size)
     d = cfg.hidden_size
-    self.embedders = nnx.List([
+    self.embedders = nnx.List(
+      [
         _dense(rngs, int(np.prod(p)) * shape[-1], d, ("patch", "embed"))
-        for p, shape in zip(self.patches, cfg.stage_shapes)])
+        for p, shape in zip(self.patches, cfg.stage_shapes)
+      ]
+    )
     self.time_embedders = nnx.List([TimestepEmbedder(cfg, rngs) for _ in cfg.stage_shapes])
     self.label_embed = nnx.Embed(
-        cfg.num_classes + 1, d, param_dtype=jnp.float32, rngs=rngs,
-        embedding_init=nnx.with_partitioning(nnx.initializers.normal(0.02), ("vocab", "embed"),
-                                             eager_sharding=False))
-    self.stage_embed = (nnx.Embed(
-        cfg.num_stages, d, param_dtype=jnp.float32, rngs=rngs,
-        embedding_init=nnx.with_partitioning(nnx.initializers.normal(0.02), (None, "embed"),
-                                             eager_sharding=False))
-                        if cfg.stage_index_embed else None)
+      cfg.num_classes + 1,
+      d,
+      param_dtype=jnp.float32,
+      rngs=rngs,
+      embedding_init=nnx.with_partitioning(
+        nnx.initializers.normal(0.02), ("vocab", "embed"), eager_sharding=False
+      ),
+    )
+    self.stage_embed = (
+      nnx.Embed(
+        cfg.num_stages,
+        d,
+        param_dtype=jnp.float32,
+        rngs=rngs,
+        embedding_init=nnx.with_partitioning(
+          nnx.initializers.normal(0.02), (None, "embed"), eager_sharding=False
+        ),
+      )
+      if cfg.stage_index_embed
+      else None
+    )
 
     @nnx.split_rngs(splits=cfg.depth)
     @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
@@ -279,8 +309,12 @@ class DFMDiT(nnx.Module):
     # One DiTBlock whose parameters carry a leading [depth] axis (logical name 'layers'), run by
     # a scan in __call__: compile time does not grow with depth.
     self.blocks = make_blocks(rngs)
-    self.heads = nnx.List([StageHead(cfg, int(np.prod(p)) * shape[-1], rngs)
-                           for p, shape in zip(self.patches, cfg.stage_shapes)])
+    self.heads = nnx.List(
+      [
+        StageHead(cfg, int(np.prod(p)) * shape[-1], rngs)
+        for p, shape in zip(self.patches, cfg.stage_shapes)
+      ]
+    )
     if cfg.pos_embed == "sincos":
       self.pos = nnx.Cache(jnp.asarray(positions.sincos_embedding(d, self.grid)))
     else:
@@ -297,11 +331,14 @@ class DFMDiT(nnx.Module):
     std = np.asarray(std, np.float32).reshape(-1)
     s = self.cfg.num_stages
     if mean.shape != (s,) or std.shape != (s,):
-      raise ValueError(f"data statistics need one mean and one std per stage ({s}), got "
-                       f"{mean.shape[0]} means and {std.shape[0]} stds")
+      raise ValueError(
+        f"data statistics need one mean and one std per stage ({s}), got "
+        f"{mean.shape[0]} means and {std.shape[0]} stds"
+      )
     if not (np.isfinite(mean).all() and np.isfinite(std).all() and (std > 0).all()):
-      raise ValueError(f"data statistics must be finite with std > 0, got mean {mean.tolist()}, "
-                       f"std {std.tolist()}")
+      raise ValueError(
+        f"data statistics must be finite with std > 0, got mean {mean.tolist()}, std {std.tolist()}"
+      )
     self.data_mean[...] = jnp.asarray(mean)
     self.data_std[...] = jnp.asarray(std)
 
@@ -312,15 +349,21 @@ class DFMDiT(nnx.Module):
       return jnp.ones(t.shape, jnp.float32)
     return precondition.loss_weights(t, self.data_std[...])
 
-  def __call__(self, stages: Sequence[jax.Array], t: jax.Array, labels: jax.Array,
-               stage_index: jax.Array | None = None) -> tuple[jax.Array, ...]:
+  def __call__(
+    self,
+    stages: Sequence[jax.Array],
+    t: jax.Array,
+    labels: jax.Array,
+    stage_index: jax.Array | None = None,
+  ) -> tuple[jax.Array, ...]:
     cfg = self.cfg
     if len(stages) != cfg.num_stages:
       raise ValueError(f"model has {cfg.num_stages} stages, got {len(stages)} inputs")
     for x, shape in zip(stages, cfg.stage_shapes):
       if tuple(x.shape[1:]) != shape:
-        raise ValueError(f"stage input of shape {x.shape[1:]} does not match the model's "
-                         f"stage shape {shape}")
+        raise ValueError(
+          f"stage input of shape {x.shape[1:]} does not match the model's stage shape {shape}"
+        )
     if not cfg.precondition:
       return self.network(stages, t, labels, stage_index)
     mean, std = self.data_mean[...], self.data_std[...]
@@ -328,15 +371,22 @@ class DFMDiT(nnx.Module):
     raw = self.network(inputs, t, labels, stage_index)
     return precondition.data_velocities(raw, centred, t, mean, std)
 
-  def network(self, stages: Sequence[jax.Array], t: jax.Array, labels: jax.Array,
-              stage_index: jax.Array | None = None) -> tuple[jax.Array, ...]:
+  def network(
+    self,
+    stages: Sequence[jax.Array],
+    t: jax.Array,
+    labels: jax.Array,
+    stage_index: jax.Array | None = None,
+  ) -> tuple[jax.Array, ...]:
     """The raw network F: same arguments as ``__call__``, no preconditioning (the stage inputs
     are taken as given); returns S float32 outputs ``[B, *stage_shapes[s]]``."""
     cfg = self.cfg
     dtype = DTYPES[cfg.dtype]
     with jax.named_scope("patch_embed"):
-      x = sum(emb(patchify(s.astype(dtype), p)).astype(jnp.float32)
-              for emb, s, p in zip(self.embedders, stages, self.patches))
+      x = sum(
+        emb(patchify(s.astype(dtype), p)).astype(jnp.float32)
+        for emb, s, p in zip(self.embedders, stages, self.patches)
+      )
     with jax.named_scope("conditioning"):
       c = self.label_embed(labels)
       for s, temb in enumerate(self.time_embedders):
@@ -386,4 +436,3 @@ def parameter_summary(model: nnx.Module) -> str:
 
 def count_parameters(model: nnx.Module) -> int:
   return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-

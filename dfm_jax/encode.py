@@ -48,8 +48,21 @@ FLAGS = flags.FLAGS
 EXIT_ERROR = 1
 EXIT_INTERRUPTED = 130
 _READ_THREADS = 8
-_SOURCE_FIELDS = ("source", "path", "label_path", "tfds_name", "split", "data_dir", "image_key",
-                  "label_key", "resolution", "channels", "crop", "num_classes", "skip_corrupt")
+_SOURCE_FIELDS = (
+  "source",
+  "path",
+  "label_path",
+  "tfds_name",
+  "split",
+  "data_dir",
+  "image_key",
+  "label_key",
+  "resolution",
+  "channels",
+  "crop",
+  "num_classes",
+  "skip_corrupt",
+)
 
 
 def pixel_data_config(config) -> ml_collections.ConfigDict:
@@ -60,10 +73,12 @@ def pixel_data_config(config) -> ml_collections.ConfigDict:
   field = "encode.data" if data is not None else "data"
   data = data if data is not None else config.data
   if data.get("source") == "latents":
-    raise ValueError(f"{field}.source='latents' holds no pixels to encode; pass the pixel data "
-                     "with overrides (--config.data.source=folder --config.data.path=... "
-                     "--config.data.resolution=256 --config.data.channels=3) or add an "
-                     "encode.data block to the config")
+    raise ValueError(
+      f"{field}.source='latents' holds no pixels to encode; pass the pixel data "
+      "with overrides (--config.data.source=folder --config.data.path=... "
+      "--config.data.resolution=256 --config.data.channels=3) or add an "
+      "encode.data block to the config"
+    )
   return data
 
 
@@ -124,8 +139,16 @@ def _read_batch(source, records: np.ndarray, flip: bool, pool) -> tuple[np.ndarr
   return images, np.asarray(labels, np.int32)
 
 
-def encode_dataset(config, out: str, *, flip: bool = False, shard_size: int = 10_000,
-                   num_examples: int = 0, autoencoder=None, stream=None) -> dict | None:
+def encode_dataset(
+  config,
+  out: str,
+  *,
+  flip: bool = False,
+  shard_size: int = 10_000,
+  num_examples: int = 0,
+  autoencoder=None,
+  stream=None,
+) -> dict | None:
   """Encodes the pixel data of `config` into latent shards in `out` (see the module docstring).
 
   Args:
@@ -156,15 +179,18 @@ def encode_dataset(config, out: str, *, flip: bool = False, shard_size: int = 10
   data_lib.validate_data_config(data)
   resolution, channels = int(data.get("resolution")), int(data.get("channels"))
   if channels != 3:
-    raise ValueError(f"data.channels={channels}: the autoencoder encodes RGB images; set "
-                     "data.channels=3 (grayscale images are then converted to RGB)")
+    raise ValueError(
+      f"data.channels={channels}: the autoencoder encodes RGB images; set "
+      "data.channels=3 (grayscale images are then converted to RGB)"
+    )
   from dfm_jax import autoencoders  # pylint: disable=g-import-not-at-top
 
   ae = autoencoder if autoencoder is not None else autoencoders.from_config(config.autoencoder)
   down = int(getattr(ae, "downsample", 8))
   if resolution % down:
-    raise ValueError(f"data.resolution={resolution} is not a multiple of the autoencoder's "
-                     f"{down}x downsampling")
+    raise ValueError(
+      f"data.resolution={resolution} is not a multiple of the autoencoder's {down}x downsampling"
+    )
   batch_size = int(config.autoencoder.get("batch_size", 32))
   if batch_size < 1:
     raise ValueError(f"autoencoder.batch_size must be >= 1, got {batch_size}")
@@ -179,20 +205,20 @@ def encode_dataset(config, out: str, *, flip: bool = False, shard_size: int = 10
   num_shards = math.ceil(total / shard_size)
   h = w = resolution // down
   plan = {
-      "count": total,
-      "source_examples": examples,
-      "flip": bool(flip),
-      "shard_size": shard_size,
-      "num_shards": num_shards,
-      "latent_shape": [h, w, int(ae.latent_channels)],
-      "autoencoder": {
-          "kind": config.autoencoder.get("kind", "") or getattr(ae, "name", ""),
-          "weights": os.fspath(config.autoencoder.get("weights", "")),
-          "scale": float(getattr(ae, "scale", 1.0)),
-          "shift": float(getattr(ae, "shift", 0.0)),
-          "downsample": down,
-      },
-      "source": _source_description(data),
+    "count": total,
+    "source_examples": examples,
+    "flip": bool(flip),
+    "shard_size": shard_size,
+    "num_shards": num_shards,
+    "latent_shape": [h, w, int(ae.latent_channels)],
+    "autoencoder": {
+      "kind": config.autoencoder.get("kind", "") or getattr(ae, "name", ""),
+      "weights": os.fspath(config.autoencoder.get("weights", "")),
+      "scale": float(getattr(ae, "scale", 1.0)),
+      "shift": float(getattr(ae, "shift", 0.0)),
+      "downsample": down,
+    },
+    "source": _source_description(data),
   }
   pi, pc = jax.process_index(), jax.process_count()
   if pi == 0:
@@ -211,8 +237,9 @@ def encode_dataset(config, out: str, *, flip: bool = False, shard_size: int = 10
     for s in mine:
       lo, hi = s * shard_size, min(total, (s + 1) * shard_size)
       starts = list(range(lo, hi, encoder.batch_size))
-      read = lambda a: _read_batch(source, np.arange(a, min(a + encoder.batch_size, hi)),
-                                   flip, pool)
+      read = lambda a: _read_batch(
+        source, np.arange(a, min(a + encoder.batch_size, hi)), flip, pool
+      )
       latents, labels = [], []
       pending = pool.submit(read, starts[0])
       for k in range(len(starts)):
@@ -222,8 +249,7 @@ def encode_dataset(config, out: str, *, flip: bool = False, shard_size: int = 10
         latents.append(encoder(images))
         labels.append(batch_labels)
         progress.update(len(images))
-      latent_shards.write_shard(out, s, num_shards, np.concatenate(latents),
-                                np.concatenate(labels))
+      latent_shards.write_shard(out, s, num_shards, np.concatenate(latents), np.concatenate(labels))
   if pc > 1:
     _barrier("dfm_jax.encode.done")
   if pi != 0:
@@ -267,8 +293,13 @@ def main(argv):
 
   try:
     run_lib.maybe_initialize_distributed(FLAGS.config)
-    meta = encode_dataset(FLAGS.config, FLAGS.out, flip=FLAGS.flip, shard_size=FLAGS.shard_size,
-                          num_examples=FLAGS.num_examples)
+    meta = encode_dataset(
+      FLAGS.config,
+      FLAGS.out,
+      flip=FLAGS.flip,
+      shard_size=FLAGS.shard_size,
+      num_examples=FLAGS.num_examples,
+    )
   except KeyboardInterrupt:
     if debug:
       raise
@@ -280,9 +311,14 @@ def main(argv):
     print(f"error: {e}", file=sys.stderr, flush=True)
     sys.exit(EXIT_ERROR)
   if meta is not None:
-    logging.info("wrote %d latents %s in %d shards to %s; channel std %s", meta["count"],
-                 meta["latent_shape"], len(meta["shards"]), FLAGS.out,
-                 np.round(meta["channel_std"], 3).tolist())
+    logging.info(
+      "wrote %d latents %s in %d shards to %s; channel std %s",
+      meta["count"],
+      meta["latent_shape"],
+      len(meta["shards"]),
+      FLAGS.out,
+      np.round(meta["channel_std"], 3).tolist(),
+    )
 
 
 def parse_flags(argv: list[str]) -> list[str]:

@@ -16,6 +16,7 @@ from dfm_jax import decompose, dit, flow, methods, sampler
 @dataclasses.dataclass(frozen=True)
 class Experiment:
   """The typed pieces a run is made of (see :func:`from_config`)."""
+
   decomposition: decompose.Decomposition
   model: dit.DiTConfig
   timesteps: flow.TimestepConfig
@@ -45,8 +46,10 @@ def _sample_shape(config, check_data: bool) -> tuple[int, ...]:
   if video_source and not frames:
     raise ValueError(f"data.source {d.source!r} makes videos: set data.frames (frames per clip)")
   if video_source is False and frames and d.source != "latents":
-    raise ValueError(f"data.frames={frames} but data.source {d.source!r} holds images; use "
-                     "data.frames=0 or a video source (moving_digits, video_folder)")
+    raise ValueError(
+      f"data.frames={frames} but data.source {d.source!r} holds images; use "
+      "data.frames=0 or a video source (moving_digits, video_folder)"
+    )
   if frames:
     shape = (frames,) + shape
   if d.source == "latents" and check_data:
@@ -54,8 +57,10 @@ def _sample_shape(config, check_data: bool) -> tuple[int, ...]:
 
     found = tuple(int(v) for v in latent_shards.latent_shape(d.path))
     if found != shape:
-      raise ValueError(f"data.path {d.path} holds latents of shape {found}, but the config says "
-                       f"resolution {d.resolution} and channels {d.channels} ({shape})")
+      raise ValueError(
+        f"data.path {d.path} holds latents of shape {found}, but the config says "
+        f"resolution {d.resolution} and channels {d.channels} ({shape})"
+      )
   return shape
 
 
@@ -72,13 +77,15 @@ def mesh_shape(config, num_devices: int) -> tuple[int, int, int]:
       raise ValueError(f"mesh.shape {tuple(shape)} does not divide the {num_devices} devices")
     shape[shape.index(-1)] = num_devices // known
   if int(np.prod(shape)) != num_devices:
-    raise ValueError(f"mesh.shape {tuple(shape)} needs {int(np.prod(shape))} devices, "
-                     f"{num_devices} are available")
+    raise ValueError(
+      f"mesh.shape {tuple(shape)} needs {int(np.prod(shape))} devices, {num_devices} are available"
+    )
   return tuple(shape)
 
 
-def from_config(config: ml_collections.ConfigDict, num_devices: int = 1,
-                check_data: bool = True) -> Experiment:
+def from_config(
+  config: ml_collections.ConfigDict, num_devices: int = 1, check_data: bool = True
+) -> Experiment:
   """Validates ``config`` and builds the typed pieces; raises one ValueError naming every problem.
 
   ``num_devices`` is the global device count (for the batch and mesh checks). ``check_data``
@@ -105,39 +112,59 @@ def from_config(config: ml_collections.ConfigDict, num_devices: int = 1,
       problems.append(f"{name} must be > 0, got {config[name]}")
   mesh = attempt(lambda: mesh_shape(config, num_devices))
   if mesh is not None and config.batch_size % (mesh[0] * mesh[1]):
-    problems.append(f"batch_size {config.batch_size} is not divisible by the "
-                    f"{mesh[0] * mesh[1]} data-parallel devices (mesh data x fsdp = "
-                    f"{mesh[0]} x {mesh[1]})")
+    problems.append(
+      f"batch_size {config.batch_size} is not divisible by the "
+      f"{mesh[0] * mesh[1]} data-parallel devices (mesh data x fsdp = "
+      f"{mesh[0]} x {mesh[1]})"
+    )
   dec_cfg = config.decomposition
-  decomposition = attempt(lambda: decompose.build(
-      dec_cfg.kind, dec_cfg.num_stages, halve_time=dec_cfg.halve_time,
-      level_gaps=tuple(dec_cfg.level_gaps) or None))
+  decomposition = attempt(
+    lambda: decompose.build(
+      dec_cfg.kind,
+      dec_cfg.num_stages,
+      halve_time=dec_cfg.halve_time,
+      level_gaps=tuple(dec_cfg.level_gaps) or None,
+    )
+  )
   stages = int(dec_cfg.num_stages)
   if len(config.flow.stage_probs) != stages:
-    problems.append(f"flow.stage_probs has {len(config.flow.stage_probs)} entries for "
-                    f"{stages} stages")
-  timesteps = attempt(lambda: flow.TimestepConfig(
-      stage_probs=tuple(config.flow.stage_probs), main_loc=config.flow.main_loc,
-      main_scale=config.flow.main_scale, early_loc=config.flow.early_loc,
-      early_scale=config.flow.early_scale, per_sample_stage=config.flow.per_sample_stage))
+    problems.append(
+      f"flow.stage_probs has {len(config.flow.stage_probs)} entries for {stages} stages"
+    )
+  timesteps = attempt(
+    lambda: flow.TimestepConfig(
+      stage_probs=tuple(config.flow.stage_probs),
+      main_loc=config.flow.main_loc,
+      main_scale=config.flow.main_scale,
+      early_loc=config.flow.early_loc,
+      early_scale=config.flow.early_scale,
+      per_sample_stage=config.flow.per_sample_stage,
+    )
+  )
   weights = config.flow.stage_weights
   if weights is not None and len(weights) != stages:
     problems.append(f"flow.stage_weights has {len(weights)} entries for {stages} stages")
   if not 0.0 <= config.flow.label_dropout < 1.0:
     problems.append(f"flow.label_dropout must be in [0, 1), got {config.flow.label_dropout}")
   if len(config.sampler.steps_per_stage) != stages:
-    problems.append(f"sampler.steps_per_stage has {len(config.sampler.steps_per_stage)} "
-                    f"entries for {stages} stages")
-  sampler_cfg = attempt(lambda: sampler.SamplerConfig(
-      tuple(config.sampler.steps_per_stage), tuple(config.sampler.thresholds),
-      solver=config.sampler.solver, cfg_scale=config.sampler.cfg_scale,
+    problems.append(
+      f"sampler.steps_per_stage has {len(config.sampler.steps_per_stage)} "
+      f"entries for {stages} stages"
+    )
+  sampler_cfg = attempt(
+    lambda: sampler.SamplerConfig(
+      tuple(config.sampler.steps_per_stage),
+      tuple(config.sampler.thresholds),
+      solver=config.sampler.solver,
+      cfg_scale=config.sampler.cfg_scale,
       guidance_interval=config.sampler.guidance_interval,
-      heun_final_euler=config.sampler.get("heun_final_euler", False)))
+      heun_final_euler=config.sampler.get("heun_final_euler", False),
+    )
+  )
   if config.optim.warmup_steps < 0:
     problems.append(f"optim.warmup_steps must be >= 0, got {config.optim.warmup_steps}")
   if config.optim.schedule not in ("constant", "cosine"):
-    problems.append(f"optim.schedule must be 'constant' or 'cosine', got "
-                    f"{config.optim.schedule!r}")
+    problems.append(f"optim.schedule must be 'constant' or 'cosine', got {config.optim.schedule!r}")
   if not 0.0 <= config.optim.ema_decay < 1.0:
     problems.append(f"optim.ema_decay must be in [0, 1), got {config.optim.ema_decay}")
 
@@ -149,23 +176,39 @@ def from_config(config: ml_collections.ConfigDict, num_devices: int = 1,
     if ok is None and not problems:
       stage_shapes = tuple(s[1:] for s in decomposition.stage_shapes(full))
       model_kw = dict(
-          stage_shapes=stage_shapes, patch_size=config.model.patch_size,
-          mlp_ratio=config.model.mlp_ratio, num_classes=config.data.num_classes,
-          pos_embed=config.model.pos_embed, stage_index_embed=config.model.stage_index_embed,
-          dtype=config.model.dtype, remat=config.model.remat,
-          scan_unroll=config.model.scan_unroll,
-          precondition=bool(config.model.get("precondition", False)))
+        stage_shapes=stage_shapes,
+        patch_size=config.model.patch_size,
+        mlp_ratio=config.model.mlp_ratio,
+        num_classes=config.data.num_classes,
+        pos_embed=config.model.pos_embed,
+        stage_index_embed=config.model.stage_index_embed,
+        dtype=config.model.dtype,
+        remat=config.model.remat,
+        scan_unroll=config.model.scan_unroll,
+        precondition=bool(config.model.get("precondition", False)),
+      )
       if config.model.size == "custom":
-        model_cfg = attempt(lambda: dit.DiTConfig(
-            hidden_size=config.model.hidden_size, depth=config.model.depth,
-            num_heads=config.model.num_heads, **model_kw))
+        model_cfg = attempt(
+          lambda: dit.DiTConfig(
+            hidden_size=config.model.hidden_size,
+            depth=config.model.depth,
+            num_heads=config.model.num_heads,
+            **model_kw,
+          )
+        )
       else:
         model_cfg = attempt(lambda: dit.DiTConfig.from_size(config.model.size, **model_kw))
   if problems:
     raise ValueError("invalid configuration:\n  - " + "\n  - ".join(problems))
-  return Experiment(decomposition=decomposition, model=model_cfg, timesteps=timesteps,
-                    sampler=sampler_cfg, sample_shape=tuple(shape),
-                    null_label=int(config.data.num_classes), method_name=method_name)
+  return Experiment(
+    decomposition=decomposition,
+    model=model_cfg,
+    timesteps=timesteps,
+    sampler=sampler_cfg,
+    sample_shape=tuple(shape),
+    null_label=int(config.data.num_classes),
+    method_name=method_name,
+  )
 
 
 def _nonfinite_numbers(config) -> list[str]:

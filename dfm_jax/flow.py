@@ -22,6 +22,7 @@ import numpy as np
 @dataclasses.dataclass(frozen=True)
 class TimestepConfig:
   """Training timestep distribution (defaults: the paper's values)."""
+
   stage_probs: tuple[float, ...] = (1.0,)  # p_q over stages, coarse to fine
   main_loc: float = 0.0
   main_scale: float = 1.0
@@ -32,8 +33,10 @@ class TimestepConfig:
   def __post_init__(self):
     validate_stage_probs(self.stage_probs)
     if self.main_scale <= 0 or self.early_scale <= 0:
-      raise ValueError("logit-normal scales must be > 0, got "
-                       f"main_scale={self.main_scale}, early_scale={self.early_scale}")
+      raise ValueError(
+        "logit-normal scales must be > 0, got "
+        f"main_scale={self.main_scale}, early_scale={self.early_scale}"
+      )
 
   @property
   def num_stages(self) -> int:
@@ -43,8 +46,10 @@ class TimestepConfig:
 def validate_stage_probs(probs: Sequence[float]) -> None:
   p = np.asarray(probs, dtype=np.float64)
   if p.ndim != 1 or p.size == 0 or (p < 0).any() or abs(p.sum() - 1.0) > 1e-6:
-    raise ValueError(f"stage_probs (p_q) must be a probability distribution over the stages "
-                     f"(non-negative, summing to 1), got {tuple(probs)}")
+    raise ValueError(
+      f"stage_probs (p_q) must be a probability distribution over the stages "
+      f"(non-negative, summing to 1), got {tuple(probs)}"
+    )
 
 
 def logit_normal(key: jax.Array, shape: Sequence[int], loc: float, scale: float) -> jax.Array:
@@ -52,8 +57,9 @@ def logit_normal(key: jax.Array, shape: Sequence[int], loc: float, scale: float)
   return jax.nn.sigmoid(loc + scale * jax.random.normal(key, shape, jnp.float32))
 
 
-def sample_stage_times(key: jax.Array, batch_size: int,
-                       cfg: TimestepConfig) -> tuple[jax.Array, jax.Array]:
+def sample_stage_times(
+  key: jax.Array, batch_size: int, cfg: TimestepConfig
+) -> tuple[jax.Array, jax.Array]:
   """Draws the main stage and per-stage timesteps.
 
   Returns:
@@ -83,8 +89,9 @@ def _per_sample(a: jax.Array, x: jax.Array) -> jax.Array:
   return a.reshape(a.shape + (1,) * (x.ndim - 1))
 
 
-def noisy_inputs(stages: Sequence[jax.Array], noise: Sequence[jax.Array], t: jax.Array,
-                 active: jax.Array) -> tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]]:
+def noisy_inputs(
+  stages: Sequence[jax.Array], noise: Sequence[jax.Array], t: jax.Array, active: jax.Array
+) -> tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]]:
   """Per-stage noising and velocity targets.
 
   Args:
@@ -104,10 +111,14 @@ def noisy_inputs(stages: Sequence[jax.Array], noise: Sequence[jax.Array], t: jax
   return tuple(inputs), tuple(targets)
 
 
-def masked_stage_loss(pred: Sequence[jax.Array], targets: Sequence[jax.Array], active: jax.Array,
-                      stage_weights: Sequence[float] | None = None, *,
-                      sample_weights: jax.Array | None = None
-                      ) -> tuple[jax.Array, dict[str, jax.Array]]:
+def masked_stage_loss(
+  pred: Sequence[jax.Array],
+  targets: Sequence[jax.Array],
+  active: jax.Array,
+  stage_weights: Sequence[float] | None = None,
+  *,
+  sample_weights: jax.Array | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
   """The DFM loss: per-stage element-mean squared error, weighted sum over active stages,
   mean over the batch.
 
@@ -125,10 +136,15 @@ def masked_stage_loss(pred: Sequence[jax.Array], targets: Sequence[jax.Array], a
   """
   num_stages = len(targets)
   weights = jnp.ones((num_stages,)) if stage_weights is None else jnp.asarray(stage_weights)
-  mse = jnp.stack([
-      jnp.mean(jnp.square(p.astype(jnp.float32) - y.astype(jnp.float32)),
-               axis=tuple(range(1, y.ndim)))
-      for p, y in zip(pred, targets)], axis=1)  # [B, S]
+  mse = jnp.stack(
+    [
+      jnp.mean(
+        jnp.square(p.astype(jnp.float32) - y.astype(jnp.float32)), axis=tuple(range(1, y.ndim))
+      )
+      for p, y in zip(pred, targets)
+    ],
+    axis=1,
+  )  # [B, S]
   per_stage = mse if sample_weights is None else mse * sample_weights.astype(jnp.float32)
   loss = jnp.mean(jnp.sum(per_stage * active * weights[None, :], axis=1))
   metrics = {"loss": loss}
@@ -148,12 +164,18 @@ def masked_stage_loss(pred: Sequence[jax.Array], targets: Sequence[jax.Array], a
 VelocityFn = Callable[[tuple, jax.Array, jax.Array, jax.Array], tuple]
 
 
-def dfm_training_loss(velocity_fn: VelocityFn, key: jax.Array, stages: Sequence[jax.Array],
-                      labels: jax.Array, cfg: TimestepConfig, *, null_label: int,
-                      label_dropout: float = 0.1,
-                      stage_weights: Sequence[float] | None = None,
-                      loss_weight_fn: Callable[[jax.Array], jax.Array] | None = None
-                      ) -> tuple[jax.Array, dict[str, jax.Array]]:
+def dfm_training_loss(
+  velocity_fn: VelocityFn,
+  key: jax.Array,
+  stages: Sequence[jax.Array],
+  labels: jax.Array,
+  cfg: TimestepConfig,
+  *,
+  null_label: int,
+  label_dropout: float = 0.1,
+  stage_weights: Sequence[float] | None = None,
+  loss_weight_fn: Callable[[jax.Array], jax.Array] | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
   """One Monte-Carlo estimate of the DFM loss.
 
   Args:

@@ -37,9 +37,17 @@ def expected_errors() -> tuple[type[BaseException], ...]:
   """Errors reported as one line: bad configs, inputs, workdirs and checkpoints."""
   from dfm_jax import checkpoint, train, workdir_lock  # pylint: disable=g-import-not-at-top
 
-  return (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, OSError,
-          checkpoint.CheckpointSaveError, checkpoint.CheckpointCorruptError,
-          workdir_lock.WorkdirLockedError, train.NonFiniteError)
+  return (
+    ValueError,
+    FileNotFoundError,
+    NotADirectoryError,
+    PermissionError,
+    OSError,
+    checkpoint.CheckpointSaveError,
+    checkpoint.CheckpointCorruptError,
+    workdir_lock.WorkdirLockedError,
+    train.NonFiniteError,
+  )
 
 
 def run_mode(config, workdir: str, mode: str):
@@ -49,11 +57,14 @@ def run_mode(config, workdir: str, mode: str):
   run_lib.maybe_initialize_distributed(config)
   if mode == "train":
     from dfm_jax import train  # pylint: disable=g-import-not-at-top
+
     return train.train(config, workdir)
   if mode == "sample":
     from dfm_jax import sampling  # pylint: disable=g-import-not-at-top
+
     return sampling.sample_mode(config, workdir)
   from dfm_jax.evaluation import evaluate  # pylint: disable=g-import-not-at-top
+
   return evaluate.eval_mode(config, workdir)
 
 

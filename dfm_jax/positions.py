@@ -45,13 +45,14 @@ def sincos_embedding(dim: int, grid: Sequence[int], base_size: int | None = None
   out = []
   for axis, d in enumerate(parts):
     omega = 1.0 / 10000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2))
-    angles = coords[:, axis:axis + 1].astype(np.float64) * omega[None, :]
+    angles = coords[:, axis : axis + 1].astype(np.float64) * omega[None, :]
     out += [np.sin(angles), np.cos(angles)]
   return np.concatenate(out, axis=-1).astype(np.float32)
 
 
-def rope_frequencies(head_dim: int, grid: Sequence[int], theta: float = 10000.0
-                     ) -> tuple[np.ndarray, np.ndarray]:
+def rope_frequencies(
+  head_dim: int, grid: Sequence[int], theta: float = 10000.0
+) -> tuple[np.ndarray, np.ndarray]:
   """Axial RoPE tables ``cos, sin`` of shape ``[N, head_dim // 2]``.
 
   The head dimension is split across the grid axes (height/width, or time/height/width); each
@@ -62,7 +63,7 @@ def rope_frequencies(head_dim: int, grid: Sequence[int], theta: float = 10000.0
   angles = []
   for axis, d in enumerate(parts):
     freqs = 1.0 / theta ** (np.arange(0, d, 2, dtype=np.float64) / d)
-    angles.append(coords[:, axis:axis + 1].astype(np.float64) * freqs[None, :])
+    angles.append(coords[:, axis : axis + 1].astype(np.float64) * freqs[None, :])
   angles = np.concatenate(angles, axis=-1)
   return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
 

@@ -30,8 +30,9 @@ from dfm_jax import decompose
 from dfm_jax.flow import VelocityFn
 
 
-def coefficients(t: jax.Array, mean: jax.Array, std: jax.Array
-                 ) -> tuple[jax.Array, jax.Array, jax.Array]:
+def coefficients(
+  t: jax.Array, mean: jax.Array, std: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
   """The preconditioning coefficients ``(c_in, c_skip, c_out)``, float32.
 
   ``t``, ``mean`` and ``std`` broadcast together (typically ``t [B, S]`` with ``mean, std [S]``,
@@ -60,8 +61,9 @@ def _per_sample(a: jax.Array, x: jax.Array) -> jax.Array:
   return a.reshape(a.shape + (1,) * (x.ndim - a.ndim))
 
 
-def network_inputs(stages: Sequence[jax.Array], t: jax.Array, mean: jax.Array, std: jax.Array
-                   ) -> tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]]:
+def network_inputs(
+  stages: Sequence[jax.Array], t: jax.Array, mean: jax.Array, std: jax.Array
+) -> tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]]:
   """Centres and scales the noisy stages.
 
   Args:
@@ -82,8 +84,13 @@ def network_inputs(stages: Sequence[jax.Array], t: jax.Array, mean: jax.Array, s
   return tuple(centred), tuple(inputs)
 
 
-def data_velocities(raw: Sequence[jax.Array], centred: Sequence[jax.Array], t: jax.Array,
-                    mean: jax.Array, std: jax.Array) -> tuple[jax.Array, ...]:
+def data_velocities(
+  raw: Sequence[jax.Array],
+  centred: Sequence[jax.Array],
+  t: jax.Array,
+  mean: jax.Array,
+  std: jax.Array,
+) -> tuple[jax.Array, ...]:
   """``v_pred = m + c_skip * xc + c_out * F`` per stage.
 
   Args:
@@ -97,13 +104,21 @@ def data_velocities(raw: Sequence[jax.Array], centred: Sequence[jax.Array], t: j
   _, c_skip, c_out = coefficients(t, mean, std)
   out = []
   for s, (f, xc) in enumerate(zip(raw, centred)):
-    out.append(mean[s] + _per_sample(c_skip[:, s], xc) * xc
-               + _per_sample(c_out[:, s], xc) * f.astype(jnp.float32))
+    out.append(
+      mean[s]
+      + _per_sample(c_skip[:, s], xc) * xc
+      + _per_sample(c_out[:, s], xc) * f.astype(jnp.float32)
+    )
   return tuple(out)
 
 
-def network_targets(velocities: Sequence[jax.Array], stages: Sequence[jax.Array], t: jax.Array,
-                    mean: jax.Array, std: jax.Array) -> tuple[jax.Array, ...]:
+def network_targets(
+  velocities: Sequence[jax.Array],
+  stages: Sequence[jax.Array],
+  t: jax.Array,
+  mean: jax.Array,
+  std: jax.Array,
+) -> tuple[jax.Array, ...]:
   """The regression target of F: ``(v - m - c_skip * xc) / c_out`` per stage.
 
   Args:
@@ -116,15 +131,16 @@ def network_targets(velocities: Sequence[jax.Array], stages: Sequence[jax.Array]
   _, c_skip, c_out = coefficients(t, mean, std)
   out = []
   for s, (v, xc) in enumerate(zip(velocities, centred)):
-    out.append((v.astype(jnp.float32) - mean[s] - _per_sample(c_skip[:, s], xc) * xc)
-               / _per_sample(c_out[:, s], xc))
+    out.append(
+      (v.astype(jnp.float32) - mean[s] - _per_sample(c_skip[:, s], xc) * xc)
+      / _per_sample(c_out[:, s], xc)
+    )
   return tuple(out)
 
 
-
-
-def wrap_velocity_fn(raw_fn: VelocityFn, mean, std
-                     ) -> tuple[VelocityFn, Callable[[jax.Array], jax.Array]]:
+def wrap_velocity_fn(
+  raw_fn: VelocityFn, mean, std
+) -> tuple[VelocityFn, Callable[[jax.Array], jax.Array]]:
   """Wraps a raw network into a data-space velocity function plus its loss weights.
 
   Args:
@@ -146,8 +162,7 @@ def wrap_velocity_fn(raw_fn: VelocityFn, mean, std
   return velocity_fn, lambda t: loss_weights(t, std)
 
 
-def stats_for_model(decomposition: decompose.Decomposition, batches
-                    ) -> decompose.StageStats:
+def stats_for_model(decomposition: decompose.Decomposition, batches) -> decompose.StageStats:
   """Per-stage mean and std of the stages the model sees (``decomposition.split`` output).
 
   ``decompose.estimate_stats`` measures the raw stages; if ``decomposition`` standardises
@@ -172,8 +187,9 @@ def set_stats(target, stats: decompose.StageStats) -> None:
     m.set_data_stats(stats.mean, stats.std)
 
 
-def estimate_and_set(target, decomposition: decompose.Decomposition, batches
-                     ) -> decompose.StageStats:
+def estimate_and_set(
+  target, decomposition: decompose.Decomposition, batches
+) -> decompose.StageStats:
   """Estimates the per-stage statistics from data and stores them in the model(s).
 
   Call once at initialisation (not when restoring: the statistics are part of the checkpoint):

@@ -20,8 +20,15 @@ class Progress:
   ``every_s`` seconds and once at the end (only where ``enabled``, e.g. on process 0).
   """
 
-  def __init__(self, total: int, what: str, unit: str = "img", every_s: float = 10.0,
-               enabled: bool = True, stream=None):
+  def __init__(
+    self,
+    total: int,
+    what: str,
+    unit: str = "img",
+    every_s: float = 10.0,
+    enabled: bool = True,
+    stream=None,
+  ):
     self.total, self.what, self.unit = int(total), what, unit
     self.every_s, self.enabled = every_s, enabled
     self.stream = stream or sys.stderr
@@ -40,5 +47,9 @@ class Progress:
     self._last = now
     pct = 100.0 * self.done / max(self.total, 1)
     eta = (self.total - self.done) / max(self.rate, 1e-9)
-    print(f"{self.what}: {self.done}/{self.total} ({pct:.0f}%)  {self.rate:.3g} "
-          f"{self.unit}/s  ETA {format_eta(eta)}", file=self.stream, flush=True)
+    print(
+      f"{self.what}: {self.done}/{self.total} ({pct:.0f}%)  {self.rate:.3g} "
+      f"{self.unit}/s  ETA {format_eta(eta)}",
+      file=self.stream,
+      flush=True,
+    )

@@ -42,8 +42,9 @@ class Registry(Generic[T]):
     if name not in self._items:
       close = difflib.get_close_matches(str(name), self._items, n=1)
       hint = f" (did you mean {close[0]!r}?)" if close else ""
-      raise ValueError(f"unknown {self.what} {name!r}{hint}; choose one of "
-                       f"{', '.join(sorted(self._items))}")
+      raise ValueError(
+        f"unknown {self.what} {name!r}{hint}; choose one of {', '.join(sorted(self._items))}"
+      )
     return self._items[name]
 
   def names(self) -> tuple[str, ...]:

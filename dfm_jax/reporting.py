@@ -22,13 +22,17 @@ class MetricWriter:
     self._tb = None
     if logdir is not None:
       import tensorboardX  # pylint: disable=g-import-not-at-top
+
       self._tb = tensorboardX.SummaryWriter(logdir)
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]):
     if self._tb is None:
       return
-    logging.info("[%d] %s", step, ", ".join(f"{k}={float(np.asarray(v)):.6g}"
-                                            for k, v in sorted(scalars.items())))
+    logging.info(
+      "[%d] %s",
+      step,
+      ", ".join(f"{k}={float(np.asarray(v)):.6g}" for k, v in sorted(scalars.items())),
+    )
     for key, value in scalars.items():
       self._tb.add_scalar(key, float(np.asarray(value)), step)
 
@@ -38,8 +42,7 @@ class MetricWriter:
       return
     for key, value in images.items():
       value = np.asarray(value)
-      self._tb.add_images(key, value[None] if value.ndim == 3 else value, step,
-                          dataformats="NHWC")
+      self._tb.add_images(key, value[None] if value.ndim == 3 else value, step, dataformats="NHWC")
 
   def write_text(self, step: int, texts: Mapping[str, str]):
     """Markdown texts (e.g. the config and the parameter table) for TensorBoard's text tab."""
@@ -64,8 +67,9 @@ class MetricWriter:
           flat[prefix + k] = str(tuple(v))
 
     walk("", config)
-    self._tb.add_hparams(flat, {f"hparams/{k}": float(v) for k, v in metrics.items()},
-                         name="hparams")
+    self._tb.add_hparams(
+      flat, {f"hparams/{k}": float(v) for k, v in metrics.items()}, name="hparams"
+    )
 
   def flush(self):
     if self._tb is not None:
@@ -99,8 +103,10 @@ def image_grid(images: np.ndarray, ncol: int, pad: int = 2) -> np.ndarray:
   grid = np.full((rows * (h + pad) + pad, ncol * (w + pad) + pad, c), 255, np.uint8)
   for i, img in enumerate(images):
     r, col = divmod(i, ncol)
-    grid[pad + r * (h + pad):pad + r * (h + pad) + h,
-         pad + col * (w + pad):pad + col * (w + pad) + w] = img
+    grid[
+      pad + r * (h + pad) : pad + r * (h + pad) + h,
+      pad + col * (w + pad) : pad + col * (w + pad) + w,
+    ] = img
   return grid
 
 

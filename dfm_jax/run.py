@@ -67,10 +67,12 @@ def stage_stats(config, exp, workdir, check_data: bool = True) -> decompose.Stag
   if path is not None and path.exists():
     return decompose.StageStats.from_dict(json.loads(path.read_text()))
   if not check_data:
-    raise FileNotFoundError(f"decomposition.standardize is on but {path} is missing: it is "
-                            "written when training starts")
-  it = data_lib.make_train_iterator(config.data, global_batch_size=config.batch_size,
-                                    seed=config.seed + 1)
+    raise FileNotFoundError(
+      f"decomposition.standardize is on but {path} is missing: it is written when training starts"
+    )
+  it = data_lib.make_train_iterator(
+    config.data, global_batch_size=config.batch_size, seed=config.seed + 1
+  )
   batches = (next(it)["image"] for _ in range(int(config.decomposition.stats_batches)))
   stats = decompose.estimate_stats(exp.decomposition, batches)
   if path is not None and jax.process_index() == 0:
@@ -87,8 +89,9 @@ def write_json(path, obj) -> None:
   tmp.rename(path)
 
 
-def setup(config: ml_collections.ConfigDict, workdir: str | None, devices=None,
-          check_data: bool = True) -> Run:
+def setup(
+  config: ml_collections.ConfigDict, workdir: str | None, devices=None, check_data: bool = True
+) -> Run:
   """Validates the config and builds the mesh, the abstract state and its shardings.
 
   ``devices`` defaults to all devices of all processes. ``check_data=False`` (sampling,
@@ -100,11 +103,13 @@ def setup(config: ml_collections.ConfigDict, workdir: str | None, devices=None,
   exp = dataclasses.replace(exp, decomposition=exp.decomposition.with_stats(stats))
   mesh = sharding.make_mesh(experiment.mesh_shape(config, len(devices)), devices)
   abstract = nnx.eval_shape(
-      lambda: create_train_state(exp, config.optim, config.total_steps, config.seed))
+    lambda: create_train_state(exp, config.optim, config.total_steps, config.seed)
+  )
   graphdef, abstract_state = nnx.split(abstract)
   shardings = sharding.state_shardings(abstract_state, mesh, config.mesh.axis_rules)
   abstract_state = jax.tree.map(
-      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings)
+    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings
+  )
   return Run(config, workdir, exp, mesh, graphdef, abstract_state, shardings)
 
 

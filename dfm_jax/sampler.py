@@ -48,6 +48,7 @@ class SamplerConfig:
   t for every stage, or one pair per stage. Both keep the form they are given in; use
   :attr:`stage_cfg_scales` and :attr:`stage_guidance_intervals` for the per-stage values.
   """
+
   steps_per_stage: tuple[int, ...] = (40,)
   thresholds: tuple[float, ...] = ()
   solver: str = "euler"
@@ -62,8 +63,9 @@ class SamplerConfig:
     if self.solver not in SOLVERS:
       raise ValueError(f"solver must be one of {SOLVERS}, got {self.solver!r}")
     object.__setattr__(self, "cfg_scale", _normalise_scale(self.cfg_scale, self.num_stages))
-    object.__setattr__(self, "guidance_interval",
-                       _normalise_interval(self.guidance_interval, self.num_stages))
+    object.__setattr__(
+      self, "guidance_interval", _normalise_interval(self.guidance_interval, self.num_stages)
+    )
 
   @property
   def num_stages(self) -> int:
@@ -95,16 +97,18 @@ class SamplerConfig:
   @property
   def cfg_label(self) -> str:
     """The scale(s) for file names and tables: ``'1.5'`` or ``'2-1'`` (per stage)."""
-    return "-".join(f"{w:g}" for w in (self.cfg_scale if isinstance(self.cfg_scale, tuple)
-                                        else (self.cfg_scale,)))
+    return "-".join(
+      f"{w:g}" for w in (self.cfg_scale if isinstance(self.cfg_scale, tuple) else (self.cfg_scale,))
+    )
 
 
 def _is_scalar(v) -> bool:
   """A real number (Python, NumPy or a 0-d array), not a bool."""
   if isinstance(v, (np.ndarray, jax.Array)):
     return v.ndim == 0 and np.issubdtype(v.dtype, np.number) and v.dtype != np.bool_
-  return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool,
-                                                                                     np.bool_))
+  return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(
+    v, (bool, np.bool_)
+  )
 
 
 def _is_sequence(v) -> bool:
@@ -115,21 +119,27 @@ def _normalise_scale(value, num_stages: int) -> float | tuple[float, ...]:
   """A float, or a tuple of ``num_stages`` floats; raises ValueError naming the problem."""
   single = _is_scalar(value)
   if not single and not (_is_sequence(value) and all(_is_scalar(w) for w in value)):
-    raise ValueError(f"cfg_scale must be a number or a tuple of one number per stage, got "
-                     f"{value!r}")
+    raise ValueError(
+      f"cfg_scale must be a number or a tuple of one number per stage, got {value!r}"
+    )
   scales = [float(value)] if single else [float(w) for w in value]
   if not single and len(scales) != num_stages:
-    raise ValueError(f"cfg_scale has {len(scales)} per-stage entries {tuple(scales)}, but the "
-                     f"sampler has {num_stages} stages: give one scale per stage or one number")
+    raise ValueError(
+      f"cfg_scale has {len(scales)} per-stage entries {tuple(scales)}, but the "
+      f"sampler has {num_stages} stages: give one scale per stage or one number"
+    )
   for w in scales:
     if not np.isfinite(w) or w < 0:
-      raise ValueError(f"cfg_scale must be finite and >= 0 (1 = no guidance), got "
-                       f"{scales[0] if single else tuple(scales)}")
+      raise ValueError(
+        f"cfg_scale must be finite and >= 0 (1 = no guidance), got "
+        f"{scales[0] if single else tuple(scales)}"
+      )
   return scales[0] if single else tuple(scales)
 
 
 def _normalise_interval(value, num_stages: int) -> Interval | tuple[Interval, ...]:
   """One ``(lo, hi)`` pair or ``num_stages`` pairs; raises ValueError naming the problem."""
+
   def is_pair(v):
     return _is_sequence(v) and len(v) == 2 and all(_is_scalar(x) for x in v)
 
@@ -142,29 +152,37 @@ def _normalise_interval(value, num_stages: int) -> Interval | tuple[Interval, ..
   if is_pair(value):
     return check(value)
   if not (_is_sequence(value) and len(value) and all(is_pair(v) for v in value)):
-    raise ValueError(f"guidance_interval must be one (lo, hi) pair or one pair per stage, got "
-                     f"{value!r}")
+    raise ValueError(
+      f"guidance_interval must be one (lo, hi) pair or one pair per stage, got {value!r}"
+    )
   if len(value) != num_stages:
-    raise ValueError(f"guidance_interval has {len(value)} per-stage pairs, but the sampler has "
-                     f"{num_stages} stages: give one pair per stage or a single pair")
+    raise ValueError(
+      f"guidance_interval has {len(value)} per-stage pairs, but the sampler has "
+      f"{num_stages} stages: give one pair per stage or a single pair"
+    )
   return tuple(check(v, f" of stage {s + 1}") for s, v in enumerate(value))
 
 
 def validate_schedule(steps_per_stage: Sequence[int], thresholds: Sequence[float]) -> None:
   if len(steps_per_stage) < 1 or any(int(n) < 1 for n in steps_per_stage):
-    raise ValueError(f"steps_per_stage needs at least one step for every stage, got "
-                     f"{tuple(steps_per_stage)}")
+    raise ValueError(
+      f"steps_per_stage needs at least one step for every stage, got {tuple(steps_per_stage)}"
+    )
   if len(thresholds) != len(steps_per_stage) - 1:
-    raise ValueError(f"{len(steps_per_stage)} stages need {len(steps_per_stage) - 1} "
-                     f"thresholds, got {len(thresholds)}: {tuple(thresholds)}")
+    raise ValueError(
+      f"{len(steps_per_stage)} stages need {len(steps_per_stage) - 1} "
+      f"thresholds, got {len(thresholds)}: {tuple(thresholds)}"
+    )
   th = np.asarray(thresholds, np.float64)
   if th.size and (th.min() <= 0 or th.max() >= 1 or (np.diff(th) <= 0).any()):
-    raise ValueError(f"thresholds must be strictly increasing inside (0, 1), got "
-                     f"{tuple(thresholds)}")
+    raise ValueError(
+      f"thresholds must be strictly increasing inside (0, 1), got {tuple(thresholds)}"
+    )
 
 
-def stage_schedule(steps_per_stage: Sequence[int],
-                   thresholds: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+def stage_schedule(
+  steps_per_stage: Sequence[int], thresholds: Sequence[float]
+) -> tuple[np.ndarray, np.ndarray]:
   """Per-step timesteps of every stage.
 
   Returns:
@@ -190,10 +208,13 @@ def stage_schedule(steps_per_stage: Sequence[int],
   return times, np.asarray(phase, np.int32)
 
 
-
-
-def _guided_mask(t_eval: np.ndarray, t_start: np.ndarray, phase: np.ndarray,
-                 intervals: Sequence[Interval], scales: Sequence[float]) -> np.ndarray:
+def _guided_mask(
+  t_eval: np.ndarray,
+  t_start: np.ndarray,
+  phase: np.ndarray,
+  intervals: Sequence[Interval],
+  scales: Sequence[float],
+) -> np.ndarray:
   """bool ``[N, S]``: which stages a model pass at ``t_eval [N, S]`` guides.
 
   A stage is guided iff it has started (``s <= phase``), moves during the step (its step start
@@ -208,9 +229,16 @@ def _guided_mask(t_eval: np.ndarray, t_start: np.ndarray, phase: np.ndarray,
   return started & (t_start < 1.0) & inside & enabled
 
 
-def sample(velocity_fn: VelocityFn, noise: Sequence[jax.Array], labels: jax.Array,
-           cfg: SamplerConfig, *, null_label: int, decomposition: Decomposition | None = None,
-           previews: bool = False) -> dict[str, jax.Array]:
+def sample(
+  velocity_fn: VelocityFn,
+  noise: Sequence[jax.Array],
+  labels: jax.Array,
+  cfg: SamplerConfig,
+  *,
+  null_label: int,
+  decomposition: Decomposition | None = None,
+  previews: bool = False,
+) -> dict[str, jax.Array]:
   """Runs the stage-scheduled ODE from noise to data. Traceable: jit the caller once.
 
   Args:
@@ -256,13 +284,13 @@ def sample(velocity_fn: VelocityFn, noise: Sequence[jax.Array], labels: jax.Arra
 
     def guided_pass():
       dbl = tuple(jnp.concatenate([v, v]) for v in inputs)
-      out = velocity_fn(dbl, jnp.concatenate([tb, tb]), jnp.concatenate([labels, null]),
-                        jnp.concatenate([sb, sb]))
+      out = velocity_fn(
+        dbl, jnp.concatenate([tb, tb]), jnp.concatenate([labels, null]), jnp.concatenate([sb, sb])
+      )
       mixed = []
       for s, v in enumerate(out):
         v_c, v_u = v[:batch], v[batch:]
-        mixed.append(jnp.where(guided[s], v_u + scale_arr[s].astype(v.dtype) * (v_c - v_u),
-                               v_c))
+        mixed.append(jnp.where(guided[s], v_u + scale_arr[s].astype(v.dtype) * (v_c - v_u), v_c))
       return tuple(mixed), jnp.int32(2)
 
     if not use_cfg:
@@ -276,6 +304,7 @@ def sample(velocity_fn: VelocityFn, noise: Sequence[jax.Array], labels: jax.Arra
     v, n = velocity(x, t0, stage, g0)
     nfe = nfe + n
     if heun:
+
       def with_corrector(v):
         x_pred = tuple(xi + dt[s] * vi for s, (xi, vi) in enumerate(zip(x, v)))
         v2, n2 = velocity(x_pred, t1, stage, g1)
@@ -288,10 +317,12 @@ def sample(velocity_fn: VelocityFn, noise: Sequence[jax.Array], labels: jax.Arra
       nfe = nfe + n2
     x = tuple(xi + dt[s].astype(xi.dtype) * vi for s, (xi, vi) in enumerate(zip(x, v)))
     if buf is not None:
+
       def write(b):
         clean = tuple(xi + (1.0 - t1[s]) * vi for s, (xi, vi) in enumerate(zip(x, v)))
         img = decomposition.preview(clean, stage + 1)
         return jax.lax.dynamic_update_index_in_dim(b, img.astype(b.dtype), stage, axis=0)
+
       buf = jax.lax.cond(is_end, write, lambda b: b, buf)
     return (x, nfe, buf), None
 
@@ -300,9 +331,15 @@ def sample(velocity_fn: VelocityFn, noise: Sequence[jax.Array], labels: jax.Arra
   if want_previews:
     full = jax.eval_shape(decomposition.merge, tuple(noise))
     buf = jnp.zeros((num_stages,) + full.shape, full.dtype)
-  xs = (jnp.asarray(times[:-1]), jnp.asarray(times[1:]), jnp.asarray(phase),
-        jnp.asarray(guided_a), jnp.asarray(guided_b), jnp.asarray(phase_end),
-        jnp.asarray(corrector))
+  xs = (
+    jnp.asarray(times[:-1]),
+    jnp.asarray(times[1:]),
+    jnp.asarray(phase),
+    jnp.asarray(guided_a),
+    jnp.asarray(guided_b),
+    jnp.asarray(phase_end),
+    jnp.asarray(corrector),
+  )
   (x, nfe, buf), _ = jax.lax.scan(step, (tuple(noise), jnp.int32(0), buf), xs)
   out = {"stages": x, "nfe": nfe}
   if decomposition is not None:
@@ -310,4 +347,3 @@ def sample(velocity_fn: VelocityFn, noise: Sequence[jax.Array], labels: jax.Arra
   if want_previews:
     out["previews"] = buf
   return out
-

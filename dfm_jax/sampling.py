@@ -29,8 +29,12 @@ from dfm_jax.sampler import SamplerConfig
 GRID_MAX = 100  # samples shown in a sample-mode grid; the .npz holds them all
 
 
-def make_sample_fn(graphdef: nnx.GraphDef, exp: Experiment,
-                   sampler_cfg: SamplerConfig | None = None, previews: bool = False) -> Callable:
+def make_sample_fn(
+  graphdef: nnx.GraphDef,
+  exp: Experiment,
+  sampler_cfg: SamplerConfig | None = None,
+  previews: bool = False,
+) -> Callable:
   """Returns jitted ``fn(model_state, key, labels [B]) -> dict`` (see ``Method.sample``).
 
   The whole sampling loop compiles once per batch size. ``images`` come back in the data space
@@ -52,43 +56,54 @@ def class_cycle_labels(num: int, num_classes: int) -> np.ndarray:
   return (np.arange(num) % num_classes).astype(np.int32)
 
 
-def generate(sample_fn: Callable, model_state, key: jax.Array, labels: np.ndarray,
-             batch_size: int, progress: Progress | None = None) -> np.ndarray:
+def generate(
+  sample_fn: Callable,
+  model_state,
+  key: jax.Array,
+  labels: np.ndarray,
+  batch_size: int,
+  progress: Progress | None = None,
+) -> np.ndarray:
   """Samples ``len(labels)`` items in batches; returns float32 ``[N, ...]`` on the host."""
   out = []
   for i in range(0, len(labels), batch_size):
-    chunk = labels[i:i + batch_size]
+    chunk = labels[i : i + batch_size]
     pad = batch_size - len(chunk)
     padded = np.concatenate([chunk, np.zeros(pad, np.int32)]) if pad else chunk
     result = sample_fn(model_state, jax.random.fold_in(key, i), jnp.asarray(padded))
-    out.append(np.asarray(jax.device_get(result["images"]))[:len(chunk)])
+    out.append(np.asarray(jax.device_get(result["images"]))[: len(chunk)])
     if progress is not None:
       progress.update(len(chunk))
   return np.concatenate(out)
 
 
-def restore_ema(config: ml_collections.ConfigDict, workdir: str, step: int = -1
-                ) -> tuple[Run, nnx.State, int]:
+def restore_ema(
+  config: ml_collections.ConfigDict, workdir: str, step: int = -1
+) -> tuple[Run, nnx.State, int]:
   """``(run, ema_state, step)`` from the latest (``step = -1``) or the given checkpoint.
 
   Reads no training data: the run is validated without the data block.
   """
   run = setup(config, workdir, check_data=False)
-  ckpt = checkpoint.Checkpointer(run.checkpoint_dir, keep=config.keep_checkpoints,
-                                 async_save=False)
+  ckpt = checkpoint.Checkpointer(run.checkpoint_dir, keep=config.keep_checkpoints, async_save=False)
   try:
     available = ckpt.all_steps()
     if not available:
-      raise FileNotFoundError(f"no checkpoint in {run.checkpoint_dir}: train first "
-                              f"(python -m dfm_jax.main --mode=train ...)")
+      raise FileNotFoundError(
+        f"no checkpoint in {run.checkpoint_dir}: train first "
+        f"(python -m dfm_jax.main --mode=train ...)"
+      )
     if step >= 0 and step not in available:
-      raise ValueError(f"no checkpoint at step {step} in {run.checkpoint_dir}; available: "
-                       f"{sorted(available)}")
+      raise ValueError(
+        f"no checkpoint at step {step} in {run.checkpoint_dir}; available: {sorted(available)}"
+      )
     if step < 0:
       step, state = ckpt.restore_latest(run.abstract_state)
       if state is None:
-        raise FileNotFoundError(f"no intact checkpoint left in {run.checkpoint_dir} (damaged "
-                                "steps were moved to its quarantine/ folder)")
+        raise FileNotFoundError(
+          f"no intact checkpoint left in {run.checkpoint_dir} (damaged "
+          "steps were moved to its quarantine/ folder)"
+        )
     else:
       state = ckpt.restore(step, run.abstract_state)
   finally:
@@ -96,9 +111,15 @@ def restore_ema(config: ml_collections.ConfigDict, workdir: str, step: int = -1
   return run, state["ema"], step
 
 
-def sample_images(run: Run, ema_state, num: int, batch_size: int, seed: int,
-                  sampler_cfg: SamplerConfig | None = None, what: str = "sampling"
-                  ) -> tuple[np.ndarray, np.ndarray]:
+def sample_images(
+  run: Run,
+  ema_state,
+  num: int,
+  batch_size: int,
+  seed: int,
+  sampler_cfg: SamplerConfig | None = None,
+  what: str = "sampling",
+) -> tuple[np.ndarray, np.ndarray]:
   """``num`` class-cycled samples ``[N, ...]`` in the data space and their labels ``[N]``."""
   sample_fn = make_sample_fn(run.ema_graphdef(), run.exp, sampler_cfg)
   labels = class_cycle_labels(num, run.config.data.num_classes)
@@ -141,8 +162,9 @@ def to_display(samples: np.ndarray, config) -> np.ndarray:
     from dfm_jax import autoencoders  # pylint: disable=g-import-not-at-top
 
     ae = _autoencoder(config.autoencoder)
-    return reporting.to_uint8(autoencoders.decode_batched(ae, samples,
-                                                          int(config.autoencoder.batch_size)))
+    return reporting.to_uint8(
+      autoencoders.decode_batched(ae, samples, int(config.autoencoder.batch_size))
+    )
   return channel_projection(samples)
 
 
@@ -174,16 +196,16 @@ def write_grid(path, pictures: np.ndarray, ncol: int, limit: int = GRID_MAX) -> 
 def write_preview_grid(path, previews: np.ndarray) -> np.ndarray:
   """uint8 previews ``[S, N, H, W, C]``: one row per sample, one column per stage."""
   s, n = previews.shape[:2]
-  tiles = np.transpose(np.asarray(previews), (1, 0, 2, 3, 4)).reshape((s * n,) +
-                                                                      previews.shape[2:])
+  tiles = np.transpose(np.asarray(previews), (1, 0, 2, 3, 4)).reshape((s * n,) + previews.shape[2:])
   return write_grid(path, tiles, ncol=s, limit=s * n)
 
 
 VIDEO_FPS = 8.0  # frame rate of the sample GIFs and MP4s
 
 
-def write_video_grid(base, videos: np.ndarray, ncol: int, limit: int = GRID_MAX,
-                     mp4: bool = True) -> np.ndarray:
+def write_video_grid(
+  base, videos: np.ndarray, ncol: int, limit: int = GRID_MAX, mp4: bool = True
+) -> np.ndarray:
   """Saves the first ``limit`` uint8 videos ``[N, T, H, W, C]`` as ``{base}.gif`` (an animated
   grid, ``ncol`` videos per row), ``{base}.mp4`` (the same grid, when ``mp4`` and PyAV has an
   H.264/MPEG-4 encoder) and ``{base}.png`` (a contact sheet: one row per video, its frames left
@@ -228,8 +250,9 @@ def write_video_preview_grid(base, previews: np.ndarray) -> np.ndarray:
   return write_video_grid(base, rows, ncol=s, limit=n * s, mp4=False)
 
 
-def save_samples_npz(path, pictures: np.ndarray, labels: np.ndarray,
-                     latents: np.ndarray | None = None) -> None:
+def save_samples_npz(
+  path, pictures: np.ndarray, labels: np.ndarray, latents: np.ndarray | None = None
+) -> None:
   """``images`` (uint8 ``[N, H, W, C]``, videos ``[N, T, H, W, C]``), ``labels`` and, for latent
   runs, the ``latents``."""
   arrays = {"images": pictures, "labels": labels}
@@ -254,8 +277,11 @@ def check_writable(folder) -> None:
     probe.write_text("")
     probe.unlink()
   except OSError as e:
-    reason = ("a file is in the way" if isinstance(e, (FileExistsError, NotADirectoryError))
-              else e.strerror or str(e))
+    reason = (
+      "a file is in the way"
+      if isinstance(e, (FileExistsError, NotADirectoryError))
+      else e.strerror or str(e)
+    )
     raise OSError(f"cannot write samples to {folder}: {reason}") from e
 
 
@@ -266,8 +292,7 @@ def sample_mode(config: ml_collections.ConfigDict, workdir: str) -> str:
   if jax.process_index() == 0:
     check_writable(epath.Path(workdir) / "samples")  # before the sampling, not after it
   s = config.sampler
-  samples, labels = sample_images(run, ema, int(s.num_samples), int(s.batch_size),
-                                  config.seed + 1)
+  samples, labels = sample_images(run, ema, int(s.num_samples), int(s.batch_size), config.seed + 1)
   pictures = to_display(samples, config)
   base = epath.Path(workdir) / "samples" / f"final_step{step}"
   if jax.process_index() == 0:
@@ -276,13 +301,26 @@ def sample_mode(config: ml_collections.ConfigDict, workdir: str) -> str:
       write_video_grid(base, pictures, ncol)
     else:
       write_grid(f"{base}.png", pictures, ncol)
-    save_samples_npz(f"{base}.npz", pictures, labels,
-                     samples if _is_latent(config) else None)
-    (base.parent / f"{base.name}.json").write_text(json.dumps(
-        {"step": step, "num_samples": len(labels), "grid_samples": min(len(labels), GRID_MAX),
-         "sampler": s.to_dict()}, indent=2, default=str))
-  logging.info("wrote %d samples from step %d to %s.{%s}", len(labels), step, base,
-               "gif,mp4,png,npz,json" if pictures.ndim == 5 else "png,npz,json")
+    save_samples_npz(f"{base}.npz", pictures, labels, samples if _is_latent(config) else None)
+    (base.parent / f"{base.name}.json").write_text(
+      json.dumps(
+        {
+          "step": step,
+          "num_samples": len(labels),
+          "grid_samples": min(len(labels), GRID_MAX),
+          "sampler": s.to_dict(),
+        },
+        indent=2,
+        default=str,
+      )
+    )
+  logging.info(
+    "wrote %d samples from step %d to %s.{%s}",
+    len(labels),
+    step,
+    base,
+    "gif,mp4,png,npz,json" if pictures.ndim == 5 else "png,npz,json",
+  )
   return f"{base}.npz"
 
 

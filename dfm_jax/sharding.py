@@ -20,13 +20,20 @@ BATCH_AXES = ("data", "fsdp")
 
 def make_mesh(shape: Sequence[int], devices=None) -> jax.sharding.Mesh:
   """A (data, fsdp, tensor) mesh over ``devices`` (default: all), e.g. from ``mesh_shape``."""
-  return jax.make_mesh(tuple(shape), MESH_AXES, devices=devices,
-                       axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+  return jax.make_mesh(
+    tuple(shape),
+    MESH_AXES,
+    devices=devices,
+    axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES),
+  )
 
 
-def logical_to_mesh_spec(logical: Sequence[str | None], shape: Sequence[int],
-                         rules: Sequence[tuple[str, str | None]],
-                         mesh: jax.sharding.Mesh) -> P:
+def logical_to_mesh_spec(
+  logical: Sequence[str | None],
+  shape: Sequence[int],
+  rules: Sequence[tuple[str, str | None]],
+  mesh: jax.sharding.Mesh,
+) -> P:
   """Maps logical axis names to a PartitionSpec, never reusing a mesh axis in one spec."""
   table = dict(rules)
   used: set[str] = set()
@@ -43,14 +50,16 @@ def logical_to_mesh_spec(logical: Sequence[str | None], shape: Sequence[int],
   return P(*out)
 
 
-def state_shardings(abstract_state: nnx.State, mesh: jax.sharding.Mesh,
-                    rules: Sequence[tuple[str, str | None]]):
+def state_shardings(
+  abstract_state: nnx.State, mesh: jax.sharding.Mesh, rules: Sequence[tuple[str, str | None]]
+):
   """NamedShardings for every leaf of an (abstract) NNX state.
 
   Leaves whose variable has no ``out_sharding`` metadata (counters, caches, optimizer scalars)
   are replicated; optimizer moments inherit the metadata of their parameter and so are sharded
   the same way (FSDP shards both).
   """
+
   def leaf_sharding(var):
     if not isinstance(var, nnx.Variable):
       return NamedSharding(mesh, P())
@@ -60,8 +69,7 @@ def state_shardings(abstract_state: nnx.State, mesh: jax.sharding.Mesh,
       return var.replace(NamedSharding(mesh, P()))
     return var.replace(NamedSharding(mesh, logical_to_mesh_spec(logical, shape, rules, mesh)))
 
-  return jax.tree.map(leaf_sharding, abstract_state,
-                      is_leaf=lambda x: isinstance(x, nnx.Variable))
+  return jax.tree.map(leaf_sharding, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
@@ -76,5 +84,6 @@ def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
 def global_batch(local: dict[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
   """Assembles per-process batches ``[B_local, ...]`` into global arrays ``[B_global, ...]``."""
   sharding = batch_sharding(mesh)
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-          for k, v in local.items()}
+  return {
+    k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local.items()
+  }

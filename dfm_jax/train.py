@@ -31,8 +31,16 @@ from dfm_jax.progress import format_eta
 from dfm_jax.run import Run, init_state, maybe_initialize_distributed, setup, write_json
 from dfm_jax.train_state import StepSettings, make_optimizer, train_step
 
-__all__ = ["NonFiniteError", "Preempted", "Run", "compile_step", "lower_step",
-           "maybe_initialize_distributed", "setup", "train"]
+__all__ = [
+  "NonFiniteError",
+  "Preempted",
+  "Run",
+  "compile_step",
+  "lower_step",
+  "maybe_initialize_distributed",
+  "setup",
+  "train",
+]
 
 
 class NonFiniteError(FloatingPointError):
@@ -43,8 +51,9 @@ class Preempted(Exception):
   """SIGTERM or Ctrl-C: a checkpoint was saved at ``step``; re-running the command resumes."""
 
   def __init__(self, step: int, signame: str):
-    super().__init__(f"{signame}: saved a checkpoint at step {step}; re-run the same command "
-                     "to resume")
+    super().__init__(
+      f"{signame}: saved a checkpoint at step {step}; re-run the same command to resume"
+    )
     self.step = step
 
 
@@ -55,9 +64,12 @@ def compile_step(run: Run, local_batch_shape: dict):
   if jax.process_index() == 0:
     mem = compiled.memory_analysis()
     if mem is not None:
-      logging.info("train step memory per device: arguments %.1f MiB, outputs %.1f MiB, "
-                   "temporaries %.1f MiB", mem.argument_size_in_bytes / 2**20,
-                   mem.output_size_in_bytes / 2**20, mem.temp_size_in_bytes / 2**20)
+      logging.info(
+        "train step memory per device: arguments %.1f MiB, outputs %.1f MiB, temporaries %.1f MiB",
+        mem.argument_size_in_bytes / 2**20,
+        mem.output_size_in_bytes / 2**20,
+        mem.temp_size_in_bytes / 2**20,
+      )
   return compiled
 
 
@@ -67,21 +79,29 @@ def lower_step(run: Run, local_batch_shape: dict) -> jax.stages.Lowered:
   config = run.config
   _, lr_schedule = make_optimizer(config.optim, config.total_steps)
   weights = config.flow.stage_weights
-  settings = StepSettings(label_dropout=float(config.flow.label_dropout),
-                          stage_weights=tuple(weights) if weights is not None else None)
+  settings = StepSettings(
+    label_dropout=float(config.flow.label_dropout),
+    stage_weights=tuple(weights) if weights is not None else None,
+  )
   base_key = jax.random.key(config.seed)
 
   def step(state, batch):
     key = jax.random.fold_in(base_key, state["optimizer"]["step"][...])
-    return train_step(run.graphdef, state, batch, key, exp=run.exp, settings=settings,
-                      lr_schedule=lr_schedule)
+    return train_step(
+      run.graphdef, state, batch, key, exp=run.exp, settings=settings, lr_schedule=lr_schedule
+    )
 
   batch_sh = sharding.batch_sharding(run.mesh)
-  jitted = jax.jit(step, in_shardings=(run.shardings, batch_sh),
-                   out_shardings=(run.shardings, sharding.replicated(run.mesh)),
-                   donate_argnums=0)
-  batch_spec = {k: jax.ShapeDtypeStruct((config.batch_size,) + v[0][1:], v[1], sharding=batch_sh)
-                for k, v in local_batch_shape.items()}
+  jitted = jax.jit(
+    step,
+    in_shardings=(run.shardings, batch_sh),
+    out_shardings=(run.shardings, sharding.replicated(run.mesh)),
+    donate_argnums=0,
+  )
+  batch_spec = {
+    k: jax.ShapeDtypeStruct((config.batch_size,) + v[0][1:], v[1], sharding=batch_sh)
+    for k, v in local_batch_shape.items()
+  }
   with jax.set_mesh(run.mesh):
     return jitted.lower(run.abstract_state, batch_spec)
 
@@ -107,9 +127,10 @@ def _check_finite(pending: list[tuple[int, dict]]) -> None:
     if int(metrics["nonfinite"]):
       bad = [k for k in ("loss", "grad_norm") if not np.isfinite(float(metrics[k]))]
       raise NonFiniteError(
-          f"non-finite {' and '.join(bad) or 'values'} at step {step} "
-          f"({', '.join(f'{k}={float(metrics[k])}' for k in ('loss', 'grad_norm'))}); the update "
-          f"was not applied and no checkpoint was written after it")
+        f"non-finite {' and '.join(bad) or 'values'} at step {step} "
+        f"({', '.join(f'{k}={float(metrics[k])}' for k in ('loss', 'grad_norm'))}); the update "
+        f"was not applied and no checkpoint was written after it"
+      )
 
 
 def _interval_means(pending: list[tuple[int, dict]]) -> dict[str, float]:
@@ -150,8 +171,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> nnx.
 def _acquire_lock(workdir: str) -> workdir_lock.Lock:
   """Takes the workdir lock with Ctrl-C deferred until it is held, so that an interrupt cannot
   land between the lock file's creation and the ``finally`` that removes it."""
-  if (threading.current_thread() is not threading.main_thread()
-      or signal.getsignal(signal.SIGINT) is None):
+  if (
+    threading.current_thread() is not threading.main_thread()
+    or signal.getsignal(signal.SIGINT) is None
+  ):
     return workdir_lock.acquire(workdir, process_index=jax.process_index())
   interrupted = []
   previous = signal.signal(signal.SIGINT, lambda signum, frame: interrupted.append(signum))
@@ -168,15 +191,20 @@ def _acquire_lock(workdir: str) -> workdir_lock.Lock:
 def _train_locked(run: Run) -> nnx.State:
   config, workdir = run.config, run.workdir
   data_iter = data_lib.make_train_iterator(
-      config.data, global_batch_size=config.batch_size, seed=config.seed,
-      process_index=jax.process_index(), process_count=jax.process_count())
+    config.data,
+    global_batch_size=config.batch_size,
+    seed=config.seed,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+  )
   ckpt = checkpoint.Checkpointer(run.checkpoint_dir, keep=config.keep_checkpoints)
   try:
     start, state = ckpt.restore_latest(run.abstract_state, data_iter)
     _write_config(workdir, config)  # only once the checkpoint accepted this config
     if start is not None and start >= config.total_steps:
-      logging.info("checkpoint step %d >= total_steps %d: nothing to train", start,
-                   config.total_steps)
+      logging.info(
+        "checkpoint step %d >= total_steps %d: nothing to train", start, config.total_steps
+      )
       return state
     if start is None:
       start, state = 0, init_state(run)
@@ -195,12 +223,16 @@ def _init_data_stats(run: Run, state: nnx.State) -> nnx.State:
   from dfm_jax import precondition  # pylint: disable=g-import-not-at-top
 
   config = run.config
-  it = data_lib.make_train_iterator(config.data, global_batch_size=config.batch_size,
-                                    seed=config.seed + 1)
+  it = data_lib.make_train_iterator(
+    config.data, global_batch_size=config.batch_size, seed=config.seed + 1
+  )
   batches = (next(it)["image"] for _ in range(int(config.decomposition.stats_batches)))
   stats = precondition.stats_for_model(run.exp.decomposition, batches)
-  logging.info("per-stage data statistics for preconditioning: mean %s, std %s",
-               np.round(stats.mean, 4).tolist(), np.round(stats.std, 4).tolist())
+  logging.info(
+    "per-stage data statistics for preconditioning: mean %s, std %s",
+    np.round(stats.mean, 4).tolist(),
+    np.round(stats.std, 4).tolist(),
+  )
   train_state = nnx.merge(run.graphdef, state)
   precondition.set_stats(train_state, stats)
   return jax.device_put(nnx.split(train_state)[1], run.shardings)
@@ -252,10 +284,15 @@ def _loop(run: Run, ckpt: checkpoint.Checkpointer, data_iter, state, start: int)
         jax.block_until_ready(state)
         jax.profiler.stop_trace()
         _publish_trace(trace_dir, workdir)
-        logging.info("profiler trace of steps %d-%d written to %s/profile", *profile[:1],
-                     done, workdir)
-      if config.stop_on_nonfinite and (done % config.log_every == 0 or last or
-                                       done % config.checkpoint_every == 0 or signals.received):
+        logging.info(
+          "profiler trace of steps %d-%d written to %s/profile", *profile[:1], done, workdir
+        )
+      if config.stop_on_nonfinite and (
+        done % config.log_every == 0
+        or last
+        or done % config.checkpoint_every == 0
+        or signals.received
+      ):
         _check_finite(pending)
       if done % config.log_every == 0 or last:
         jax.block_until_ready(metrics)
@@ -263,16 +300,24 @@ def _loop(run: Run, ckpt: checkpoint.Checkpointer, data_iter, state, start: int)
         steps = done - step_last
         elapsed = max(now - t_last, 1e-9)
         scalars = _interval_means(pending)
-        scalars.update({"time/step_s": elapsed / steps, "time/data_wait_s": data_wait / steps,
-                        "steps_per_sec": steps / elapsed,
-                        "images_per_sec": steps * config.batch_size / elapsed})
+        scalars.update(
+          {
+            "time/step_s": elapsed / steps,
+            "time/data_wait_s": data_wait / steps,
+            "steps_per_sec": steps / elapsed,
+            "images_per_sec": steps * config.batch_size / elapsed,
+          }
+        )
         writer.write_scalars(done, scalars)
         if jax.process_index() == 0:
           rate = steps / elapsed
-          print(f"step {done}/{config.total_steps}  loss {scalars['loss']:.4f}  "
-                f"{rate:.2f} steps/s  step {1e3 * elapsed / steps:.0f} ms (data "
-                f"{1e3 * data_wait / steps:.0f} ms)  ETA "
-                f"{format_eta((config.total_steps - done) / max(rate, 1e-9))}", flush=True)
+          print(
+            f"step {done}/{config.total_steps}  loss {scalars['loss']:.4f}  "
+            f"{rate:.2f} steps/s  step {1e3 * elapsed / steps:.0f} ms (data "
+            f"{1e3 * data_wait / steps:.0f} ms)  ETA "
+            f"{format_eta((config.total_steps - done) / max(rate, 1e-9))}",
+            flush=True,
+          )
         t_last, step_last, data_wait = now, done, 0.0
         pending = []
       if done % config.checkpoint_every == 0 or last or signals.received:
@@ -329,7 +374,7 @@ def _write_samples(run: Run, sample_fn, state, labels, step: int, writer) -> Non
   ncol = sampling.grid_columns(len(labels), config.data.num_classes)
   folder = epath.Path(run.workdir) / "samples"
   samples = sampling.to_display(out["images"], config)
-  pv = out["previews"][:, :min(len(labels), ncol)]
+  pv = out["previews"][:, : min(len(labels), ncol)]
   pictures = sampling.to_display(pv.reshape((-1,) + pv.shape[2:]), config)
   pictures = pictures.reshape(pv.shape[:2] + pictures.shape[1:])
   if samples.ndim == 5:  # videos [N, T, H, W, C]: GIF grids and PNG contact sheets
@@ -350,11 +395,15 @@ def _small_eval(run: Run, state, step: int, writer) -> None:
   sample_fn = sampling.make_sample_fn(run.ema_graphdef(), run.exp)
   labels = sampling.class_cycle_labels(num, config.data.num_classes)
   with jax.set_mesh(run.mesh):
-    samples = sampling.generate(sample_fn, state["ema"], jax.random.key(config.seed + 3), labels,
-                                int(config.eval.batch_size))
+    samples = sampling.generate(
+      sample_fn, state["ema"], jax.random.key(config.seed + 3), labels, int(config.eval.batch_size)
+    )
   if jax.process_index() != 0:
     return
   result = evaluate.score_samples(config, samples, labels, progress=False)
-  numbers = {f"eval/{k}": v for k, v in result.items()
-             if isinstance(v, (int, float)) and v is not None and not k.startswith("num_")}
+  numbers = {
+    f"eval/{k}": v
+    for k, v in result.items()
+    if isinstance(v, (int, float)) and v is not None and not k.startswith("num_")
+  }
   writer.write_scalars(step, numbers)

@@ -14,21 +14,24 @@ from dfm_jax import dit
 from dfm_jax.experiment import Experiment
 
 
-def make_optimizer(optim, total_steps: int
-                   ) -> tuple[optax.GradientTransformation, Callable[[int], float]]:
+def make_optimizer(
+  optim, total_steps: int
+) -> tuple[optax.GradientTransformation, Callable[[int], float]]:
   """AdamW with linear warm-up, then constant or cosine decay to 0 at ``total_steps``; clipping."""
   warmup = optax.linear_schedule(0.0, optim.learning_rate, max(int(optim.warmup_steps), 1))
   if optim.schedule == "cosine":
     decay = optax.cosine_decay_schedule(
-        optim.learning_rate, max(int(total_steps) - int(optim.warmup_steps), 1))
+      optim.learning_rate, max(int(total_steps) - int(optim.warmup_steps), 1)
+    )
   else:
     decay = optax.constant_schedule(optim.learning_rate)
   schedule = optax.join_schedules([warmup, decay], [int(optim.warmup_steps)])
   chain = []
   if optim.grad_clip and optim.grad_clip > 0:
     chain.append(optax.clip_by_global_norm(optim.grad_clip))
-  chain.append(optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps,
-                           weight_decay=optim.weight_decay))
+  chain.append(
+    optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps, weight_decay=optim.weight_decay)
+  )
   # A non-finite gradient yields a zero update and leaves the optimizer state as it was; the
   # loop stops at its next check. Gating the update (not selecting between whole states) lets
   # XLA update the donated state in place.
@@ -57,9 +60,16 @@ class StepSettings:
   stage_weights: tuple[float, ...] | None
 
 
-def train_step(graphdef: nnx.GraphDef, state: nnx.State, batch: dict[str, jax.Array],
-               key: jax.Array, *, exp: Experiment, settings: StepSettings,
-               lr_schedule: Callable) -> tuple[nnx.State, dict[str, jax.Array]]:
+def train_step(
+  graphdef: nnx.GraphDef,
+  state: nnx.State,
+  batch: dict[str, jax.Array],
+  key: jax.Array,
+  *,
+  exp: Experiment,
+  settings: StepSettings,
+  lr_schedule: Callable,
+) -> tuple[nnx.State, dict[str, jax.Array]]:
   """One optimisation step on ``batch = {'image': [B, H, W, C], 'label': [B]}``.
 
   Pure: ``(state, batch, key) -> (new state, metrics)``; the caller jits it with shardings and
@@ -71,9 +81,14 @@ def train_step(graphdef: nnx.GraphDef, state: nnx.State, batch: dict[str, jax.Ar
   method = exp.method
 
   def loss_fn(model):
-    return method.loss(model, key, batch["image"], batch["label"],
-                       label_dropout=settings.label_dropout,
-                       stage_weights=settings.stage_weights)
+    return method.loss(
+      model,
+      key,
+      batch["image"],
+      batch["label"],
+      label_dropout=settings.label_dropout,
+      stage_weights=settings.stage_weights,
+    )
 
   (loss, metrics), grads = nnx.value_and_grad(loss_fn, has_aux=True)(ts.model)
   grad_norm = optax.tree.norm(grads)
@@ -83,9 +98,14 @@ def train_step(graphdef: nnx.GraphDef, state: nnx.State, batch: dict[str, jax.Ar
   decay = jnp.where(finite, ts.ema_decay, 1.0)  # a skipped step leaves the EMA as it is
   ema_params = nnx.state(ts.ema, nnx.Param)
   new_params = nnx.state(ts.model, nnx.Param)
-  nnx.update(ts.ema, jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema_params,
-                                  new_params))
+  nnx.update(
+    ts.ema, jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema_params, new_params)
+  )
   new = nnx.state(ts)
-  metrics = dict(metrics, grad_norm=grad_norm, learning_rate=lr_schedule(step),
-                 nonfinite=(~finite).astype(jnp.int32))
+  metrics = dict(
+    metrics,
+    grad_norm=grad_norm,
+    learning_rate=lr_schedule(step),
+    nonfinite=(~finite).astype(jnp.int32),
+  )
   return new, metrics

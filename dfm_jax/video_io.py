@@ -50,8 +50,16 @@ def write_gif(path: str, video: np.ndarray, fps: float = 8.0, loop: int = 0) -> 
   _makedirs_for(path)
   duration = max(1, round(100.0 / fps)) * 10
   # disposal=1 keeps each frame whole; optimize=False stops Pillow from merging equal frames.
-  frames[0].save(path, format="GIF", save_all=True, append_images=frames[1:],
-                 duration=duration, loop=loop, optimize=False, disposal=1)
+  frames[0].save(
+    path,
+    format="GIF",
+    save_all=True,
+    append_images=frames[1:],
+    duration=duration,
+    loop=loop,
+    optimize=False,
+    disposal=1,
+  )
   return path
 
 
@@ -65,8 +73,9 @@ def mp4_codec() -> str | None:
   return next((c for c in MP4_CODECS if c in available), None)
 
 
-def write_mp4(path: str, video: np.ndarray, fps: float = 8.0, codec: str | None = None,
-              quality: int = 18) -> bool:
+def write_mp4(
+  path: str, video: np.ndarray, fps: float = 8.0, codec: str | None = None, quality: int = 18
+) -> bool:
   """Writes ``video`` uint8 [T, H, W, C] as an MP4 file with PyAV.
 
   Frames are converted to yuv420p, which needs even sizes: odd heights/widths are padded by
@@ -83,14 +92,15 @@ def write_mp4(path: str, video: np.ndarray, fps: float = 8.0, codec: str | None 
   video = _check_video(video)
   chosen = codec or mp4_codec()
   if chosen is None:
-    logging.warning("write_mp4: PyAV with libx264 or mpeg4 is not available; %s not written",
-                    path)
+    logging.warning("write_mp4: PyAV with libx264 or mpeg4 is not available; %s not written", path)
     return False
   import av  # noqa: PLC0415 (optional dependency)
 
   if chosen not in av.codecs_available:
-    raise ValueError(f"PyAV has no encoder {chosen!r}; available MP4 encoders: "
-                     f"{[c for c in MP4_CODECS if c in av.codecs_available]}")
+    raise ValueError(
+      f"PyAV has no encoder {chosen!r}; available MP4 encoders: "
+      f"{[c for c in MP4_CODECS if c in av.codecs_available]}"
+    )
   if video.shape[-1] == 1:
     video = np.repeat(video, 3, axis=-1)
   t, h, w, _ = video.shape
@@ -136,12 +146,17 @@ def video_grid(videos: np.ndarray, ncol: int, pad: int = 2, pad_value: int = 255
   for i in range(n):
     r, col = divmod(i, ncol)
     y, x = pad + r * (h + pad), pad + col * (w + pad)
-    grid[:, y:y + h, x:x + w] = videos[i]
+    grid[:, y : y + h, x : x + w] = videos[i]
   return grid
 
 
-def contact_sheet(videos: np.ndarray, max_frames: int | None = None, frame_step: int = 1,
-                  pad: int = 2, pad_value: int = 255) -> np.ndarray:
+def contact_sheet(
+  videos: np.ndarray,
+  max_frames: int | None = None,
+  frame_step: int = 1,
+  pad: int = 2,
+  pad_value: int = 255,
+) -> np.ndarray:
   """One image with a row per video and its frames left to right (PNG-able).
 
   Args:
@@ -168,8 +183,7 @@ def save_png(path: str, image: np.ndarray, upscale: int = 1) -> str:
   """Saves uint8 [H, W, C] (C in 1, 3) as PNG, optionally upscaled by pixel repetition."""
   image = np.asarray(image)
   if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] not in (1, 3):
-    raise ValueError(f"expected uint8 [H, W, C] with C in (1, 3), got {image.dtype} "
-                     f"{image.shape}")
+    raise ValueError(f"expected uint8 [H, W, C] with C in (1, 3), got {image.dtype} {image.shape}")
   if upscale > 1:
     image = image.repeat(upscale, axis=0).repeat(upscale, axis=1)
   _makedirs_for(path)

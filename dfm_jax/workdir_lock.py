@@ -62,7 +62,7 @@ def _pid_start(pid: int) -> str | None:
   try:
     with open(f"/proc/{pid}/stat") as f:
       stat = f.read()
-    return stat[stat.rindex(")") + 2:].split()[19]
+    return stat[stat.rindex(")") + 2 :].split()[19]
   except (OSError, ValueError, IndexError):
     return None
 
@@ -80,8 +80,10 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _describe(holder: dict) -> str:
-  return (f"host {holder.get('host', '?')} pid {holder.get('pid', '?')} "
-          f"(started {holder.get('started', '?')})")
+  return (
+    f"host {holder.get('host', '?')} pid {holder.get('pid', '?')} "
+    f"(started {holder.get('started', '?')})"
+  )
 
 
 def _staleness(holder: dict, stale_after_s: float | None) -> str | None:
@@ -121,6 +123,7 @@ class _Store:
         os.fsync(f.fileno())
       return True
     from etils import epath  # pylint: disable=g-import-not-at-top
+
     p = epath.Path(path)
     if p.exists():
       return False
@@ -134,6 +137,7 @@ class _Store:
         with open(path) as f:
           return f.read()
       from etils import epath  # pylint: disable=g-import-not-at-top
+
       return epath.Path(path).read_text()
     except FileNotFoundError:
       return None
@@ -146,6 +150,7 @@ class _Store:
       os.replace(tmp, path)
     else:
       from etils import epath  # pylint: disable=g-import-not-at-top
+
       epath.Path(path).write_text(text)
 
   def remove(self, path: str) -> None:
@@ -154,6 +159,7 @@ class _Store:
         os.unlink(path)
       else:
         from etils import epath  # pylint: disable=g-import-not-at-top
+
         epath.Path(path).unlink()
     except FileNotFoundError:
       pass
@@ -163,14 +169,16 @@ class Lock:
   """A held workdir lock (or a no-op one on processes other than 0). Release it with
   ``release()`` or by leaving its ``with`` block; releasing twice is harmless."""
 
-  def __init__(self, path: str, holder: dict | None, store: _Store | None,
-               heartbeat_s: float | None):
+  def __init__(
+    self, path: str, holder: dict | None, store: _Store | None, heartbeat_s: float | None
+  ):
     self.path, self.holder, self._store = path, holder, store
     self._stop = threading.Event()
     self._thread = None
     if holder is not None and heartbeat_s:
-      self._thread = threading.Thread(target=self._beat, args=(heartbeat_s,),
-                                      name="workdir-lock-heartbeat", daemon=True)
+      self._thread = threading.Thread(
+        target=self._beat, args=(heartbeat_s,), name="workdir-lock-heartbeat", daemon=True
+      )
       self._thread.start()
 
   @property
@@ -226,8 +234,13 @@ class Lock:
     return f"Lock({self.path!r}, held={self.held})"
 
 
-def acquire(workdir: str, *, process_index: int | None = None, heartbeat_s: float | None = 60.0,
-            stale_after_s: float | None = 900.0) -> Lock:
+def acquire(
+  workdir: str,
+  *,
+  process_index: int | None = None,
+  heartbeat_s: float | None = 60.0,
+  stale_after_s: float | None = 900.0,
+) -> Lock:
   """Takes ``<workdir>/.lock`` (creating ``workdir``); returns the held ``Lock``.
 
   Args:
@@ -251,11 +264,16 @@ def acquire(workdir: str, *, process_index: int | None = None, heartbeat_s: floa
   if store.local:
     os.makedirs(os.path.dirname(path), exist_ok=True)
   now = time.time()
-  holder = {"host": socket.gethostname(), "pid": os.getpid(), "pid_start": _pid_start(os.getpid()),
-            "started": datetime.datetime.fromtimestamp(now).astimezone().isoformat(
-                timespec="seconds"),
-            "started_unix": now, "heartbeat_unix": now, "token": uuid.uuid4().hex,
-            "argv": sys.argv[:8]}
+  holder = {
+    "host": socket.gethostname(),
+    "pid": os.getpid(),
+    "pid_start": _pid_start(os.getpid()),
+    "started": datetime.datetime.fromtimestamp(now).astimezone().isoformat(timespec="seconds"),
+    "started_unix": now,
+    "heartbeat_unix": now,
+    "token": uuid.uuid4().hex,
+    "argv": sys.argv[:8],
+  }
   text = json.dumps(holder, indent=1)
   with _held_mutex:
     if path in _held:
@@ -269,8 +287,11 @@ def acquire(workdir: str, *, process_index: int | None = None, heartbeat_s: floa
     if store.local:
       raise
     # Advisory on object stores: a storage error must not stop the run.
-    _log.warning("cannot take the advisory workdir lock %s (%s); training without it", path,
-                 f"{type(e).__name__}: {e}".splitlines()[0][:300])
+    _log.warning(
+      "cannot take the advisory workdir lock %s (%s); training without it",
+      path,
+      f"{type(e).__name__}: {e}".splitlines()[0][:300],
+    )
     return Lock(path, None, None, None)
   with _held_mutex:
     _held.add(path)
@@ -288,8 +309,7 @@ def _read_holder(store: _Store, path: str) -> tuple[str | None, dict]:
     return text, {}
 
 
-def _take_over_if_stale(store: _Store, path: str, text: str,
-                        stale_after_s: float | None) -> None:
+def _take_over_if_stale(store: _Store, path: str, text: str, stale_after_s: float | None) -> None:
   """Creates the lock in place of a stale one; raises WorkdirLockedError if it is live."""
   seen, holder = _read_holder(store, path)
   if seen is None:  # released between our create and read
@@ -304,29 +324,40 @@ def _take_over_if_stale(store: _Store, path: str, text: str,
       reason = "its content is unreadable"
   if reason is None and not holder:
     raise WorkdirLockedError(
-        f"the workdir lock {path} is being written by another trainer or is unreadable; retry, "
-        "or delete it if no trainer uses this workdir", holder)
+      f"the workdir lock {path} is being written by another trainer or is unreadable; retry, "
+      "or delete it if no trainer uses this workdir",
+      holder,
+    )
   if reason is None:
     raise WorkdirLockedError(
-        f"workdir {os.path.dirname(path)} is in use by {_describe(holder)}; "
-        f"stop that run first, or delete {path} if it is known to be gone", holder)
+      f"workdir {os.path.dirname(path)} is in use by {_describe(holder)}; "
+      f"stop that run first, or delete {path} if it is known to be gone",
+      holder,
+    )
   breaker = path + _TAKEOVER_SUFFIX
   if not store.create(breaker, json.dumps({"host": socket.gethostname(), "pid": os.getpid()})):
     raise WorkdirLockedError(
-        f"another process is taking over the stale workdir lock {path} (delete {breaker} if "
-        "no process is)", holder)
+      f"another process is taking over the stale workdir lock {path} (delete {breaker} if "
+      "no process is)",
+      holder,
+    )
   try:
     again = store.read(path)
     if again != seen:  # released, refreshed or already replaced: decide afresh
       if again is None and store.create(path, text):
         return
       raise WorkdirLockedError(
-          f"workdir {os.path.dirname(path)} is in use by {_describe(_read_holder(store, path)[1])}"
-          f"; stop that run first, or delete {path} if it is known to be gone", holder)
+        f"workdir {os.path.dirname(path)} is in use by {_describe(_read_holder(store, path)[1])}"
+        f"; stop that run first, or delete {path} if it is known to be gone",
+        holder,
+      )
     store.remove(path)
     if not store.create(path, text):
-      raise WorkdirLockedError(f"workdir {os.path.dirname(path)} was locked by another trainer "
-                               "while its stale lock was being removed", holder)
+      raise WorkdirLockedError(
+        f"workdir {os.path.dirname(path)} was locked by another trainer "
+        "while its stale lock was being removed",
+        holder,
+      )
     _log.warning("took over the stale workdir lock %s of %s: %s", path, _describe(holder), reason)
   finally:
     store.remove(breaker)

@@ -22,16 +22,21 @@ FIXTURES = REPO / "tests" / "fixtures"
 TAEF2_DIR = Path(os.environ.get("DFM_JAX_TAEF2_DIR", REPO.parent / "shared" / "weights" / "taef2"))
 FASHION = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
 KL_TINY = dict(block_out_channels=(8, 16, 32, 32), norm_groups=4)  # as make_kl_fixture.py
-KL_FILES = {"sd": "kl_sd_tiny_diffusers.safetensors", "sdxl": "kl_sd_tiny_diffusers.safetensors",
-            "flux1": "kl_flux1_tiny_ae.safetensors"}
+KL_FILES = {
+  "sd": "kl_sd_tiny_diffusers.safetensors",
+  "sdxl": "kl_sd_tiny_diffusers.safetensors",
+  "flux1": "kl_flux1_tiny_ae.safetensors",
+}
 # Max abs error allowed against the float64 references (values are O(1); measured <= 5e-6).
 ATOL = 1e-4
+
 
 @pytest.fixture(scope="module")
 def taef2():
   assert (TAEF2_DIR / "taef2_encoder.pth").is_file(), (
-      f"TAEF2 weights not found in {TAEF2_DIR} (shared/weights/taef2 beside the repository, or "
-      "$DFM_JAX_TAEF2_DIR)")
+    f"TAEF2 weights not found in {TAEF2_DIR} (shared/weights/taef2 beside the repository, or "
+    "$DFM_JAX_TAEF2_DIR)"
+  )
   return build("taef2", TAEF2_DIR)
 
 
@@ -55,18 +60,20 @@ def test_taef2_matches_reference_on_real_weights(taef2):
   latents = taef2.encode(images)
   assert latents.shape == (2, 8, 8, 32) and latents.dtype == jnp.float32
   np.testing.assert_allclose(latents, ref["latents"], rtol=0, atol=ATOL)
-  np.testing.assert_allclose(taef2.decode(ref["latents"]),
-                             np.clip(2 * ref["decoded"] - 1, -1, 1), rtol=0, atol=2 * ATOL)
+  np.testing.assert_allclose(
+    taef2.decode(ref["latents"]), np.clip(2 * ref["decoded"] - 1, -1, 1), rtol=0, atol=2 * ATOL
+  )
 
 
 def test_taef2_reconstructs_real_images(taef2):
   """16 Fashion-MNIST test images, bicubic 28 -> 64, grey -> RGB: measured 29.5 dB mean PSNR
   (1,024 images: 29.5 dB mean, 27.1 dB 5th percentile; MNIST-5k: 30.9 dB)."""
   from dfm_jax.data.arrays import load_idx  # pylint: disable=g-import-not-at-top
+
   gray = jnp.asarray(load_idx(str(FASHION))[:16, :, :, None], jnp.float32) / 127.5 - 1
   x = jnp.clip(jnp.repeat(jax.image.resize(gray, (16, 64, 64, 1), "bicubic"), 3, -1), -1, 1)
   # Batches of 2 at 64x64, the parity test's shapes: no new compilation.
-  y = jnp.concatenate([taef2.decode(taef2.encode(x[i:i + 2])) for i in range(0, 16, 2)])
+  y = jnp.concatenate([taef2.decode(taef2.encode(x[i : i + 2])) for i in range(0, 16, 2)])
   mse = jnp.mean(((x - y) / 2) ** 2, axis=(1, 2, 3))  # in [0, 1] pixel units
   psnr = 10 * np.log10(1 / np.asarray(mse))
   assert psnr.mean() > 27.0, psnr
@@ -106,19 +113,26 @@ def test_kl_flux1_matches_diffusers(flux1_tiny, kl_ref):
   ae = flux1_tiny
   assert ae.quant_conv is None and ae.post_quant_conv is None
   assert (ae.scale, ae.shift, ae.downsample, ae.latent_channels) == (0.3611, 0.1159, 8, 16)
-  np.testing.assert_allclose(ae.encode(kl_ref["flux1_images"]),
-                             (kl_ref["flux1_mean"] - 0.1159) * 0.3611, rtol=0, atol=ATOL)
-  np.testing.assert_allclose(ae.decode((kl_ref["flux1_latents"] - 0.1159) * 0.3611),
-                             np.clip(kl_ref["flux1_decoded"], -1, 1), rtol=0, atol=ATOL)
+  np.testing.assert_allclose(
+    ae.encode(kl_ref["flux1_images"]), (kl_ref["flux1_mean"] - 0.1159) * 0.3611, rtol=0, atol=ATOL
+  )
+  np.testing.assert_allclose(
+    ae.decode((kl_ref["flux1_latents"] - 0.1159) * 0.3611),
+    np.clip(kl_ref["flux1_decoded"], -1, 1),
+    rtol=0,
+    atol=ATOL,
+  )
   # Pure function of the split state inside the caller's jax.jit: the unclipped decoder.
   graphdef, state = nnx.split(ae)
   decode_raw = jax.jit(lambda s, z: nnx.merge(graphdef, s).decode_raw(z))
-  np.testing.assert_allclose(decode_raw(state, kl_ref["flux1_latents"]), kl_ref["flux1_decoded"],
-                             rtol=0, atol=ATOL)
+  np.testing.assert_allclose(
+    decode_raw(state, kl_ref["flux1_latents"]), kl_ref["flux1_decoded"], rtol=0, atol=ATOL
+  )
 
 
 def test_kl_presets_and_key_layouts():
   from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+
   sd = build("sd", FIXTURES / KL_FILES["sd"], **KL_TINY)
   sdxl = build("sdxl", FIXTURES / KL_FILES["sd"], **KL_TINY)  # same architecture as SD
   assert (sd.scale, sd.shift, sd.latent_channels) == (0.18215, 0.0, 4)
@@ -129,10 +143,14 @@ def test_kl_presets_and_key_layouts():
   assert kl.detect_layout(flux_keys) == "original"
   assert kl.detect_layout(load_file(str(FIXTURES / KL_FILES["sd"]))) == "diffusers"
   assert flux_keys["encoder.mid.attn_1.q.weight"].shape == (32, 32, 1, 1)
-  assert kl.original_key("decoder.up_blocks.0.resnets.2.conv_shortcut.weight", 4) == \
-      "decoder.up.3.block.2.nin_shortcut.weight"
-  assert kl.original_key("encoder.mid_block.attentions.0.to_out.0.bias", 4) == \
-      "encoder.mid.attn_1.proj_out.bias"
+  assert (
+    kl.original_key("decoder.up_blocks.0.resnets.2.conv_shortcut.weight", 4)
+    == "decoder.up.3.block.2.nin_shortcut.weight"
+  )
+  assert (
+    kl.original_key("encoder.mid_block.attentions.0.to_out.0.bias", 4)
+    == "encoder.mid.attn_1.proj_out.bias"
+  )
   # Forcing the wrong layout names the missing keys.
   with pytest.raises(ValueError, match=r"missing keys \[decoder.conv_norm_out.bias"):
     build("flux1", FIXTURES / KL_FILES["flux1"], layout="diffusers", **KL_TINY)
@@ -145,11 +163,16 @@ def test_kl_file_of_another_architecture_gives_one_clear_error():
     build("flux1", FIXTURES / KL_FILES["sd"], **KL_TINY)
   msg = str(err.value)
   assert "kl_sd_tiny_diffusers.safetensors" in msg
-  assert "tensor 'decoder.conv_in.weight' has shape (32, 4, 3, 3) in the file, " \
-         "expected (32, 16, 3, 3)" in msg
+  assert (
+    "tensor 'decoder.conv_in.weight' has shape (32, 4, 3, 3) in the file, "
+    "expected (32, 16, 3, 3)" in msg
+  )
   assert "unexpected keys [post_quant_conv.bias, post_quant_conv.weight, quant_conv.bias" in msg
-  with pytest.raises(ValueError, match=r"tensor 'decoder.conv_in.bias' has shape \(32,\) in "
-                                       r"the file, expected \(512,\)"):
+  with pytest.raises(
+    ValueError,
+    match=r"tensor 'decoder.conv_in.bias' has shape \(32,\) in "
+    r"the file, expected \(512,\)",
+  ):
     build("sd", FIXTURES / KL_FILES["sd"])  # full-width preset, tiny file
 
 
@@ -175,6 +198,7 @@ def test_kl_vae_inside_a_bigger_checkpoint_with_old_attention_names(tmp_path):
   """LDM single files prefix the VAE (``first_stage_model.``); old diffusers files name the
   attention ``query`` / ``key`` / ``value`` / ``proj_attn``."""
   from safetensors.numpy import load_file, save_file  # pylint: disable=g-import-not-at-top
+
   old = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
   state = {}
   for k, v in load_file(str(FIXTURES / KL_FILES["sd"])).items():

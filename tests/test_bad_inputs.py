@@ -26,8 +26,14 @@ TORCH_FILES = REPO / "tests" / "fixtures" / "torch_files"
 def run_module(module: str, *args: str, env_extra: dict | None = None):
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   env.update(env_extra or {})
-  return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=300)
+  return subprocess.run(
+    [sys.executable, "-m", module, *args],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
 
 
 def assert_one_line_error(proc, code: int, *needles: str):
@@ -72,14 +78,16 @@ def bad_npz_cases(root: Path) -> dict[str, tuple[Path, tuple[str, ...]]]:
   p.write_bytes(b"")
   cases["empty-file"] = (p, ("not an .npz file", "empty"))
   p = root / "truncated.npz"
-  np.savez_compressed(p, images=np.random.default_rng(0).integers(0, 255, (64, 16, 16, 3),
-                                                                    dtype=np.uint8))
+  np.savez_compressed(
+    p, images=np.random.default_rng(0).integers(0, 255, (64, 16, 16, 3), dtype=np.uint8)
+  )
   data = p.read_bytes()
-  p.write_bytes(data[:len(data) // 2])
+  p.write_bytes(data[: len(data) // 2])
   cases["truncated"] = (p, (str(p),))
   p = root / "truncated_member.npz"
-  np.savez_compressed(p, images=np.random.default_rng(1).integers(0, 255, (64, 16, 16, 3),
-                                                                    dtype=np.uint8))
+  np.savez_compressed(
+    p, images=np.random.default_rng(1).integers(0, 255, (64, 16, 16, 3), dtype=np.uint8)
+  )
   data = bytearray(p.read_bytes())
   data[200:400] = bytes(200)  # inside the compressed member; the zip directory survives
   p.write_bytes(bytes(data))
@@ -92,8 +100,19 @@ def bad_npz(tmp_path_factory):
   return bad_npz_cases(tmp_path_factory.mktemp("fid_bad"))
 
 
-@pytest.mark.parametrize("case", ["unknown-keys", "channels-first", "five-channels", "float",
-                                  "random-bytes", "empty-file", "truncated", "damaged-member"])
+@pytest.mark.parametrize(
+  "case",
+  [
+    "unknown-keys",
+    "channels-first",
+    "five-channels",
+    "float",
+    "random-bytes",
+    "empty-file",
+    "truncated",
+    "damaged-member",
+  ],
+)
 def test_load_images_names_the_problem(bad_npz, case):
   path, needles = bad_npz[case]
   with pytest.raises(fid.InputError) as err:
@@ -137,10 +156,10 @@ def bad_torch_files(root: Path) -> dict[str, Path]:
   files["random-bytes"].write_bytes(np.random.default_rng(0).bytes(5000))
   data = (TORCH_FILES / "state_zip.pt").read_bytes()
   files["truncated-zip"] = root / "truncated_zip.pth"
-  files["truncated-zip"].write_bytes(data[:len(data) // 2])
+  files["truncated-zip"].write_bytes(data[: len(data) // 2])
   data = (TORCH_FILES / "state_legacy.pt").read_bytes()
   files["truncated-legacy"] = root / "truncated_legacy.pth"
-  files["truncated-legacy"].write_bytes(data[:len(data) // 2])
+  files["truncated-legacy"].write_bytes(data[: len(data) // 2])
   files["other-network"] = TORCH_FILES / "state_zip.pt"
   files["torchscript-other-network"] = TORCH_FILES / "scripted.pt"
   files["empty"] = root / "empty.pth"
@@ -148,8 +167,17 @@ def bad_torch_files(root: Path) -> dict[str, Path]:
   return files
 
 
-@pytest.mark.parametrize("case", ["random-bytes", "truncated-zip", "truncated-legacy",
-                                  "other-network", "torchscript-other-network", "empty"])
+@pytest.mark.parametrize(
+  "case",
+  [
+    "random-bytes",
+    "truncated-zip",
+    "truncated-legacy",
+    "other-network",
+    "torchscript-other-network",
+    "empty",
+  ],
+)
 def test_weights_from_bad_pth_exits_2_with_one_line(tmp_path, monkeypatch, capsys, case):
   monkeypatch.setenv("DFM_JAX_CACHE", str(tmp_path / "cache"))
   monkeypatch.delenv("DFM_JAX_DEBUG", raising=False)
@@ -170,8 +198,12 @@ def test_weights_from_bad_pth_exits_2_with_one_line(tmp_path, monkeypatch, capsy
 
 def test_weights_cli_has_no_traceback(tmp_path):
   path = bad_torch_files(tmp_path)["truncated-zip"]
-  proc = run_module("dfm_jax.evaluation.weights", "--from-pth", str(path),
-                    env_extra={"DFM_JAX_CACHE": str(tmp_path / "cache")})
+  proc = run_module(
+    "dfm_jax.evaluation.weights",
+    "--from-pth",
+    str(path),
+    env_extra={"DFM_JAX_CACHE": str(tmp_path / "cache")},
+  )
   assert_one_line_error(proc, 2, "cannot convert", str(path))
   assert not (tmp_path / "cache").exists()
 

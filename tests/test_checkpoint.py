@@ -9,7 +9,6 @@ from dfm_jax.checkpoint import Checkpointer, CheckpointMismatchError
 
 
 class Net(nnx.Module):
-
   def __init__(self, width: int, extra: bool, rngs: nnx.Rngs):
     self.first = nnx.Linear(2, width, rngs=rngs)
     self.extra = nnx.Linear(width, 1, rngs=rngs) if extra else None

@@ -18,8 +18,12 @@ import pytest
 from flax import nnx
 
 from dfm_jax import checkpoint
-from dfm_jax.checkpoint import (Checkpointer, CheckpointCorruptError, CheckpointMismatchError,
-                                CheckpointSaveError)
+from dfm_jax.checkpoint import (
+  Checkpointer,
+  CheckpointCorruptError,
+  CheckpointMismatchError,
+  CheckpointSaveError,
+)
 
 
 def sharding():
@@ -31,14 +35,19 @@ def make_state(value: int) -> nnx.State:
   """A few arrays, one sharded over 8 devices: ``w`` float32 [64, 32], ``b`` bf16 [5],
   ``count`` int32 [], ``key`` a PRNG key."""
   w = jnp.arange(64 * 32, dtype=jnp.float32).reshape(64, 32) * 0.5 + value
-  return nnx.State({"w": jax.device_put(w, sharding()),
-                    "sub": {"b": jnp.full((5,), value, jnp.bfloat16), "count": jnp.int32(value)},
-                    "key": jax.random.key(value)})
+  return nnx.State(
+    {
+      "w": jax.device_put(w, sharding()),
+      "sub": {"b": jnp.full((5,), value, jnp.bfloat16), "count": jnp.int32(value)},
+      "key": jax.random.key(value),
+    }
+  )
 
 
 def abstract_state() -> nnx.State:
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                      make_state(0))
+  return jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), make_state(0)
+  )
 
 
 def make_iter():
@@ -49,11 +58,13 @@ def make_iter():
 def assert_state_equal(got: nnx.State, value: int):
   want = make_state(value)
   np.testing.assert_array_equal(np.asarray(got["w"][...]), np.asarray(want["w"][...]))
-  np.testing.assert_array_equal(np.asarray(got["sub"]["b"][...], np.float32),
-                                np.asarray(want["sub"]["b"][...], np.float32))
+  np.testing.assert_array_equal(
+    np.asarray(got["sub"]["b"][...], np.float32), np.asarray(want["sub"]["b"][...], np.float32)
+  )
   assert int(got["sub"]["count"][...]) == value
-  np.testing.assert_array_equal(jax.random.key_data(got["key"][...]),
-                                jax.random.key_data(want["key"][...]))
+  np.testing.assert_array_equal(
+    jax.random.key_data(got["key"][...]), jax.random.key_data(want["key"][...])
+  )
 
 
 @pytest.fixture
@@ -71,8 +82,9 @@ def two_steps(tmp_path):
 
 def _data_files(step_dir: str) -> list[str]:
   """The OCDBT data files (the merged database's and the per-process ones)."""
-  return (glob.glob(os.path.join(step_dir, "state", "d", "*"))
-          + glob.glob(os.path.join(step_dir, "state", "ocdbt.process_*", "d", "*")))
+  return glob.glob(os.path.join(step_dir, "state", "d", "*")) + glob.glob(
+    os.path.join(step_dir, "state", "ocdbt.process_*", "d", "*")
+  )
 
 
 def _largest_data_file(step_dir: str) -> str:
@@ -133,15 +145,15 @@ def delete_step_metadata(step_dir):
 # {case: (damage, reasons the quarantine folder may name)}. Which reason a damaged data file
 # gives depends on what it held: array chunks or also the arrays' zarr metadata.
 DAMAGE = {
-    "flipped-bytes": (flip_bytes, {"checksum", "unreadable", "metadata"}),
-    "truncated-file": (truncate_file, {"unreadable", "metadata"}),
-    "deleted-tree-metadata": (delete_tree_metadata, {"metadata"}),
-    "deleted-data-files": (delete_data_files, {"unreadable", "metadata"}),
-    "state-of-another-step": (state_of_another_step, {"checksum"}),
-    "garbage-iterator-state": (garbage_iterator_state, {"data-iter"}),
-    "plausible-iterator-state": (plausible_iterator_state, {"data-iter"}),
-    "empty-manifest": (empty_manifest, {"manifest"}),
-    "deleted-step-metadata": (delete_step_metadata, {"metadata"}),
+  "flipped-bytes": (flip_bytes, {"checksum", "unreadable", "metadata"}),
+  "truncated-file": (truncate_file, {"unreadable", "metadata"}),
+  "deleted-tree-metadata": (delete_tree_metadata, {"metadata"}),
+  "deleted-data-files": (delete_data_files, {"unreadable", "metadata"}),
+  "state-of-another-step": (state_of_another_step, {"checksum"}),
+  "garbage-iterator-state": (garbage_iterator_state, {"data-iter"}),
+  "plausible-iterator-state": (plausible_iterator_state, {"data-iter"}),
+  "empty-manifest": (empty_manifest, {"manifest"}),
+  "deleted-step-metadata": (delete_step_metadata, {"metadata"}),
 }
 
 
@@ -234,8 +246,9 @@ def test_restoring_into_another_dtype_verifies_then_casts(two_steps):
   step, state = ckpt.restore_latest(wanted)
   assert step == 2 and state["w"][...].dtype == jnp.bfloat16
   want = make_state(2)["w"][...].astype(jnp.bfloat16)
-  np.testing.assert_array_equal(np.asarray(state["w"][...], np.float32),
-                                np.asarray(want, np.float32))
+  np.testing.assert_array_equal(
+    np.asarray(state["w"][...], np.float32), np.asarray(want, np.float32)
+  )
   assert not os.path.exists(os.path.join(two_steps, "quarantine"))
   ckpt.close()
 
@@ -245,8 +258,13 @@ def test_checkpoint_without_checksums_restores_with_one_warning(tmp_path, caplog
   manager = ocp.CheckpointManager(directory, item_names=("state", "data_iter"))
   it = make_iter()
   next(it)
-  manager.save(3, args=ocp.args.Composite(state=ocp.args.StandardSave(nnx.to_pure_dict(make_state(3))),
-                                          data_iter=grain.checkpoint.CheckpointSave(it)))
+  manager.save(
+    3,
+    args=ocp.args.Composite(
+      state=ocp.args.StandardSave(nnx.to_pure_dict(make_state(3))),
+      data_iter=grain.checkpoint.CheckpointSave(it),
+    ),
+  )
   manager.close()
   ckpt = Checkpointer(directory)
   fresh = make_iter()
@@ -345,8 +363,12 @@ def test_checksums_cover_small_dtypes(dtype):
 @pytest.mark.integration
 def test_checksum_cost_on_a_100mb_state(tmp_path):
   """Checksumming a ~100 MiB state (50 sharded arrays) costs well under a save."""
-  state = nnx.State({f"p{i}": jax.device_put(jax.random.normal(jax.random.key(i), (512, 1024)),
-                                             sharding()) for i in range(50)})
+  state = nnx.State(
+    {
+      f"p{i}": jax.device_put(jax.random.normal(jax.random.key(i), (512, 1024)), sharding())
+      for i in range(50)
+    }
+  )
   checkpoint.array_checksums(nnx.to_pure_dict(state))  # compile
   t = time.perf_counter()
   checkpoint.array_checksums(nnx.to_pure_dict(state))
@@ -375,8 +397,9 @@ def test_host_and_device_checksums_agree(dtype, spec):
   if spec == "replicated":
     value = jax.device_put(value, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
   elif spec is not None:
-    value = jax.device_put(value, jax.sharding.NamedSharding(mesh,
-                                                             jax.sharding.PartitionSpec(*spec)))
+    value = jax.device_put(
+      value, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
+    )
   host = checkpoint._checksum_on_host(value)  # pylint: disable=protected-access
   device = np.asarray(checkpoint._checksum_leaf(value))  # pylint: disable=protected-access
   np.testing.assert_array_equal(host, device)

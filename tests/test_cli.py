@@ -44,8 +44,9 @@ def _complete_steps(workdir) -> list[int]:
 def _kill_during_a_save(cmd, workdir) -> bool:
   """Starts a run and SIGKILLs it while an asynchronous save is in flight (after the first one
   completed); True when the kill landed during the save."""
-  proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL)
+  proc = subprocess.Popen(
+    cmd, cwd=REPO, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+  )
   deadline = time.time() + 300
   while time.time() < deadline and proc.poll() is None:
     if _complete_steps(workdir) and _saving_in_progress(workdir):
@@ -71,8 +72,9 @@ def test_sigkill_mid_save_then_sigterm_then_resume_is_bitwise_identical(referenc
 
   # 2. Resume, then SIGTERM: the run saves at the step it reached and exits with the
   # "preempted, run again" code.
-  proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
+  proc = subprocess.Popen(
+    cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+  )
   resumed_from = max(_complete_steps(workdir))
   for line in proc.stdout:
     if line.startswith("step "):
@@ -91,8 +93,10 @@ def test_sigkill_mid_save_then_sigterm_then_resume_is_bitwise_identical(referenc
   assert got.keys() == want.keys()
   for key in want:
     np.testing.assert_array_equal(got[key], want[key], err_msg=key)
-  print(f"killed mid-save after {attempt + 1} run(s); resumed from {resumed_from}; "
-        f"SIGTERM stop at {stopped_at}")
+  print(
+    f"killed mid-save after {attempt + 1} run(s); resumed from {resumed_from}; "
+    f"SIGTERM stop at {stopped_at}"
+  )
 
   # 4. Running a finished job again trains nothing and leaves the checkpoints alone.
   steps_before = _complete_steps(workdir)
@@ -102,10 +106,16 @@ def test_sigkill_mid_save_then_sigterm_then_resume_is_bitwise_identical(referenc
 
 
 def test_sample_mode_writes_grid_npz_and_metadata(reference_run):
-  run_main(reference_run, *tiny_flags(total_steps=STEPS, sampler__num_samples=120,
-                                      data__source="idx",
-                                      data__path="/nonexistent/train-images-idx3-ubyte.gz"),
-           "--mode=sample")
+  run_main(
+    reference_run,
+    *tiny_flags(
+      total_steps=STEPS,
+      sampler__num_samples=120,
+      data__source="idx",
+      data__path="/nonexistent/train-images-idx3-ubyte.gz",
+    ),
+    "--mode=sample",
+  )
   base = os.path.join(reference_run, "samples", f"final_step{STEPS}")
   data = np.load(base + ".npz")
   assert data["images"].shape == (120, 32, 32, 1) and data["images"].dtype == np.uint8
@@ -146,12 +156,24 @@ def test_two_processes_agree_with_one(reference_run, tmp_path):
   port = _free_port()
   procs = []
   for pid in range(2):
-    flags = tiny_flags(total_steps=steps, mesh__shape=(1, 4, 1),
-                       distributed__initialize=True,
-                       distributed__coordinator_address=f"127.0.0.1:{port}",
-                       distributed__num_processes=2, distributed__process_id=pid)
-    procs.append(subprocess.Popen(main_command(multi, *flags), cwd=REPO, env=env(2),
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    flags = tiny_flags(
+      total_steps=steps,
+      mesh__shape=(1, 4, 1),
+      distributed__initialize=True,
+      distributed__coordinator_address=f"127.0.0.1:{port}",
+      distributed__num_processes=2,
+      distributed__process_id=pid,
+    )
+    procs.append(
+      subprocess.Popen(
+        main_command(multi, *flags),
+        cwd=REPO,
+        env=env(2),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+      )
+    )
   outputs = [p.communicate(timeout=600)[0] for p in procs]
   for p, out in zip(procs, outputs):
     assert p.returncode == 0, out[-3000:]
@@ -161,8 +183,9 @@ def test_two_processes_agree_with_one(reference_run, tmp_path):
 
 
 def test_eval_mode_writes_metrics_json(reference_run):
-  proc = run_main(reference_run, *tiny_flags(total_steps=STEPS, sampler__cfg_scale=1.5),
-                  "--mode=eval")
+  proc = run_main(
+    reference_run, *tiny_flags(total_steps=STEPS, sampler__cfg_scale=1.5), "--mode=eval"
+  )
   folder = os.path.join(reference_run, "eval")
   (name,) = [n for n in os.listdir(folder) if n.endswith(".json")]
   assert name.startswith(f"step{STEPS}_cfg1.5_steps2-1-1")

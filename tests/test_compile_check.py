@@ -21,7 +21,8 @@ needs_libtpu = pytest.mark.skipif(not HAS_LIBTPU, reason="libtpu is not installe
 def tiny_config(depth: int = 2):
   """configs/default.py (3-stage DFM on 32x32x1) shrunk to compile in seconds."""
   spec = importlib.util.spec_from_file_location(
-      "default_config", os.path.join(REPO, "configs", "default.py"))
+    "default_config", os.path.join(REPO, "configs", "default.py")
+  )
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   c = module.get_config()
@@ -37,7 +38,11 @@ def tiny_config(depth: int = 2):
 def test_topology_table():
   t = cc.lookup_topology("v5p-64")
   assert (t.topology_name, t.num_chips, t.chip_config_name, t.hbm_gib) == (
-      "v5:2x4x4", 32, "megacore", 95.0)
+    "v5:2x4x4",
+    32,
+    "megacore",
+    95.0,
+  )
   assert cc.lookup_topology("v4-32").topology_name == "v4:2x2x4"
   v5e = cc.lookup_topology("v5e-256")
   assert (v5e.topology_name, v5e.num_chips, v5e.wrap) == ("v5e:16x16", 256, (True, True, False))
@@ -54,21 +59,28 @@ def test_unknown_topology_is_one_line():
 
 def test_missing_libtpu_is_one_line(monkeypatch):
   real = importlib.util.find_spec
-  monkeypatch.setattr(importlib.util, "find_spec",
-                      lambda name, *a: None if name == "libtpu" else real(name, *a))
+  monkeypatch.setattr(
+    importlib.util, "find_spec", lambda name, *a: None if name == "libtpu" else real(name, *a)
+  )
   with pytest.raises(cc.CompileCheckError, match="libtpu is not installed.*requirements-tpu"):
     cc.topology_devices(cc.lookup_topology("v4-8"))
 
 
 def test_does_not_fit_lines():
   topology = cc.lookup_topology("v5e-4")
-  big = cc.Result("train step", "dp", (4, 1, 1), 64, int(16 * cc.GIB),
-                  memory=cc.Memory(int(2 * cc.GIB), int(2 * cc.GIB), int(2 * cc.GIB),
-                                   int(15 * cc.GIB), 0))
+  big = cc.Result(
+    "train step",
+    "dp",
+    (4, 1, 1),
+    64,
+    int(16 * cc.GIB),
+    memory=cc.Memory(int(2 * cc.GIB), int(2 * cc.GIB), int(2 * cc.GIB), int(15 * cc.GIB), 0),
+  )
   assert not big.fits and big.memory.total == 17 * cc.GIB
   assert "DOES NOT FIT" in cc.format_result(big, topology)
-  refused = cc.Result("sampler", "fsdp", (1, 4, 1), 64, int(16 * cc.GIB),
-                      error="Used 20G of 15.75G hbm.")
+  refused = cc.Result(
+    "sampler", "fsdp", (1, 4, 1), 64, int(16 * cc.GIB), error="Used 20G of 15.75G hbm."
+  )
   assert not refused.fits
   assert "DOES NOT FIT" in cc.format_result(refused, topology)
   assert "**NO**" in cc.summary_table([big, refused], topology, "x")
@@ -77,9 +89,19 @@ def test_does_not_fit_lines():
 
 def test_cli_unknown_topology_exits_without_traceback():
   proc = subprocess.run(
-      [sys.executable, "-m", "dfm_jax.compile_check", "--config=configs/default.py",
-       "--topology=v9-8"], cwd=REPO, capture_output=True, text=True, timeout=300,
-      env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    [
+      sys.executable,
+      "-m",
+      "dfm_jax.compile_check",
+      "--config=configs/default.py",
+      "--topology=v9-8",
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    env=dict(os.environ, JAX_PLATFORMS="cpu"),
+  )
   assert proc.returncode == 2
   assert "compile_check: unknown TPU topology 'v9-8'" in proc.stderr
   assert "Traceback" not in proc.stderr
@@ -94,13 +116,16 @@ def test_compiles_train_step_and_sampler_for_v4_8():
   config = tiny_config(depth=4)
   results = cc.check(config, topology, ["fsdp"], devices, log=lambda s: None)
   assert [(r.program, r.mesh, r.mesh_shape) for r in results] == [
-      ("train step", "fsdp", (1, 4, 1)), ("sampler", "fsdp", (1, 4, 1))]
+    ("train step", "fsdp", (1, 4, 1)),
+    ("sampler", "fsdp", (1, 4, 1)),
+  ]
   for r in results:
     assert r.fits and r.memory.arguments > 0 and r.memory.total < r.hbm_bytes
   step = results[0]
   # The reported count (global unrolled count / 4 devices) matches XLA's per-device count of the
   # unrolled step compiled for the topology; the compiled scanned step holds fewer blocks.
-  exact = cc._flops(cc.compile_train_step(
-      cc.build_run(cc._unrolled(cc.with_mesh(config, "fsdp"), 4), devices)))
+  exact = cc._flops(
+    cc.compile_train_step(cc.build_run(cc._unrolled(cc.with_mesh(config, "fsdp"), 4), devices))
+  )
   assert step.flops == pytest.approx(exact, rel=0.1)
   assert step.flops_compiled < 0.75 * step.flops

@@ -8,9 +8,15 @@ import pytest
 from dfm_jax import dit, experiment
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs")
-CASES = [("default.py", "dfm"), ("fashion_mnist.py", "dfm"), ("imagenet512.py", "dfm"),
-         ("imagenet1024.py", "dfm"), ("imagenet1024.py", "three"), ("moving_digits.py", "dfm"),
-         ("kinetics700.py", "dfm")]
+CASES = [
+  ("default.py", "dfm"),
+  ("fashion_mnist.py", "dfm"),
+  ("imagenet512.py", "dfm"),
+  ("imagenet1024.py", "dfm"),
+  ("imagenet1024.py", "three"),
+  ("moving_digits.py", "dfm"),
+  ("kinetics700.py", "dfm"),
+]
 
 
 def load(name: str, arg: str):
@@ -45,8 +51,17 @@ def test_unknown_config_argument_is_named():
     load("fashion_mnist.py", "flow")
 
 
-@pytest.mark.parametrize("name", ["default.py", "fashion_mnist.py", "imagenet512.py",
-                                  "imagenet1024.py", "moving_digits.py", "kinetics700.py"])
+@pytest.mark.parametrize(
+  "name",
+  [
+    "default.py",
+    "fashion_mnist.py",
+    "imagenet512.py",
+    "imagenet1024.py",
+    "moving_digits.py",
+    "kinetics700.py",
+  ],
+)
 def test_runlocal_variant_is_tiny_and_keeps_the_stages(name):
   full = experiment.from_config(load(name, "dfm"), num_devices=1, check_data=False)
   for arg in ("runlocal", "fm,runlocal"):

@@ -41,9 +41,14 @@ def test_perfect_reconstruction_videos(kind, halve_time):
 
 
 @settings(max_examples=8, deadline=None)
-@given(kind=st.sampled_from(decompose.KINDS), num_stages=st.integers(1, 4),
-       h_units=st.integers(1, 3), w_units=st.integers(1, 3), channels=st.integers(1, 4),
-       seed=st.integers(0, 1000))
+@given(
+  kind=st.sampled_from(decompose.KINDS),
+  num_stages=st.integers(1, 4),
+  h_units=st.integers(1, 3),
+  w_units=st.integers(1, 3),
+  channels=st.integers(1, 4),
+  seed=st.integers(0, 1000),
+)
 def test_perfect_reconstruction_property(kind, num_stages, h_units, w_units, channels, seed):
   factor = 2 ** (num_stages - 1)
   shape = (1, h_units * factor, w_units * factor, channels)

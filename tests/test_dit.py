@@ -67,8 +67,9 @@ def test_patchify_round_trip_and_conv_equivalence():
   assert tokens.shape == (2, 24, 12)
   np.testing.assert_array_equal(dit.unpatchify(tokens, (4, 6), (2, 2), 3), x)
   w = jax.random.normal(jax.random.key(1), (2, 2, 3, 5))
-  conv = jax.lax.conv_general_dilated(x, w, (2, 2), "VALID",
-                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  conv = jax.lax.conv_general_dilated(
+    x, w, (2, 2), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
+  )
   np.testing.assert_allclose(tokens @ w.reshape(12, 5), conv.reshape(2, 24, 5), atol=1e-5)
 
 
@@ -81,8 +82,9 @@ def _reference_dit(model, x, t, y):
   dense = lambda h, q: h @ q["kernel"][...] + q["bias"][...]
   b, hh, ww, ch = x.shape
   w = p["embedders"][0]["kernel"][...].reshape(ps, ps, ch, d)
-  tok = jax.lax.conv_general_dilated(x, w, (ps, ps), "VALID",
-                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  tok = jax.lax.conv_general_dilated(
+    x, w, (ps, ps), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
+  )
   tok = tok.reshape(b, -1, d) + p["embedders"][0]["bias"][...]
   gh, gw = hh // ps, ww // ps
   tok = tok + positions.sincos_embedding(d, (gh, gw))[None]
@@ -136,8 +138,7 @@ def test_model_closed_over_by_an_outer_scan_and_cond():
     m = nnx.merge(graphdef, state)
 
     def body(carry, _):
-      out = jax.lax.cond(carry[0, 0, 0, 0] > -1e9, lambda: m(stages, t, y, s)[0],
-                         lambda: carry)
+      out = jax.lax.cond(carry[0, 0, 0, 0] > -1e9, lambda: m(stages, t, y, s)[0], lambda: carry)
       return out, None
 
     return jax.lax.scan(body, jnp.zeros_like(stages[0]), None, length=2)[0]
@@ -174,7 +175,7 @@ def test_video_rope_3d_and_jit_grad():
 
   @nnx.jit
   def loss(m, stages):
-    return sum(jnp.mean(o ** 2) for o in m(stages, t, y, s))
+    return sum(jnp.mean(o**2) for o in m(stages, t, y, s))
 
   grads = nnx.grad(loss)(model, stages)
   norms = [float(jnp.abs(g).sum()) for g in jax.tree.leaves(nnx.state(grads, nnx.Param))]
@@ -245,7 +246,7 @@ def test_loss_weights_and_precondition_switch():
   on.set_data_stats([0.0, 0.0], [0.5, 0.25])
   t = jnp.array([[0.0, 0.0], [0.5, 0.2], [1.0, 1.0]])
   np.testing.assert_array_equal(off.loss_weights(t), 1.0)
-  expected = (t ** 2 * jnp.array([0.25, 0.0625]) + (1 - t) ** 2) / jnp.array([0.25, 0.0625])
+  expected = (t**2 * jnp.array([0.25, 0.0625]) + (1 - t) ** 2) / jnp.array([0.25, 0.0625])
   np.testing.assert_allclose(on.loss_weights(t), expected, rtol=1e-6)
   _randomise(off)
   _randomise(on)
@@ -253,18 +254,29 @@ def test_loss_weights_and_precondition_switch():
   # Same parameters: with preconditioning off the call is the raw network.
   for a, b in zip(off(stages, t, y, s), on.network(stages, t, y, s)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-  assert any(float(jnp.abs(a - b).max()) > 1e-3
-             for a, b in zip(off(stages, t, y, s), on(stages, t, y, s)))
+  assert any(
+    float(jnp.abs(a - b).max()) > 1e-3 for a, b in zip(off(stages, t, y, s), on(stages, t, y, s))
+  )
 
 
 def test_model_parts_are_named_in_traces():
   """Profiler traces group ops by these scopes (jax.named_scope in DFMDiT.network)."""
-  cfg = dit.DiTConfig(stage_shapes=((8, 8, 1), (16, 16, 1)), patch_size=1, hidden_size=32,
-                      depth=2, num_heads=2, num_classes=10)
+  cfg = dit.DiTConfig(
+    stage_shapes=((8, 8, 1), (16, 16, 1)),
+    patch_size=1,
+    hidden_size=32,
+    depth=2,
+    num_heads=2,
+    num_classes=10,
+  )
   graphdef, state = nnx.split(dit.DFMDiT(cfg, rngs=nnx.Rngs(0)))
   lowered = jax.jit(lambda st, x, t, y, s: nnx.merge(graphdef, st)(x, t, y, s)).lower(
-      state, (jnp.zeros((2, 8, 8, 1)), jnp.zeros((2, 16, 16, 1))), jnp.zeros((2, 2)),
-      jnp.zeros((2,), jnp.int32), jnp.zeros((2,), jnp.int32))
+    state,
+    (jnp.zeros((2, 8, 8, 1)), jnp.zeros((2, 16, 16, 1))),
+    jnp.zeros((2, 2)),
+    jnp.zeros((2,), jnp.int32),
+    jnp.zeros((2,), jnp.int32),
+  )
   text = lowered.as_text(debug_info=True)
   for scope in ("patch_embed", "conditioning", "dit_block", "stage_heads"):
     assert scope in text, scope

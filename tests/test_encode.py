@@ -22,8 +22,11 @@ from dfm_jax.data.transforms import to_unit_range
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TAEF2 = os.environ.get("DFM_JAX_TAEF2_DIR") or os.path.join(
-    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "shared",
-    "weights", "taef2")
+  os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+  "shared",
+  "weights",
+  "taef2",
+)
 
 
 class PoolAE(nnx.Module):
@@ -43,8 +46,17 @@ class PoolAE(nnx.Module):
 
 def folder_config(root, **data):
   c = config_defaults.base_config()
-  c.data.update(dict(source="folder", path=str(root), resolution=16, channels=3, crop="center",
-                     num_classes=2, **data))
+  c.data.update(
+    dict(
+      source="folder",
+      path=str(root),
+      resolution=16,
+      channels=3,
+      crop="center",
+      num_classes=2,
+      **data,
+    )
+  )
   c.autoencoder.batch_size = 4  # rounded up to the 8 test devices
   return c
 
@@ -78,8 +90,7 @@ def test_flipped_encoding_matches_direct_encoding_and_numpy_stats(image_folder, 
   root, images, labels = image_folder
   out = str(tmp_path / "lat")
   ae = PoolAE()
-  meta = encode.encode_dataset(folder_config(root), out, flip=True, shard_size=4,
-                               autoencoder=ae)
+  meta = encode.encode_dataset(folder_config(root), out, flip=True, shard_size=4, autoencoder=ae)
   assert meta["count"] == 22 and meta["flip"] and meta["latent_shape"] == [2, 2, 4]
   assert [s["records"] for s in meta["shards"]] == [4] * 5 + [2]
   stored, stored_labels = LS.LatentShards(out).arrays()
@@ -130,17 +141,21 @@ def test_corrupt_images_follow_skip_corrupt(image_folder, tmp_path):
     f.write(b"not a png")
   with pytest.raises(D.CorruptRecordError, match=r"03\.png.*skip_corrupt"):
     encode.encode_dataset(folder_config(root), str(tmp_path / "a"), autoencoder=PoolAE())
-  meta = encode.encode_dataset(folder_config(root, skip_corrupt=True), str(tmp_path / "b"),
-                               autoencoder=PoolAE())
+  meta = encode.encode_dataset(
+    folder_config(root, skip_corrupt=True), str(tmp_path / "b"), autoencoder=PoolAE()
+  )
   assert meta["count"] == 11  # record 3 repeats its successor
 
 
-@pytest.mark.parametrize("change,message", [
+@pytest.mark.parametrize(
+  "change,message",
+  [
     (lambda c: c.data.update(dict(source="latents", path="x.npz")), "holds no pixels"),
     (lambda c: c.data.update(dict(channels=1)), "data.channels=1.*RGB"),
     (lambda c: c.data.update(dict(resolution=12)), "not a multiple of .* 8x"),
     (lambda c: c.autoencoder.update(dict(batch_size=0)), "batch_size must be >= 1"),
-])
+  ],
+)
 def test_bad_settings_are_one_clear_error(image_folder, tmp_path, change, message):
   c = folder_config(image_folder[0])
   change(c)
@@ -173,7 +188,6 @@ def test_encode_data_block_takes_precedence():
 # The real TAEF2 weights, end to end (seconds per hundred 64x64 images on a CPU).
 
 
-
 def mnist_config(resolution: int):
   c = config_defaults.base_config()
   c.data.update(dict(source="mnist5k", resolution=resolution, channels=3, crop="pad"))
@@ -191,8 +205,9 @@ def test_taef2_shards_train_like_a_direct_encoding(tmp_path):
   assert meta["autoencoder"]["kind"] == "taef2" and len(meta["shards"]) == 4
 
   images, labels = D.open_source(c.data).arrays()
-  direct = np.concatenate([np.asarray(ae.encode(to_unit_range(images[i:i + 50])))
-                           for i in range(0, 200, 50)])
+  direct = np.concatenate(
+    [np.asarray(ae.encode(to_unit_range(images[i : i + 50]))) for i in range(0, 200, 50)]
+  )
   stored, _ = LS.LatentShards(out).arrays()
   all64 = stored.astype(np.float64)
   np.testing.assert_allclose(meta["channel_mean"], all64.mean(axis=(0, 1, 2)), rtol=1e-9)
@@ -220,11 +235,21 @@ def test_taef2_shards_train_like_a_direct_encoding(tmp_path):
 
 
 def _command(out, *extra):
-  return [sys.executable, "-m", "dfm_jax.encode", "--config=configs/default.py", f"--out={out}",
-          "--config.data.channels=3", "--config.data.resolution=32",
-          "--config.autoencoder.kind=taef2", f"--config.autoencoder.weights={TAEF2}",
-          "--config.autoencoder.batch_size=8", "--num_examples=160", "--shard_size=16",
-          *extra]
+  return [
+    sys.executable,
+    "-m",
+    "dfm_jax.encode",
+    "--config=configs/default.py",
+    f"--out={out}",
+    "--config.data.channels=3",
+    "--config.data.resolution=32",
+    "--config.autoencoder.kind=taef2",
+    f"--config.autoencoder.weights={TAEF2}",
+    "--config.autoencoder.batch_size=8",
+    "--num_examples=160",
+    "--shard_size=16",
+    *extra,
+  ]
 
 
 def _env():
@@ -244,8 +269,13 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "encoding: 320/320 (100%)" in proc.stderr and "img/s" in proc.stderr
 
-  killed = subprocess.Popen(_command(resumed, "--flip"), cwd=REPO, env=_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  killed = subprocess.Popen(
+    _command(resumed, "--flip"),
+    cwd=REPO,
+    env=_env(),
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.DEVNULL,
+  )
   deadline = time.time() + 300
   while time.time() < deadline and killed.poll() is None:
     if len(LS.completed_shards(resumed, 20)) >= 3:

@@ -16,8 +16,11 @@ REPO = Path(__file__).parent.parent
 
 def _tiny_model():
   with np.load(FIXTURES / "dinov2_tiny_reference.npz") as ref:
-    cfg = dinov2.DinoV2Config(embed_dim=int(ref["config_embed_dim"]), depth=int(ref["config_depth"]),
-                              num_heads=int(ref["config_num_heads"]))
+    cfg = dinov2.DinoV2Config(
+      embed_dim=int(ref["config_embed_dim"]),
+      depth=int(ref["config_depth"]),
+      num_heads=int(ref["config_num_heads"]),
+    )
   return dinov2.load_dinov2(FIXTURES / "dinov2_tiny.pth", cfg)
 
 
@@ -48,8 +51,20 @@ def test_fdd_metric_is_enabled_by_weights_and_equals_the_direct_distance(monkeyp
 def test_fid_cli_names_a_checkpoint_of_no_official_size(tmp_path):
   images = np.random.default_rng(0).integers(0, 256, (4, 16, 16, 3), dtype=np.uint8)
   np.savez(tmp_path / "a.npz", images=images)
-  proc = subprocess.run([sys.executable, "-m", "dfm_jax.fid", str(tmp_path / "a.npz"),
-                         str(tmp_path / "a.npz"), "--fdd-weights", str(tmp_path / "none.pth")],
-                        cwd=REPO, capture_output=True, text=True, timeout=300)
+  proc = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "dfm_jax.fid",
+      str(tmp_path / "a.npz"),
+      str(tmp_path / "a.npz"),
+      "--fdd-weights",
+      str(tmp_path / "none.pth"),
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert proc.returncode == 2 and "--fdd-weights: no such file" in proc.stderr
   assert "Traceback" not in proc.stderr

@@ -21,7 +21,8 @@ def test_main_stage_frequencies_match_p_q(per_sample):
     q = np.asarray(q)
   else:
     draws = jax.vmap(lambda k: flow.sample_stage_times(k, 8, cfg)[0])(
-        jax.random.split(jax.random.key(0), 4000))
+      jax.random.split(jax.random.key(0), 4000)
+    )
     draws = np.asarray(draws)
     assert (draws == draws[:, :1]).all(), "per-batch Q must be shared by the whole batch"
     q = draws[:, 0]
@@ -31,8 +32,9 @@ def test_main_stage_frequencies_match_p_q(per_sample):
 
 
 def test_timestep_marginals_are_logit_normal_and_later_stages_zero():
-  cfg = flow.TimestepConfig(stage_probs=(0.5, 0.5), main_loc=0.3, main_scale=0.8,
-                            early_loc=1.5, early_scale=1.2)
+  cfg = flow.TimestepConfig(
+    stage_probs=(0.5, 0.5), main_loc=0.3, main_scale=0.8, early_loc=1.5, early_scale=1.2
+  )
   q, t = flow.sample_stage_times(jax.random.key(1), 20000, cfg)
   q, t = np.asarray(q), np.asarray(t)
   main_t = t[np.arange(len(q)), q]
@@ -54,8 +56,9 @@ def test_later_stages_are_zeroed_and_masked():
     # Garbage predictions on later stages must not change the loss.
     return (inputs[0] * 0, inputs[1] + 1e3, inputs[2] - 1e3)
 
-  loss, metrics = flow.dfm_training_loss(velocity_fn, jax.random.key(0), stages, jnp.zeros(4,
-                                         jnp.int32), cfg, null_label=10)
+  loss, metrics = flow.dfm_training_loss(
+    velocity_fn, jax.random.key(0), stages, jnp.zeros(4, jnp.int32), cfg, null_label=10
+  )
   assert float(jnp.abs(seen["inputs"][1]).max()) == 0.0
   assert float(jnp.abs(seen["inputs"][2]).max()) == 0.0
   assert (np.asarray(seen["t"])[:, 1:] == 0.0).all()
@@ -79,8 +82,9 @@ def test_single_stage_equals_plain_flow_matching_on_the_same_draws():
     record["xt"], record["t"], record["labels"] = inputs[0], t[:, 0], labels_in
     return (model(inputs[0], t[:, 0]),)
 
-  loss, _ = flow.dfm_training_loss(velocity_fn, jax.random.key(9), (x1,), labels, cfg,
-                                   null_label=10, label_dropout=0.0)
+  loss, _ = flow.dfm_training_loss(
+    velocity_fn, jax.random.key(9), (x1,), labels, cfg, null_label=10, label_dropout=0.0
+  )
   xt, t = record["xt"], record["t"]
   tb = t[:, None, None, None]
   x0 = (xt - tb * x1) / (1 - tb)
@@ -113,8 +117,15 @@ def test_label_dropout_rate():
     record["labels"] = labels
     return inputs
 
-  flow.dfm_training_loss(velocity_fn, jax.random.key(0), (jnp.zeros((20000, 1, 1, 1)),),
-                         jnp.zeros(20000, jnp.int32), cfg, null_label=10, label_dropout=0.1)
+  flow.dfm_training_loss(
+    velocity_fn,
+    jax.random.key(0),
+    (jnp.zeros((20000, 1, 1, 1)),),
+    jnp.zeros(20000, jnp.int32),
+    cfg,
+    null_label=10,
+    label_dropout=0.1,
+  )
   rate = float((record["labels"] == 10).mean())
   assert abs(rate - 0.1) < 0.01
 
@@ -132,8 +143,9 @@ def test_per_sample_loss_weights():
   targets = (jnp.full((2, 2, 2, 1), 1.0), jnp.full((2, 4, 4, 1), 2.0))
   active = jnp.array([[1.0, 0.0], [1.0, 1.0]])
   weights = jnp.array([[2.0, 100.0], [3.0, 0.5]])
-  loss, metrics = flow.masked_stage_loss(pred, targets, active, stage_weights=(1.0, 0.5),
-                                         sample_weights=weights)
+  loss, metrics = flow.masked_stage_loss(
+    pred, targets, active, stage_weights=(1.0, 0.5), sample_weights=weights
+  )
   # sample 0: 2 * 1 (stage 2 masked); sample 1: 3 * 1 + 0.5 * 0.5 * 4 = 4 -> mean 3
   np.testing.assert_allclose(float(loss), 3.0)
   np.testing.assert_allclose(float(metrics["loss_stage1"]), 2.5)

@@ -54,8 +54,7 @@ def _ncthw_to_ours(x):
 def test_preprocess_matches_torch_interpolate(reference):
   video = reference["pre_video"]  # [2, 3, 40, 48, 3]
   _close(i3d.preprocess(video, (16, 20)), _ncthw_to_ours(reference["pre_down"]), 1e-6)
-  _close(i3d.preprocess(video[:, :, :8, :10], (30, 28)), _ncthw_to_ours(reference["pre_up"]),
-         1e-6)
+  _close(i3d.preprocess(video[:, :, :8, :10], (30, 28)), _ncthw_to_ours(reference["pre_up"]), 1e-6)
   grey = i3d.preprocess(video[..., :1], (16, 20))
   assert grey.shape == (2, 3, 16, 20, 3)
   np.testing.assert_array_equal(grey[..., 0], grey[..., 2])
@@ -66,8 +65,7 @@ def test_weight_layout(model, weights_path):
   k = np.asarray(model.Conv3d_1a_7x7.conv.kernel[...])
   np.testing.assert_array_equal(k, sd["Conv3d_1a_7x7.conv3d.weight"].transpose(2, 3, 4, 1, 0))
   assert np.asarray(model.logits.conv.kernel[...]).shape == (1, 1, 1, 1024, 400)
-  np.testing.assert_array_equal(model.Mixed_5c.b1b.bn.var[...],
-                                sd["Mixed_5c.b1b.bn.running_var"])
+  np.testing.assert_array_equal(model.Mixed_5c.b1b.bn.var[...], sd["Mixed_5c.b1b.bn.running_var"])
   # Every tensor of the file but the batch counters is used, and nothing else is in the model.
   n_file = sum(v.size for k, v in sd.items() if not k.endswith("num_batches_tracked"))
   n_model = sum(np.asarray(v).size for v in jax.tree_util.tree_leaves(nnx.state(model)))
@@ -95,8 +93,9 @@ def test_forward_parity_early_blocks(model, reference):
 def test_forward_parity_pre_pool(model, reference):
   graphdef, state = nnx.split(model)
   fn = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x, output="pre_pool"))
-  _close(fn(state, _ncthw_to_ours(reference["small_input"])),
-         _ncthw_to_ours(reference["small_prepool"]))
+  _close(
+    fn(state, _ncthw_to_ours(reference["small_input"])), _ncthw_to_ours(reference["small_prepool"])
+  )
 
 
 @pytest.mark.integration

@@ -21,10 +21,17 @@ def write_set(out, latents, labels, shard_size, plan_extra=None):
   """Writes latents [N, h, w, c] and labels [N] as a shard set the way `encode` does."""
   n = len(latents)
   num_shards = -(-n // shard_size)
-  plan = {"count": n, "source_examples": n, "flip": False, "shard_size": shard_size,
-          "num_shards": num_shards, "latent_shape": list(latents.shape[1:]),
-          "autoencoder": {"kind": "test"}, "source": {"source": "synthetic"},
-          **(plan_extra or {})}
+  plan = {
+    "count": n,
+    "source_examples": n,
+    "flip": False,
+    "shard_size": shard_size,
+    "num_shards": num_shards,
+    "latent_shape": list(latents.shape[1:]),
+    "autoencoder": {"kind": "test"},
+    "source": {"source": "synthetic"},
+    **(plan_extra or {}),
+  }
   LS.start(out, plan)
   for s in range(num_shards):
     sl = slice(s * shard_size, min(n, (s + 1) * shard_size))
@@ -36,7 +43,8 @@ def write_set(out, latents, labels, shard_size, plan_extra=None):
 def synthetic(tmp_path):
   rng = np.random.default_rng(0)
   latents = (rng.normal(size=(23, 2, 3, 5)) * [1, 2, 3, 0.5, 4] + [0, 1, -1, 2, 0]).astype(
-      np.float32)
+    np.float32
+  )
   labels = rng.integers(0, 7, size=23).astype(np.int32)
   out = str(tmp_path / "set")
   meta, plan = write_set(out, latents, labels, shard_size=10)
@@ -87,8 +95,7 @@ def test_round_trip_metadata_and_stats(synthetic):
 
 def test_train_iterator_reads_a_shard_folder(synthetic):
   out, latents, labels, _, _ = synthetic
-  c = cfg(source="latents", path=out, resolution=2, channels=5, num_classes=7,
-          latent_scale=0.5)
+  c = cfg(source="latents", path=out, resolution=2, channels=5, num_classes=7, latent_scale=0.5)
   with pytest.raises(ValueError, match=r"data\.path: latent shards .* \[2, 3, 5\]"):
     D.make_train_iterator(c, global_batch_size=23, seed=0)  # h != w: never matches
 
@@ -102,17 +109,21 @@ def test_train_iterator_reads_a_shard_folder(synthetic):
   assert batch["image"].shape == (12, 2, 2, 5) and batch["image"].dtype == np.float32
   order = np.argsort([float(b[0, 0, 0]) for b in batch["image"]])
   expected = np.argsort(square[:, 0, 0, 0].astype(np.float16).astype(np.float32) * 0.5)
-  np.testing.assert_array_equal(batch["image"][order],
-                                square[expected].astype(np.float16).astype(np.float32) * 0.5)
+  np.testing.assert_array_equal(
+    batch["image"][order], square[expected].astype(np.float16).astype(np.float32) * 0.5
+  )
   np.testing.assert_array_equal(batch["label"][order], square_labels[expected])
   assert D.dataset_size(c) == 12
 
 
-@pytest.mark.parametrize("overrides,message", [
+@pytest.mark.parametrize(
+  "overrides,message",
+  [
     (dict(resolution=4), r"data\.path: .*\[2, 2, 5\].*data\.resolution=4"),
     (dict(channels=4), r"data\.path: .*\[2, 2, 5\].*data\.channels=4"),
     (dict(num_classes=3), r"data\.path: labels .* span 0\.\.6, outside \[0, 3\)"),
-])
+  ],
+)
 def test_mismatched_config_is_one_clear_error(tmp_path, overrides, message):
   path = str(tmp_path / "set")
   write_set(path, np.zeros((8, 2, 2, 5), np.float32), np.arange(8, dtype=np.int32) % 7, 4)
@@ -131,8 +142,11 @@ def test_folder_without_metadata_or_with_missing_shards(tmp_path):
   with pytest.raises(ValueError, match=r"data\.path: .* lacks 1 shard file"):
     D.validate_data_config(c)
   os.remove(os.path.join(path, LS.METADATA))
-  with pytest.raises(ValueError, match=r"data\.path: .* neither an \.npz file nor a latent "
-                                       r"shard folder"):
+  with pytest.raises(
+    ValueError,
+    match=r"data\.path: .* neither an \.npz file nor a latent "
+    r"shard folder",
+  ):
     D.validate_data_config(c)
   c.path = str(tmp_path / "nothing")
   with pytest.raises(ValueError, match=r"data\.path: .*nothing.* neither"):

@@ -63,6 +63,7 @@ def test_crop_around_centroid(real):
 def classifier(tmp_path_factory):
   from dfm_jax.data import moving_digits
   from dfm_jax.evaluation import classifier as C
+
   images, labels = moving_digits._mnist()  # [5000, 28, 28], [5000]
   train = moving_digits.split_indices(labels, "train")  # the clips use the 'test' digits
   x = np.pad(images[train], ((0, 0), (2, 2), (2, 2)))[..., None]  # [4500, 32, 32, 1]
@@ -106,6 +107,7 @@ def test_per_frame_accuracy(real, classifier):
   # Shuffling frames keeps the digit: accuracy is unchanged (motion is measured separately).
   shuffled = videos[:, ::-1]
   assert motion.per_frame_accuracy(classifier, shuffled, labels)["accuracy"] == pytest.approx(
-    res["accuracy"])
+    res["accuracy"]
+  )
   with pytest.raises(ValueError):
     motion.per_frame_accuracy(classifier, videos.astype(np.float32), labels)

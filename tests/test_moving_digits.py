@@ -83,10 +83,10 @@ def test_rendering_matches_trajectory_and_label():
     corners = np.rint(ds.trajectory(i)[:, 0]).astype(int)
     for t, (y, x) in enumerate(corners):
       frame = item["video"][t, ..., 0]
-      np.testing.assert_array_equal(frame[y:y + 28, x:x + 28], images[row])
+      np.testing.assert_array_equal(frame[y : y + 28, x : x + 28], images[row])
       # Nothing outside the digit's box.
       outside = frame.copy()
-      outside[y:y + 28, x:x + 28] = 0
+      outside[y : y + 28, x : x + 28] = 0
       assert not outside.any()
 
 

@@ -25,9 +25,9 @@ def _events(workdir):
       data = f.read()
     pos = 0
     while pos < len(data):
-      (length,) = struct.unpack("<Q", data[pos:pos + 8])
+      (length,) = struct.unpack("<Q", data[pos : pos + 8])
       assert pos + 16 + length <= len(data), f"truncated event file {path}"
-      event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+      event = event_pb2.Event.FromString(data[pos + 12 : pos + 12 + length])
       pos += 12 + length + 4
       values += [(event.step, v) for v in event.summary.value]
   return values
@@ -44,15 +44,28 @@ def _scalars(workdir):
 @pytest.mark.integration
 def test_run_logs_interval_means_times_profile_and_small_eval(tmp_path, capsys):
   workdir = str(tmp_path)
-  config = tiny_config(total_steps=4, log_every=4, checkpoint_every=4, profile_steps=(2, 3),
-                       eval__every=4, eval__train_num_samples=20, eval__metrics=("classifier",))
+  config = tiny_config(
+    total_steps=4,
+    log_every=4,
+    checkpoint_every=4,
+    profile_steps=(2, 3),
+    eval__every=4,
+    eval__train_num_samples=20,
+    eval__metrics=("classifier",),
+  )
   train.train(config, workdir, devices=jax.devices()[:1])
   scalars = _scalars(workdir)
   # One log line for the 4-step interval: the loss is the mean of the four per-step losses, so it
   # lies strictly inside the per-stage range rather than being the last step's value.
   assert [s for s, _ in scalars["loss"]] == [4]
-  for tag in ("time/step_s", "time/data_wait_s", "steps_per_sec", "grad_norm", "eval/classifier_fd",
-              "eval/classifier_accuracy"):
+  for tag in (
+    "time/step_s",
+    "time/data_wait_s",
+    "steps_per_sec",
+    "grad_norm",
+    "eval/classifier_fd",
+    "eval/classifier_accuracy",
+  ):
     assert tag in scalars, tag
   assert scalars["time/step_s"][0][1] > 0 and scalars["time/data_wait_s"][0][1] >= 0
   assert 0.0 <= scalars["eval/classifier_accuracy"][0][1] <= 1.0

@@ -20,23 +20,24 @@ def digits():
 
 
 def _batches(x, size=500):
-  return [x[i:i + size] for i in range(0, len(x), size)]
+  return [x[i : i + size] for i in range(0, len(x), size)]
 
 
 def test_coefficients_closed_form_and_unit_variance_algebra():
   t = jnp.linspace(0.0, 1.0, 11)
   for sd in (0.05, 0.3, 1.0, 2.5):
     c_in, c_skip, c_out = precondition.coefficients(t, 0.7, sd)
-    d = t ** 2 * sd ** 2 + (1 - t) ** 2
+    d = t**2 * sd**2 + (1 - t) ** 2
     np.testing.assert_allclose(c_in, 1 / np.sqrt(d), rtol=1e-6)
-    np.testing.assert_allclose(c_skip, (t * sd ** 2 - (1 - t)) / d, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(c_skip, (t * sd**2 - (1 - t)) / d, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(c_out, sd / np.sqrt(d), rtol=1e-6)
     # Second moment of the network target for x1 = m + sd z1, x0 = z0 (independent unit z):
     # v - m - c_skip xc = sd (1 - c_skip t) z1 - (1 + c_skip (1 - t)) z0.
-    var = (sd ** 2 * (1 - c_skip * t) ** 2 + (1 + c_skip * (1 - t)) ** 2) / c_out ** 2
+    var = (sd**2 * (1 - c_skip * t) ** 2 + (1 + c_skip * (1 - t)) ** 2) / c_out**2
     np.testing.assert_allclose(var, 1.0, rtol=1e-5)
-    np.testing.assert_allclose(precondition.loss_weights(t[:, None], jnp.array([sd]))[:, 0],
-                               1 / c_out ** 2, rtol=1e-5)
+    np.testing.assert_allclose(
+      precondition.loss_weights(t[:, None], jnp.array([sd]))[:, 0], 1 / c_out**2, rtol=1e-5
+    )
 
 
 @pytest.mark.parametrize("num_stages", [2, 3])
@@ -77,8 +78,16 @@ def test_stats_for_model_follow_a_standardising_decomposition(digits):
 
 
 def _model(stage_shapes, precondition_on=True, **kw):
-  cfg = dit.DiTConfig(stage_shapes=stage_shapes, patch_size=2, hidden_size=32, depth=1,
-                      num_heads=4, num_classes=10, precondition=precondition_on, **kw)
+  cfg = dit.DiTConfig(
+    stage_shapes=stage_shapes,
+    patch_size=2,
+    hidden_size=32,
+    depth=1,
+    num_heads=4,
+    num_classes=10,
+    precondition=precondition_on,
+    **kw,
+  )
   return dit.DFMDiT(cfg, rngs=nnx.Rngs(0))
 
 
@@ -108,8 +117,8 @@ def test_zero_heads_give_the_skip_path_at_init():
   for s, (x, v) in enumerate(zip(xt, out)):
     m, sd = (-0.8, 0.05)[s], (0.4, 0.2)[s]
     ts = np.asarray(t[:, s])[:, None, None, None]
-    d = ts ** 2 * sd ** 2 + (1 - ts) ** 2
-    expected = m + (ts * sd ** 2 - (1 - ts)) / d * (np.asarray(x) - ts * m)
+    d = ts**2 * sd**2 + (1 - ts) ** 2
+    expected = m + (ts * sd**2 - (1 - ts)) / d * (np.asarray(x) - ts * m)
     np.testing.assert_allclose(v, expected, rtol=1e-5, atol=1e-6)
 
 
@@ -119,8 +128,10 @@ def test_single_stage_is_preconditioned_flow_matching(digits):
   params = nnx.state(model, nnx.Param)
   leaves, tree = jax.tree.flatten(params)
   keys = jax.random.split(jax.random.key(3), len(leaves))
-  nnx.update(model, jax.tree.unflatten(
-      tree, [jax.random.normal(k, x.shape) * 0.1 for k, x in zip(keys, leaves)]))
+  nnx.update(
+    model,
+    jax.tree.unflatten(tree, [jax.random.normal(k, x.shape) * 0.1 for k, x in zip(keys, leaves)]),
+  )
   m, sd = -0.75, 0.55
   model.set_data_stats((m,), (sd,))
   x1 = jnp.asarray(digits[:16])
@@ -135,15 +146,22 @@ def test_single_stage_is_preconditioned_flow_matching(digits):
       return model(inputs, t, labels_in, stage_index)
 
     loss, metrics = flow.dfm_training_loss(
-        velocity_fn, jax.random.key(4), (x1,), labels, flow.TimestepConfig(), null_label=10,
-        label_dropout=0.0, loss_weight_fn=model.loss_weights)
+      velocity_fn,
+      jax.random.key(4),
+      (x1,),
+      labels,
+      flow.TimestepConfig(),
+      null_label=10,
+      label_dropout=0.0,
+      loss_weight_fn=model.loss_weights,
+    )
     return loss, metrics, record["xt"], record["t"]
 
   loss, metrics, xt, t = run(model)
   tb = t[:, None, None, None]
   x0 = (xt - tb * x1) / (1 - tb)
-  d = tb ** 2 * sd ** 2 + (1 - tb) ** 2
-  c_in, c_skip, c_out = 1 / jnp.sqrt(d), (tb * sd ** 2 - (1 - tb)) / d, sd / jnp.sqrt(d)
+  d = tb**2 * sd**2 + (1 - tb) ** 2
+  c_in, c_skip, c_out = 1 / jnp.sqrt(d), (tb * sd**2 - (1 - tb)) / d, sd / jnp.sqrt(d)
   xc = xt - tb * m
   f = nnx.jit(lambda model, x: model.network((x,), t[:, None], labels)[0])(model, c_in * xc)
   reference = jnp.mean((f - (x1 - x0 - m - c_skip * xc) / c_out) ** 2)
@@ -158,8 +176,10 @@ def test_wrap_velocity_fn_matches_the_model():
   params = nnx.state(model, nnx.Param)
   leaves, tree = jax.tree.flatten(params)
   keys = jax.random.split(jax.random.key(5), len(leaves))
-  nnx.update(model, jax.tree.unflatten(
-      tree, [jax.random.normal(k, x.shape) * 0.1 for k, x in zip(keys, leaves)]))
+  nnx.update(
+    model,
+    jax.tree.unflatten(tree, [jax.random.normal(k, x.shape) * 0.1 for k, x in zip(keys, leaves)]),
+  )
   mean, std = (0.3, -0.1), (0.5, 0.15)
   model.set_data_stats(mean, std)
   velocity_fn, weight_fn = precondition.wrap_velocity_fn(model.network, mean, std)

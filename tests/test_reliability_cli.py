@@ -83,8 +83,9 @@ def _assert_same_parameters(workdir: str, reference: str, step: int = STEPS):
 
 
 def _run(cmd: list[str], extra_env: dict | None = None) -> subprocess.CompletedProcess:
-  return subprocess.run(cmd, cwd=REPO, env={**env(), **(extra_env or {})}, capture_output=True,
-                        text=True, timeout=600)
+  return subprocess.run(
+    cmd, cwd=REPO, env={**env(), **(extra_env or {})}, capture_output=True, text=True, timeout=600
+  )
 
 
 # ------------------------------------------------- the reference run and a second trainer on it
@@ -112,8 +113,15 @@ def reference(tmp_path_factory):
 def test_second_trainer_is_refused_and_the_first_finishes(reference):
   workdir, (cmd, pid, first_output), second, first_was_running = reference
   assert first_was_running, "the first trainer ended before the second one was refused"
-  check_row("second-trainer", cmd, second.returncode, _error_line(second.stderr),
-            workdir=workdir, host=socket.gethostname(), pid=pid)
+  check_row(
+    "second-trainer",
+    cmd,
+    second.returncode,
+    _error_line(second.stderr),
+    workdir=workdir,
+    host=socket.gethostname(),
+    pid=pid,
+  )
   assert "Traceback" not in first_output and f"step {STEPS}/{STEPS}" in first_output
   assert _steps(workdir)[-1] == STEPS
   assert not os.path.exists(os.path.join(workdir, ".lock"))
@@ -128,8 +136,13 @@ def test_resume_with_another_model_names_tensors_and_changes_nothing(reference, 
   before = _snapshot(workdir)
   cmd = main_command(workdir, *FLAGS, "--config.model.hidden_size=64")
   proc = _run(cmd)
-  check_row("other-model", cmd, proc.returncode, _error_line(proc.stderr, single=False),
-            checkpoints=os.path.join(workdir, "checkpoints"))
+  check_row(
+    "other-model",
+    cmd,
+    proc.returncode,
+    _error_line(proc.stderr, single=False),
+    checkpoints=os.path.join(workdir, "checkpoints"),
+  )
   assert "shape differs:" in proc.stderr and "saved (" in proc.stderr
   assert "vs model (" in proc.stderr and "config.json" in proc.stderr
   assert _snapshot(workdir) == before  # config.json, checkpoints: byte-identical, nothing new
@@ -142,8 +155,7 @@ def test_ctrl_c_saves_then_a_rerun_resumes_to_the_same_parameters(reference, tmp
   workdir = str(tmp_path / "run")
   cmd = main_command(workdir, *FLAGS)
   with open(tmp_path / "err", "w") as err:
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=err,
-                            text=True)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=err, text=True)
     for line in proc.stdout:
       if line.startswith("step "):
         proc.send_signal(signal.SIGINT)
@@ -153,8 +165,13 @@ def test_ctrl_c_saves_then_a_rerun_resumes_to_the_same_parameters(reference, tmp
   assert "Traceback" not in stderr, stderr[-3000:]
   stopped = _steps(workdir)[-1]
   assert 0 < stopped < STEPS
-  check_row("ctrl-c-training", cmd, proc.returncode,
-            _log_line(stderr, "re-run the same command to resume"), step=stopped)
+  check_row(
+    "ctrl-c-training",
+    cmd,
+    proc.returncode,
+    _log_line(stderr, "re-run the same command to resume"),
+    step=stopped,
+  )
 
   rerun = run_main(workdir, *FLAGS)
   assert f"resuming from checkpoint at step {stopped}" in rerun.stderr
@@ -164,8 +181,9 @@ def test_ctrl_c_saves_then_a_rerun_resumes_to_the_same_parameters(reference, tmp
 def test_ctrl_c_during_start_up_exits_130_and_leaves_no_checkpoint(tmp_path):
   workdir = str(tmp_path / "run")
   cmd = main_command(workdir, *FLAGS)
-  proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True)
+  proc = subprocess.Popen(
+    cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+  )
   _wait_for(lambda: os.path.exists(os.path.join(workdir, ".lock")), "the workdir lock", proc)
   proc.send_signal(signal.SIGINT)
   out, err = proc.communicate(timeout=300)
@@ -191,8 +209,13 @@ def test_damaged_newest_checkpoint_is_quarantined_and_the_run_finishes(reference
   cmd = main_command(workdir, *FLAGS)
   proc = _run(cmd)
   assert "Traceback" not in proc.stderr
-  check_row("corrupt-checkpoint", cmd, proc.returncode, _log_line(proc.stderr, "is damaged"),
-            checkpoints=checkpoints)
+  check_row(
+    "corrupt-checkpoint",
+    cmd,
+    proc.returncode,
+    _log_line(proc.stderr, "is damaged"),
+    checkpoints=checkpoints,
+  )
   assert f"resuming from checkpoint at step {STEPS - 2}" in proc.stderr
   (moved,) = os.listdir(os.path.join(checkpoints, "quarantine"))
   assert moved.startswith(f"{STEPS}-")
@@ -209,8 +232,13 @@ def test_failed_save_stops_the_run_and_keeps_the_last_good_checkpoint(reference,
   cmd = main_command(workdir, *FLAGS)
   pythonpath = os.pathsep.join(p for p in (FAULT_HOOKS, os.environ.get("PYTHONPATH")) if p)
   proc = _run(cmd, {"PYTHONPATH": pythonpath, "DFM_TEST_FAIL_SAVE_AT_STEP": "4"})
-  check_row("failed-save", cmd, proc.returncode, _error_line(proc.stderr),
-            checkpoints=os.path.join(workdir, "checkpoints"))
+  check_row(
+    "failed-save",
+    cmd,
+    proc.returncode,
+    _error_line(proc.stderr),
+    checkpoints=os.path.join(workdir, "checkpoints"),
+  )
   assert _steps(workdir) == [2]
   _assert_same_parameters(workdir, reference[0], step=2)
   assert not os.path.exists(os.path.join(workdir, ".lock"))
@@ -219,10 +247,13 @@ def test_failed_save_stops_the_run_and_keeps_the_last_good_checkpoint(reference,
 # ---------------------------------------------------------------------- bad configs, workdirs
 
 
-@pytest.mark.parametrize("case, overrides", [
+@pytest.mark.parametrize(
+  "case, overrides",
+  [
     ("nan-learning-rate", ["--config.optim.learning_rate=nan"]),
     ("unknown-field", ["--config.optim.learning_rat=0.001"]),
-])
+  ],
+)
 def test_bad_config_value_is_one_line_and_writes_nothing(tmp_path, case, overrides):
   workdir = str(tmp_path / "run")
   cmd = main_command(workdir, *overrides)
@@ -231,10 +262,13 @@ def test_bad_config_value_is_one_line_and_writes_nothing(tmp_path, case, overrid
   assert os.listdir(tmp_path) == []
 
 
-@pytest.mark.parametrize("case, text", [
+@pytest.mark.parametrize(
+  "case, text",
+  [
     ("missing-config", None),
     ("config-syntax-error", "def get_config(:\n  return None\n"),
-])
+  ],
+)
 def test_bad_config_file_is_one_line_and_writes_nothing(tmp_path, case, text):
   path = tmp_path / "config.py"
   if text is not None:
@@ -276,8 +310,13 @@ def test_sample_mode_without_a_checkpoint(tmp_path):
   workdir = str(tmp_path / "run")
   cmd = main_command(workdir, *FLAGS, "--mode=sample")
   proc = _run(cmd)
-  check_row("sample-no-checkpoint", cmd, proc.returncode, _error_line(proc.stderr),
-            checkpoints=os.path.join(workdir, "checkpoints"))
+  check_row(
+    "sample-no-checkpoint",
+    cmd,
+    proc.returncode,
+    _error_line(proc.stderr),
+    checkpoints=os.path.join(workdir, "checkpoints"),
+  )
   assert not os.path.exists(os.path.join(workdir, "samples"))
 
 

@@ -48,8 +48,9 @@ def doc_rows() -> dict[str, Row]:
     assert len(cells) == 5, cells
     case, _, command, code, seen = cells
     log = seen.startswith("*(log)* ")
-    row = Row(_code(case), _code(command), int(code),
-              _code(seen[len("*(log)* "):] if log else seen), log)
+    row = Row(
+      _code(case), _code(command), int(code), _code(seen[len("*(log)* ") :] if log else seen), log
+    )
     assert row.case not in rows, f"case {row.case} twice in docs/reliability.md"
     rows[row.case] = row
   return rows
@@ -79,12 +80,14 @@ def check_row(case: str, argv: list[str], returncode: int, line: str, **values) 
   command (found in ``argv``)."""
   row = doc_rows()[case]
   assert returncode == row.exit, (
-      f"{case}: docs/reliability.md says exit {row.exit}, the CLI exited {returncode}")
+    f"{case}: docs/reliability.md says exit {row.exit}, the CLI exited {returncode}"
+  )
   if row.log:
     line = strip_log_prefix(line)
   pattern = _fill(row.message, values)
   assert re.fullmatch(pattern, line), (
-      f"{case}: docs/reliability.md says\n  {row.message}\nthe CLI printed\n  {line}")
+    f"{case}: docs/reliability.md says\n  {row.message}\nthe CLI printed\n  {line}"
+  )
   command = " ".join(argv)
   for word in row.command.split():
     filled = _fill(word, values, literal=str, anything="")

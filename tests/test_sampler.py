@@ -24,12 +24,15 @@ def test_schedule_every_stage_ends_at_one_and_is_monotone():
   np.testing.assert_array_equal(times[-1], 1.0)
 
 
-@pytest.mark.parametrize("steps,thresholds,match", [
+@pytest.mark.parametrize(
+  "steps,thresholds,match",
+  [
     ((30, 10), (), "need 1 thresholds"),
     ((30, 10, 5), (0.9, 0.7), "strictly increasing"),
     ((30, 10), (1.0,), "inside \\(0, 1\\)"),
     ((30, 0), (0.5,), "at least one step"),
-])
+  ],
+)
 def test_schedule_validation(steps, thresholds, match):
   with pytest.raises(ValueError, match=match):
     sampler.SamplerConfig(steps, thresholds)
@@ -39,6 +42,7 @@ def _counting_velocity(counter, fn):
   def velocity_fn(inputs, t, labels, stage_index):
     jax.debug.callback(lambda b: counter.append(int(b)), labels.shape[0])
     return fn(inputs, t, labels, stage_index)
+
   return velocity_fn
 
 
@@ -46,15 +50,17 @@ def _zero_velocity(inputs, t, labels, stage_index):
   return tuple(jnp.zeros_like(x) for x in inputs)
 
 
-@pytest.mark.parametrize("solver,final_euler,passes", [
-    ("euler", True, 9), ("heun", True, 17), ("heun", False, 18)])
+@pytest.mark.parametrize(
+  "solver,final_euler,passes", [("euler", True, 9), ("heun", True, 17), ("heun", False, 18)]
+)
 def test_model_evaluations_equal_configured_steps(solver, final_euler, passes):
   """Euler: N passes; Heun: 2 N, or 2 N - 1 when the last step (ending at t = 1) is Euler."""
   calls = []
   cfg = sampler.SamplerConfig((6, 3), (0.8,), solver=solver, heun_final_euler=final_euler)
   noise = (jnp.zeros((2, 2, 2, 1)), jnp.zeros((2, 4, 4, 1)))
-  run = jax.jit(lambda n, l: sampler.sample(_counting_velocity(calls, _zero_velocity), n, l, cfg,
-                                            null_label=10))
+  run = jax.jit(
+    lambda n, l: sampler.sample(_counting_velocity(calls, _zero_velocity), n, l, cfg, null_label=10)
+  )
   out = run(noise, jnp.zeros(2, jnp.int32))
   jax.effects_barrier()
   assert len(calls) == passes and set(calls) == {2}
@@ -64,8 +70,9 @@ def test_model_evaluations_equal_configured_steps(solver, final_euler, passes):
 def test_cfg_doubles_the_batch_only_inside_the_interval():
   calls = []
   cfg = sampler.SamplerConfig((10,), (), cfg_scale=3.0, guidance_interval=(0.25, 0.55))
-  run = jax.jit(lambda n, l: sampler.sample(_counting_velocity(calls, _zero_velocity), n, l, cfg,
-                                            null_label=10))
+  run = jax.jit(
+    lambda n, l: sampler.sample(_counting_velocity(calls, _zero_velocity), n, l, cfg, null_label=10)
+  )
   out = run((jnp.zeros((3, 2, 2, 1)),), jnp.zeros(3, jnp.int32))
   jax.effects_barrier()
   # Step k starts at t = k / 10: guided for t in {0.3, 0.4, 0.5}.
@@ -77,10 +84,16 @@ def test_cfg_combines_conditional_and_unconditional_per_stage():
   def velocity_fn(inputs, t, labels, stage_index):  # cond -> 1, uncond -> 0
     v = (labels != 10).astype(jnp.float32)[:, None, None, None]
     return tuple(jnp.broadcast_to(v, x.shape) for x in inputs)
+
   # Stage 1 is inside the interval during the whole run, stage 2 only from t = 0.5 on.
   cfg = sampler.SamplerConfig((1, 1), (0.4,), cfg_scale=2.0, guidance_interval=(0.0, 0.5))
-  out = sampler.sample(velocity_fn, (jnp.zeros((1, 1, 1, 1)), jnp.zeros((1, 2, 2, 1))),
-                       jnp.zeros(1, jnp.int32), cfg, null_label=10)
+  out = sampler.sample(
+    velocity_fn,
+    (jnp.zeros((1, 1, 1, 1)), jnp.zeros((1, 2, 2, 1))),
+    jnp.zeros(1, jnp.int32),
+    cfg,
+    null_label=10,
+  )
   # Stage 1: step 1 guided (v = 2) over dt 0.4, step 2 at t = 0.4 guided over dt 0.6.
   np.testing.assert_allclose(out["stages"][0], 2.0, atol=1e-6)
   # Stage 2: only step 2 moves it, at t = 0 (inside): v = 2 over dt 1.
@@ -89,26 +102,31 @@ def test_cfg_combines_conditional_and_unconditional_per_stage():
 
 def _gaussian_velocity(mu, sd):
   """The exact flow-matching velocity for independent N(mu_s, sd_s^2) stages and N(0, 1) noise."""
+
   def velocity_fn(inputs, t, labels, stage_index):
     out = []
     for s, x in enumerate(inputs):
       ts = t[:, s].reshape((-1,) + (1,) * (x.ndim - 1))
-      var = ts ** 2 * sd[s] ** 2 + (1 - ts) ** 2
+      var = ts**2 * sd[s] ** 2 + (1 - ts) ** 2
       out.append(mu[s] + (ts * sd[s] ** 2 - (1 - ts)) / var * (x - ts * mu[s]))
     return tuple(out)
+
   return velocity_fn
 
 
-@pytest.mark.parametrize("solver,steps,tol", [("euler", (150, 100), 0.03),
-                                              ("heun", (30, 10), 0.02)])
+@pytest.mark.parametrize(
+  "solver,steps,tol", [("euler", (150, 100), 0.03), ("heun", (30, 10), 0.02)]
+)
 def test_exact_gaussian_field_maps_noise_to_data_stage_by_stage(solver, steps, tol):
   mu, sd = (1.0, -0.5), (0.5, 2.0)
   keys = jax.random.split(jax.random.key(0), 2)
-  noise = (jax.random.normal(keys[0], (2000, 4, 4, 1)),
-           jax.random.normal(keys[1], (2000, 8, 8, 1)))
+  noise = (jax.random.normal(keys[0], (2000, 4, 4, 1)), jax.random.normal(keys[1], (2000, 8, 8, 1)))
   cfg = sampler.SamplerConfig(steps, (0.7,), solver=solver)
-  out = jax.jit(lambda n: sampler.sample(_gaussian_velocity(mu, sd), n,
-                                         jnp.zeros(2000, jnp.int32), cfg, null_label=10))(noise)
+  out = jax.jit(
+    lambda n: sampler.sample(
+      _gaussian_velocity(mu, sd), n, jnp.zeros(2000, jnp.int32), cfg, null_label=10
+    )
+  )(noise)
   for s, x in enumerate(out["stages"]):
     assert abs(float(x.mean()) - mu[s]) < tol * max(1, abs(mu[s])), (s, float(x.mean()))
     assert abs(float(x.std()) / sd[s] - 1) < tol, (s, float(x.std()))
@@ -117,6 +135,7 @@ def test_exact_gaussian_field_maps_noise_to_data_stage_by_stage(solver, steps, t
 def test_single_stage_is_plain_flow_matching_euler():
   def velocity_fn(inputs, t, labels, stage_index):
     return (jnp.sin(inputs[0]) * t[:, :1, None, None] - 0.3 * labels[:, None, None, None],)
+
   x0 = jax.random.normal(jax.random.key(1), (4, 3, 3, 2))
   labels = jnp.arange(4)
   cfg = sampler.SamplerConfig((12,))
@@ -131,11 +150,20 @@ def test_single_stage_is_plain_flow_matching_euler():
 def test_previews_and_images():
   dec = decompose.build("dwt", 2)  # Haar: a coarse-only preview is constant on 2x2 blocks
   mu, sd = (0.5, 0.0), (0.2, 1e-3)
-  noise = (jax.random.normal(jax.random.key(0), (2, 4, 4, 1)),
-           jax.random.normal(jax.random.key(1), (2, 4, 4, 3)))
+  noise = (
+    jax.random.normal(jax.random.key(0), (2, 4, 4, 1)),
+    jax.random.normal(jax.random.key(1), (2, 4, 4, 3)),
+  )
   cfg = sampler.SamplerConfig((8, 4), (0.9,), solver="heun")
-  out = sampler.sample(_gaussian_velocity(mu, sd), noise, jnp.zeros(2, jnp.int32), cfg,
-                       null_label=10, decomposition=dec, previews=True)
+  out = sampler.sample(
+    _gaussian_velocity(mu, sd),
+    noise,
+    jnp.zeros(2, jnp.int32),
+    cfg,
+    null_label=10,
+    decomposition=dec,
+    previews=True,
+  )
   assert out["previews"].shape == (2, 2, 8, 8, 1)
   np.testing.assert_allclose(out["previews"][-1], out["images"], atol=1e-5)
   np.testing.assert_allclose(out["images"], dec.merge(out["stages"]), atol=1e-6)
@@ -205,17 +233,21 @@ def _noise3(batch=3):
 
 
 @pytest.mark.parametrize("solver", ["euler", "heun"])
-@pytest.mark.parametrize("scale,interval", [
+@pytest.mark.parametrize(
+  "scale,interval",
+  [
     ((2.0, 1.0, 1.0), (0.0, 1.0)),
     ((1.0, 3.0, 1.0), (0.0, 1.0)),
     ((2.0, 0.5, 1.5), ((0.0, 0.6), (0.3, 1.0), (0.0, 0.5))),
     (2.5, ((0.2, 0.9), (0.0, 0.4), (0.5, 1.0))),
-])
+  ],
+)
 def test_per_stage_guidance_matches_a_hand_rolled_reference(solver, scale, interval):
   noise = _noise3()
   labels = jnp.array([1, 4, 7])
-  cfg = sampler.SamplerConfig((4, 3, 2), (0.5, 0.9), solver=solver, cfg_scale=scale,
-                              guidance_interval=interval)
+  cfg = sampler.SamplerConfig(
+    (4, 3, 2), (0.5, 0.9), solver=solver, cfg_scale=scale, guidance_interval=interval
+  )
   out = jax.jit(lambda n: sampler.sample(_linear_velocity, n, labels, cfg, null_label=10))(noise)
   ref, nfe = _reference_sample(noise, np.asarray(labels), cfg)
   for a, b in zip(out["stages"], ref):
@@ -228,12 +260,20 @@ def test_scale_for_one_stage_equals_guiding_only_that_stage():
   the result differs both from no guidance and from guiding every stage."""
   noise = _noise3()
   labels = jnp.array([1, 4, 7])
-  run = lambda **kw: sampler.sample(_linear_velocity, noise, labels, sampler.SamplerConfig(
-      (4, 3, 2), (0.5, 0.9), **kw), null_label=10)["stages"]
+  run = lambda **kw: sampler.sample(
+    _linear_velocity,
+    noise,
+    labels,
+    sampler.SamplerConfig((4, 3, 2), (0.5, 0.9), **kw),
+    null_label=10,
+  )["stages"]
   per_stage = run(cfg_scale=(2.0, 1.0, 1.0))
   everywhere, nowhere = run(cfg_scale=2.0), run(cfg_scale=1.0)
-  ref, _ = _reference_sample(noise, np.asarray(labels), sampler.SamplerConfig(
-      (4, 3, 2), (0.5, 0.9), cfg_scale=(2.0, 1.0, 1.0)))
+  ref, _ = _reference_sample(
+    noise,
+    np.asarray(labels),
+    sampler.SamplerConfig((4, 3, 2), (0.5, 0.9), cfg_scale=(2.0, 1.0, 1.0)),
+  )
   for a, b in zip(per_stage, ref):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
   assert float(jnp.abs(per_stage[0] - nowhere[0]).max()) > 0.1
@@ -243,8 +283,9 @@ def test_scale_for_one_stage_equals_guiding_only_that_stage():
 def test_per_stage_scale_does_not_double_the_batch_after_the_guided_stage_finishes():
   calls = []
   cfg = sampler.SamplerConfig((4, 3, 2), (0.5, 0.9), cfg_scale=(2.0, 1.0, 1.0))
-  run = jax.jit(lambda n, l: sampler.sample(_counting_velocity(calls, _zero_velocity), n, l, cfg,
-                                            null_label=10))
+  run = jax.jit(
+    lambda n, l: sampler.sample(_counting_velocity(calls, _zero_velocity), n, l, cfg, null_label=10)
+  )
   out = run(_noise3(), jnp.zeros(3, jnp.int32))
   jax.effects_barrier()
   # Stage 1 is unfinished during phases 1 and 2 (7 steps); phase 3 moves stages 2 and 3 only.
@@ -252,8 +293,9 @@ def test_per_stage_scale_does_not_double_the_batch_after_the_guided_stage_finish
   assert int(out["nfe"]) == 16
   calls.clear()
   cfg = sampler.SamplerConfig((4, 3, 2), (0.5, 0.9), cfg_scale=(1.0, 1.0, 4.0))
-  out = jax.jit(lambda n, l: sampler.sample(_counting_velocity(calls, _zero_velocity), n, l, cfg,
-                                            null_label=10))(_noise3(), jnp.zeros(3, jnp.int32))
+  out = jax.jit(
+    lambda n, l: sampler.sample(_counting_velocity(calls, _zero_velocity), n, l, cfg, null_label=10)
+  )(_noise3(), jnp.zeros(3, jnp.int32))
   jax.effects_barrier()
   assert calls == [3] * 7 + [6] * 2  # only the last stage is guided, from its start
   assert int(out["nfe"]) == 11
@@ -263,35 +305,46 @@ def test_guidance_interval_per_stage_counts():
   calls = []
   # Stage 1 runs t = 0, .1, ..., .9 (phase 1: 0 -> 0.5 in 5 steps, phase 2: 0.5 -> 1 in 5);
   # stage 2 runs 0, .2, .4, .6, .8 in phase 2. Guide stage 1 for t <= 0.2, stage 2 for t >= 0.6.
-  cfg = sampler.SamplerConfig((5, 5), (0.5,), cfg_scale=2.0,
-                              guidance_interval=((0.0, 0.25), (0.55, 1.0)))
-  out = jax.jit(lambda n, l: sampler.sample(_counting_velocity(calls, _zero_velocity), n, l, cfg,
-                                            null_label=10))(
-      (jnp.zeros((1, 2, 2, 1)), jnp.zeros((1, 4, 4, 1))), jnp.zeros(1, jnp.int32))
+  cfg = sampler.SamplerConfig(
+    (5, 5), (0.5,), cfg_scale=2.0, guidance_interval=((0.0, 0.25), (0.55, 1.0))
+  )
+  out = jax.jit(
+    lambda n, l: sampler.sample(_counting_velocity(calls, _zero_velocity), n, l, cfg, null_label=10)
+  )((jnp.zeros((1, 2, 2, 1)), jnp.zeros((1, 4, 4, 1))), jnp.zeros(1, jnp.int32))
   jax.effects_barrier()
   assert calls == [2, 2, 2, 1, 1, 1, 1, 1, 2, 2]
   assert int(out["nfe"]) == 15
 
 
-@pytest.mark.parametrize("final_euler,hi,passes", [
-    (True, 1.0, 34),    # 17 passes (the last step is Euler), all guided
-    (False, 1.0, 36),   # the final corrector at t = 1 still moves both stages: guided
+@pytest.mark.parametrize(
+  "final_euler,hi,passes",
+  [
+    (True, 1.0, 34),  # 17 passes (the last step is Euler), all guided
+    (False, 1.0, 36),  # the final corrector at t = 1 still moves both stages: guided
     (False, 0.95, 35),  # ... unless t = 1 is outside the interval
-])
+  ],
+)
 def test_heun_guidance_accounting_on_the_last_step(final_euler, hi, passes):
   calls = []
-  cfg = sampler.SamplerConfig((6, 3), (0.8,), solver="heun", cfg_scale=2.0,
-                              guidance_interval=(0.0, hi), heun_final_euler=final_euler)
-  out = jax.jit(lambda n, l: sampler.sample(_counting_velocity(calls, _zero_velocity), n, l, cfg,
-                                            null_label=10))(
-      (jnp.zeros((1, 2, 2, 1)), jnp.zeros((1, 4, 4, 1))), jnp.zeros(1, jnp.int32))
+  cfg = sampler.SamplerConfig(
+    (6, 3),
+    (0.8,),
+    solver="heun",
+    cfg_scale=2.0,
+    guidance_interval=(0.0, hi),
+    heun_final_euler=final_euler,
+  )
+  out = jax.jit(
+    lambda n, l: sampler.sample(_counting_velocity(calls, _zero_velocity), n, l, cfg, null_label=10)
+  )((jnp.zeros((1, 2, 2, 1)), jnp.zeros((1, 4, 4, 1))), jnp.zeros(1, jnp.int32))
   jax.effects_barrier()
   assert sum(calls) == passes and int(out["nfe"]) == passes
 
 
 def test_per_stage_settings_forms_and_validation():
-  cfg = sampler.SamplerConfig((3, 2), (0.5,), cfg_scale=[2, 1], guidance_interval=[[0, 0.5],
-                                                                                     (0.1, 1)])
+  cfg = sampler.SamplerConfig(
+    (3, 2), (0.5,), cfg_scale=[2, 1], guidance_interval=[[0, 0.5], (0.1, 1)]
+  )
   assert cfg.cfg_scale == (2.0, 1.0) and cfg.stage_cfg_scales == (2.0, 1.0)
   assert cfg.guidance_interval == ((0.0, 0.5), (0.1, 1.0)) and cfg.guided
   assert cfg.cfg_label == "2-1"
@@ -300,17 +353,17 @@ def test_per_stage_settings_forms_and_validation():
   assert cfg.stage_guidance_intervals == ((0.1, 0.9), (0.1, 0.9)) and cfg.cfg_label == "1.5"
   assert not sampler.SamplerConfig((3, 2), (0.5,), cfg_scale=(1, 1)).guided
   bad = [
-      (dict(cfg_scale=(2.0, 1.0, 1.0)), "3 per-stage entries .* 2 stages"),
-      (dict(cfg_scale=-1.0), "finite and >= 0"),
-      (dict(cfg_scale=(2.0, -0.5)), "finite and >= 0"),
-      (dict(cfg_scale=float("nan")), "finite and >= 0"),
-      (dict(cfg_scale=(1.0, float("inf"))), "finite and >= 0"),
-      (dict(cfg_scale="2"), "a number or a tuple"),
-      (dict(guidance_interval=(0.6, 0.4)), "0 <= lo <= hi <= 1"),
-      (dict(guidance_interval=(0.0, float("nan"))), "0 <= lo <= hi <= 1"),
-      (dict(guidance_interval=((0.0, 1.0),)), "1 per-stage pairs, but the sampler has 2"),
-      (dict(guidance_interval=((0.0, 1.0), (0.5, 1.2))), "of stage 2 must satisfy"),
-      (dict(guidance_interval=(0.0, 0.5, 1.0)), "one \\(lo, hi\\) pair or one pair per stage"),
+    (dict(cfg_scale=(2.0, 1.0, 1.0)), "3 per-stage entries .* 2 stages"),
+    (dict(cfg_scale=-1.0), "finite and >= 0"),
+    (dict(cfg_scale=(2.0, -0.5)), "finite and >= 0"),
+    (dict(cfg_scale=float("nan")), "finite and >= 0"),
+    (dict(cfg_scale=(1.0, float("inf"))), "finite and >= 0"),
+    (dict(cfg_scale="2"), "a number or a tuple"),
+    (dict(guidance_interval=(0.6, 0.4)), "0 <= lo <= hi <= 1"),
+    (dict(guidance_interval=(0.0, float("nan"))), "0 <= lo <= hi <= 1"),
+    (dict(guidance_interval=((0.0, 1.0),)), "1 per-stage pairs, but the sampler has 2"),
+    (dict(guidance_interval=((0.0, 1.0), (0.5, 1.2))), "of stage 2 must satisfy"),
+    (dict(guidance_interval=(0.0, 0.5, 1.0)), "one \\(lo, hi\\) pair or one pair per stage"),
   ]
   for kw, match in bad:
     with pytest.raises(ValueError, match=match):

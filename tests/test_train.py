@@ -16,8 +16,10 @@ pytestmark = pytest.mark.integration
 
 
 def _params(state):
-  return {"/".join(map(str, p)): np.asarray(v) for p, v in
-          jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(state["model"]))[0]}
+  return {
+    "/".join(map(str, p)): np.asarray(v)
+    for p, v in jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(state["model"]))[0]
+  }
 
 
 def _assert_close(a, b, rtol=2e-5, atol=2e-6):
@@ -48,10 +50,11 @@ def test_fsdp_on_8_devices_matches_one_device(one_device_run, tmp_path):
 def test_checkpoint_moves_between_meshes(one_device_run, tmp_path, first, second):
   """Save at step 2 on one mesh, resume to step 4 on another: same as never stopping."""
   _, reference = one_device_run
-  devices = lambda shape: jax.devices()[:int(np.prod(shape))]
+  devices = lambda shape: jax.devices()[: int(np.prod(shape))]
   train.train(tiny_config(total_steps=2, mesh__shape=first), str(tmp_path), devices(first))
-  state = train.train(tiny_config(total_steps=4, mesh__shape=second), str(tmp_path),
-                      devices(second))
+  state = train.train(
+    tiny_config(total_steps=4, mesh__shape=second), str(tmp_path), devices(second)
+  )
   _assert_close(_params(state), reference)
 
 
@@ -61,11 +64,19 @@ def test_nonfinite_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path)
   latents[5] = np.nan
   path = os.path.join(tmp_path, "latents.npz")
   np.savez(path, latents=latents, labels=np.zeros(32, np.int32))
-  config = tiny_config(total_steps=40, checkpoint_every=1, log_every=1,
-                       data__source="latents", data__path=path, data__resolution=8,
-                       data__channels=2, decomposition__num_stages=2,
-                       flow__stage_probs=(0.5, 0.5), sampler__steps_per_stage=(2, 1),
-                       sampler__thresholds=(0.5,))
+  config = tiny_config(
+    total_steps=40,
+    checkpoint_every=1,
+    log_every=1,
+    data__source="latents",
+    data__path=path,
+    data__resolution=8,
+    data__channels=2,
+    decomposition__num_stages=2,
+    flow__stage_probs=(0.5, 0.5),
+    sampler__steps_per_stage=(2, 1),
+    sampler__thresholds=(0.5,),
+  )
   workdir = str(tmp_path / "run")
   # With preconditioning the NaN already stops the run at the data statistics, before step 1.
   with pytest.raises(ValueError, match="data statistics must be finite"):
@@ -81,8 +92,12 @@ def test_nonfinite_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path)
 
 
 def test_validation_names_every_problem():
-  config = tiny_config(data__resolution=30, batch_size=7, flow__stage_probs=(0.5, 0.6, 0.1),
-                       decomposition__kind="fourier")
+  config = tiny_config(
+    data__resolution=30,
+    batch_size=7,
+    flow__stage_probs=(0.5, 0.6, 0.1),
+    decomposition__kind="fourier",
+  )
   with pytest.raises(ValueError) as err:
     experiment.from_config(config, num_devices=8)
   text = str(err.value)
@@ -93,8 +108,11 @@ def test_validation_names_every_problem():
   with pytest.raises(ValueError, match="/nonexistent/train-images.gz"):
     experiment.from_config(config)
   config = tiny_config(data__resolution=30)
-  with pytest.raises(ValueError, match=r"cannot be split into 3 stages.*nearest sizes that work: "
-                                       r"28, 32"):
+  with pytest.raises(
+    ValueError,
+    match=r"cannot be split into 3 stages.*nearest sizes that work: "
+    r"28, 32",
+  ):
     experiment.from_config(config)
 
 

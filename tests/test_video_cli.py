@@ -21,8 +21,7 @@ CONFIG = "configs/moving_digits.py:runlocal"
 
 
 def _main(workdir, *args):
-  cmd = [sys.executable, "-m", "dfm_jax.main", f"--config={CONFIG}", f"--workdir={workdir}",
-         *args]
+  cmd = [sys.executable, "-m", "dfm_jax.main", f"--config={CONFIG}", f"--workdir={workdir}", *args]
   proc = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-4000:]
   return proc
@@ -32,14 +31,17 @@ def test_moving_digits_train_sample_eval(tmp_path):
   workdir = str(tmp_path / "run")
   _main(workdir, "--config.total_steps=4", "--config.sample_every=4")
   samples = os.path.join(workdir, "samples")
-  for name in ("step_0000004.gif", "step_0000004.png", "step_0000004_stages.gif",
-               "step_0000004_stages.png"):
+  for name in (
+    "step_0000004.gif",
+    "step_0000004.png",
+    "step_0000004_stages.gif",
+    "step_0000004_stages.png",
+  ):
     assert os.path.isfile(os.path.join(samples, name)), name
   with Image.open(os.path.join(samples, "step_0000004.gif")) as gif:
     assert gif.n_frames == 8
 
-  _main(workdir, "--mode=sample", "--config.sampler.num_samples=6",
-        "--config.sampler.batch_size=6")
+  _main(workdir, "--mode=sample", "--config.sampler.num_samples=6", "--config.sampler.batch_size=6")
   base = os.path.join(samples, "final_step4")
   with np.load(base + ".npz") as f:
     assert f["images"].shape == (6, 8, 40, 40, 1) and f["images"].dtype == np.uint8
@@ -50,8 +52,14 @@ def test_moving_digits_train_sample_eval(tmp_path):
     assert gif.n_frames == 8
   assert os.path.isfile(base + ".mp4") == (video_io.mp4_codec() is not None)
 
-  _main(workdir, "--mode=eval", "--config.eval.num_samples=6", "--config.eval.batch_size=6",
-        "--config.eval.num_real=6", "--config.eval.frame_fid_frames=2")
+  _main(
+    workdir,
+    "--mode=eval",
+    "--config.eval.num_samples=6",
+    "--config.eval.batch_size=6",
+    "--config.eval.num_real=6",
+    "--config.eval.frame_fid_frames=2",
+  )
   (result,) = [f for f in os.listdir(os.path.join(workdir, "eval")) if f.endswith(".json")]
   with open(os.path.join(workdir, "eval", result)) as f:
     metrics = json.load(f)

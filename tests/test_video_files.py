@@ -26,8 +26,12 @@ def test_find_files_and_labels():
   paths, labels, classes = vf.find_video_files(FIXTURES)
   assert classes == ["bikes", "carphone", "digits"]
   names = [os.path.relpath(p, FIXTURES) for p in paths]
-  assert names == ["bikes/bikes_24f.mp4", "carphone/carphone_distorted.mp4",
-                   "carphone/carphone_pristine_20f.webm", "digits/moving_digits.gif"]
+  assert names == [
+    "bikes/bikes_24f.mp4",
+    "carphone/carphone_distorted.mp4",
+    "carphone/carphone_pristine_20f.webm",
+    "digits/moving_digits.gif",
+  ]
   np.testing.assert_array_equal(labels, [0, 1, 1, 2])
 
 
@@ -100,6 +104,7 @@ def test_video_folder_clips():
   clone = pickle.loads(pickle.dumps(ds))
   np.testing.assert_array_equal(clone[13]["video"], ds[13]["video"])
   import grain
+
   source = grain.MapDataset.source(ds)
   assert len(source) == 14 and source[5]["label"] == 1
 
@@ -111,7 +116,7 @@ def bad_folder(tmp_path):
   (root / "bad").mkdir()
   shutil.copy(CARPHONE, root / "good" / "a.mp4")
   data = open(CARPHONE, "rb").read()
-  (root / "bad" / "truncated.mp4").write_bytes(data[:len(data) // 2])
+  (root / "bad" / "truncated.mp4").write_bytes(data[: len(data) // 2])
   (root / "bad" / "garbage.webm").write_bytes(b"not a video" * 50)
   (root / "bad" / "empty.gif").write_bytes(b"")
   return root
@@ -126,7 +131,10 @@ def test_corrupt_files(bad_folder, caplog):
   with caplog.at_level("WARNING"):
     ds = vf.VideoFolder(str(bad_folder), frames=4, resolution=16, skip_corrupt=True)
   assert [os.path.basename(p) for p, _ in ds.skipped] == [
-    "empty.gif", "garbage.webm", "truncated.mp4"]
+    "empty.gif",
+    "garbage.webm",
+    "truncated.mp4",
+  ]
   assert "skipping" in caplog.text and "garbage.webm" in caplog.text
   assert ds.paths == [str(bad_folder / "good" / "a.mp4")] and ds.labels == [1]
   assert len(ds) == 30 and ds[0]["label"] == 1
@@ -134,6 +142,7 @@ def test_corrupt_files(bad_folder, caplog):
 
 def test_too_short_file(tmp_path, caplog):
   from dfm_jax import video_io
+
   assert video_io.mp4_codec() is not None, "PyAV from requirements.txt encodes MP4"
   root = tmp_path / "videos"
   (root / "a").mkdir(parents=True)

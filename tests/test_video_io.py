@@ -51,11 +51,12 @@ def test_write_gif_rejects_bad_input(tmp_path):
 
 def test_write_mp4(tmp_path):
   import av
+
   codec = video_io.mp4_codec()
   assert codec is not None, "PyAV from requirements.txt encodes MP4"
   video = np.zeros((6, 15, 17, 1), np.uint8)
   for t in range(6):
-    video[t, 2:9, 2 + 2 * t:6 + 2 * t] = 255
+    video[t, 2:9, 2 + 2 * t : 6 + 2 * t] = 255
   path = str(tmp_path / "v.mp4")
   assert video_io.write_mp4(path, video, fps=6)
   with av.open(path) as container:
@@ -84,8 +85,8 @@ def test_video_grid_layout():
   for i in range(n):
     r, c = divmod(i, 2)
     y, x = 1 + r * (h + 1), 1 + c * (w + 1)
-    np.testing.assert_array_equal(grid[:, y:y + h, x:x + w], videos[i])
-  assert not grid[:, 1 + 2 * (h + 1):, 1 + (w + 1):].any()  # empty sixth cell
+    np.testing.assert_array_equal(grid[:, y : y + h, x : x + w], videos[i])
+  assert not grid[:, 1 + 2 * (h + 1) :, 1 + (w + 1) :].any()  # empty sixth cell
   assert not grid[:, 0].any() and not grid[:, :, 0].any()  # border
 
 
@@ -99,7 +100,7 @@ def test_contact_sheet_layout(tmp_path):
   for i in range(2):
     for j, t in enumerate((0, 2)):
       y, x = 1 + i * 5, 1 + j * 6
-      assert np.all(sheet[y:y + 4, x:x + 5] == 20 * t + i)
+      assert np.all(sheet[y : y + 4, x : x + 5] == 20 * t + i)
   single = video_io.contact_sheet(videos[0], pad=0)
   assert single.shape == (4, 6 * 5, 3)
   path = video_io.save_png(str(tmp_path / "sheet.png"), sheet, upscale=2)

@@ -40,8 +40,9 @@ def test_moving_digits_is_deterministic_and_flips_whole_clips():
   plain = data_lib.open_source(_digits_data())
   again = data_lib.open_source(_digits_data())
   np.testing.assert_array_equal(plain[7]["image"], again[7]["image"])
-  it = data_lib.make_train_iterator(_digits_data(random_flip=True, num_videos=8),
-                                    global_batch_size=8, seed=3)
+  it = data_lib.make_train_iterator(
+    _digits_data(random_flip=True, num_videos=8), global_batch_size=8, seed=3
+  )
   ref = data_lib.make_train_iterator(_digits_data(num_videos=8), global_batch_size=8, seed=3)
   flipped = unflipped = 0
   for _ in range(3):
@@ -65,9 +66,15 @@ def test_moving_digits_splits_and_channels():
   assert real.shape == (5, 6, 32, 32, 1) and real.dtype == np.uint8 and labels.shape == (5,)
 
 
-@pytest.mark.parametrize("field,value,match", [
-    ("frames", 0, "data.frames"), ("resolution", 20, "data.resolution"),
-    ("num_videos", 0, "data.num_videos"), ("split", "val", "data.split")])
+@pytest.mark.parametrize(
+  "field,value,match",
+  [
+    ("frames", 0, "data.frames"),
+    ("resolution", 20, "data.resolution"),
+    ("num_videos", 0, "data.num_videos"),
+    ("split", "val", "data.split"),
+  ],
+)
 def test_moving_digits_bad_fields_are_named(field, value, match):
   with pytest.raises(ValueError, match=match):
     data_lib.validate_data_config(_digits_data(**{field: value}))
@@ -103,8 +110,9 @@ def _write_video_folder(root, num_frames=(6, 6, 2)):
 def test_video_folder_source(tmp_path):
   root = _write_video_folder(str(tmp_path / "videos"), (6, 6, 6))
   d = data_lib.default_data_config()
-  d.update(dict(source="video_folder", path=root, frames=3, resolution=16, channels=3,
-                random_flip=True))
+  d.update(
+    dict(source="video_folder", path=root, frames=3, resolution=16, channels=3, random_flip=True)
+  )
   it = data_lib.make_train_iterator(d, global_batch_size=2, seed=0)
   assert next(it)["image"].shape == (2, 3, 16, 16, 3)
   assert data_lib.dataset_size(d) == 6  # 2 clips of 3 frames per file

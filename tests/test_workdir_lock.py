@@ -34,8 +34,13 @@ lock.release()
 
 
 def try_lock(workdir, start=0.0, hold=0.0) -> subprocess.Popen:
-  return subprocess.Popen([sys.executable, "-c", TRY_LOCK, str(workdir), str(start), str(hold)],
-                          cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  return subprocess.Popen(
+    [sys.executable, "-c", TRY_LOCK, str(workdir), str(start), str(hold)],
+    cwd=REPO,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
 
 
 def dead_pid() -> int:
@@ -46,8 +51,14 @@ def dead_pid() -> int:
 
 def write_lock(workdir, **fields):
   now = time.time()
-  holder = {"host": socket.gethostname(), "pid": os.getpid(), "started": "earlier",
-            "started_unix": now, "heartbeat_unix": now, "token": "someone-else"}
+  holder = {
+    "host": socket.gethostname(),
+    "pid": os.getpid(),
+    "started": "earlier",
+    "started_unix": now,
+    "heartbeat_unix": now,
+    "token": "someone-else",
+  }
   holder.update(fields)
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, ".lock"), "w") as f:

@@ -24,6 +24,7 @@ def tiny_config(**extra):
   """The default config's runlocal variant as a ConfigDict (plus ``extra``), in-process."""
   sys.path.insert(0, os.path.join(REPO, "configs"))
   import default  # pylint: disable=g-import-not-at-top
+
   c = default.get_config("runlocal")
   for key, value in {k.replace("__", "."): v for k, v in extra.items()}.items():
     node = c
@@ -35,8 +36,7 @@ def tiny_config(**extra):
 
 
 def main_command(workdir: str, *args: str) -> list[str]:
-  return [sys.executable, "-m", "dfm_jax.main", f"--config={CONFIG}",
-          f"--workdir={workdir}", *args]
+  return [sys.executable, "-m", "dfm_jax.main", f"--config={CONFIG}", f"--workdir={workdir}", *args]
 
 
 def env(devices: int = 1) -> dict:
@@ -47,8 +47,14 @@ def env(devices: int = 1) -> dict:
 
 
 def run_main(workdir: str, *args: str, devices: int = 1, check: bool = True):
-  proc = subprocess.run(main_command(workdir, *args), cwd=REPO, env=env(devices),
-                        capture_output=True, text=True, timeout=600)
+  proc = subprocess.run(
+    main_command(workdir, *args),
+    cwd=REPO,
+    env=env(devices),
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   if check and proc.returncode != 0:
     raise AssertionError(f"main failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
   return proc
@@ -62,8 +68,10 @@ def read_checkpoint(workdir: str, step: int | None = None) -> dict[str, np.ndarr
   path = os.path.join(directory, str(step), "state")
   checkpointer = ocp.PyTreeCheckpointer()
   # Restore as host numpy arrays: the saving run may have used other devices or processes.
-  args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
-                      checkpointer.metadata(path).item_metadata.tree)
+  args = jax.tree.map(
+    lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
+    checkpointer.metadata(path).item_metadata.tree,
+  )
   tree = checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=args))
   flat = {}
 
@@ -73,5 +81,6 @@ def read_checkpoint(workdir: str, step: int | None = None) -> dict[str, np.ndarr
         walk(f"{prefix}/{k}", v)
     else:
       flat[prefix] = np.asarray(node)
+
   walk("", tree)
   return flat

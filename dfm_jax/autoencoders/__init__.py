@@ -62,8 +62,10 @@ def from_config(ae_config) -> Autoencoder:
   ``shift``); ValueError / FileNotFoundError naming the field when it is incomplete."""
   kind = ae_config.get("kind", "")
   if not kind:
-    raise ValueError("autoencoder.kind is empty; name the autoencoder, e.g. "
-                     "--config.autoencoder.kind=taef2 --config.autoencoder.weights=DIR")
+    raise ValueError(
+      "autoencoder.kind is empty; name the autoencoder, e.g. "
+      "--config.autoencoder.kind=taef2 --config.autoencoder.weights=DIR"
+    )
   weights = ae_config.get("weights", "")
   if not weights:
     raise ValueError(f"autoencoder.weights is empty; give the {kind} weight file or folder")
@@ -81,9 +83,9 @@ def decode_batched(ae: Autoencoder, latents, batch_size: int = 32):
   latents = np.asarray(latents, np.float32)
   out = []
   for start in range(0, len(latents), batch_size):
-    chunk = latents[start:start + batch_size]
+    chunk = latents[start : start + batch_size]
     pad = batch_size - len(chunk)
     if pad:
       chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], np.float32)])
-    out.append(np.asarray(ae.decode(chunk))[:batch_size - pad])
+    out.append(np.asarray(ae.decode(chunk))[: batch_size - pad])
   return np.concatenate(out)

@@ -74,16 +74,19 @@ class Autoencoder(nnx.Module):
     shape = tuple(np.shape(images))
     f = self.downsample
     if len(shape) != 4 or shape[-1] != 3 or shape[1] % f or shape[2] % f:
-      raise ValueError(f"{self.name}: expected images [B, H, W, 3] with H and W multiples of "
-                       f"{self.downsample}, got shape {shape}")
+      raise ValueError(
+        f"{self.name}: expected images [B, H, W, 3] with H and W multiples of "
+        f"{self.downsample}, got shape {shape}"
+      )
     return _jit_encode(self, images)
 
   def decode(self, latents: jax.Array) -> jax.Array:
     """Latents [B, h, w, C] (model space) -> images float32 [B, 8h, 8w, 3] clipped to [-1, 1]."""
     shape = tuple(np.shape(latents))
     if len(shape) != 4 or shape[-1] != self.latent_channels:
-      raise ValueError(f"{self.name}: expected latents [B, h, w, {self.latent_channels}], "
-                       f"got shape {shape}")
+      raise ValueError(
+        f"{self.name}: expected latents [B, h, w, {self.latent_channels}], got shape {shape}"
+      )
     return _jit_decode(self, latents)
 
 
@@ -128,11 +131,20 @@ class GroupNorm(nnx.Module):
     return y * self.scale[...] + self.bias[...]
 
 
-def conv(n_in: int, n_out: int, kernel: int = 3, *, stride: int = 1, pad: tuple[int, int] = (1, 1),
-         bias: bool = True, rngs: nnx.Rngs) -> nnx.Conv:
+def conv(
+  n_in: int,
+  n_out: int,
+  kernel: int = 3,
+  *,
+  stride: int = 1,
+  pad: tuple[int, int] = (1, 1),
+  bias: bool = True,
+  rngs: nnx.Rngs,
+) -> nnx.Conv:
   """A torch-style Conv2d in NHWC: explicit padding ``pad`` = (before, after) on H and W."""
-  return nnx.Conv(n_in, n_out, (kernel, kernel), strides=stride, padding=(pad, pad),
-                  use_bias=bias, rngs=rngs)
+  return nnx.Conv(
+    n_in, n_out, (kernel, kernel), strides=stride, padding=(pad, pad), use_bias=bias, rngs=rngs
+  )
 
 
 def upsample_nearest2x(x: jax.Array) -> jax.Array:
@@ -158,12 +170,14 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     head = f.read(16)
   if path.suffix == ".safetensors" or (len(head) > 9 and head[8:10] == b'{"'):
     from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+
     return dict(load_file(str(path)))
   return load_torch_file(path)
 
 
-def torch_style_layout(module: nnx.Module, prefix: str = "",
-                       drop: tuple[str, ...] = ("layers",)) -> Layout:
+def torch_style_layout(
+  module: nnx.Module, prefix: str = "", drop: tuple[str, ...] = ("layers",)
+) -> Layout:
   """PyTorch-style key -> (our path, kind) for every parameter of `module`.
 
   The key joins the path with dots, leaving out the attribute names in `drop` (our
@@ -233,9 +247,15 @@ def random_weights(model: nnx.Module, seed: int = 0) -> nnx.Module:
   return nnx.merge(graphdef, state)
 
 
-def load_into(model: nnx.Module, state_dict: Mapping[str, np.ndarray], layout: Layout, *,
-              what: str, source: str = "", ignored: Callable[[str], bool] = lambda k: False
-              ) -> nnx.Module:
+def load_into(
+  model: nnx.Module,
+  state_dict: Mapping[str, np.ndarray],
+  layout: Layout,
+  *,
+  what: str,
+  source: str = "",
+  ignored: Callable[[str], bool] = lambda k: False,
+) -> nnx.Module:
   """Copy `state_dict` into `model` (which may be abstract, from `nnx.eval_shape`).
 
   Every tensor is converted to float32 (fp16 / bf16 files are computed in float32).
@@ -270,15 +290,19 @@ def load_into(model: nnx.Module, state_dict: Mapping[str, np.ndarray], layout: L
     want = tuple(flat[path].shape)
     if ours.shape != want:
       if mismatch is None:
-        mismatch = (f"tensor {key!r} has shape {tuple(value.shape)} in the file, "
-                    f"expected {_torch_shape(want, kind)}")
+        mismatch = (
+          f"tensor {key!r} has shape {tuple(value.shape)} in the file, "
+          f"expected {_torch_shape(want, kind)}"
+        )
       continue
     values[path] = ours
   if mismatch or missing or unexpected:
     where = f" ({source})" if source else ""
     first = mismatch or "no shape mismatch"
-    raise ValueError(f"weights{where} do not fit {what}: {first}; missing keys "
-                     f"[{_summary(missing)}]; unexpected keys [{_summary(unexpected)}]")
+    raise ValueError(
+      f"weights{where} do not fit {what}: {first}; missing keys "
+      f"[{_summary(missing)}]; unexpected keys [{_summary(unexpected)}]"
+    )
   for path, value in values.items():
     flat[path] = jnp.asarray(value.astype(np.float32))
   nnx.replace_by_pure_dict(state, traverse_util.unflatten_dict(flat))

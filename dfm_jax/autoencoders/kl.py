@@ -46,9 +46,18 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dfm_jax.autoencoders.base import (AUTOENCODERS, Autoencoder, GroupNorm, Layout, conv,
-                                       load_into, random_weights, read_state_dict,
-                                       torch_style_layout, upsample_nearest2x)
+from dfm_jax.autoencoders.base import (
+  AUTOENCODERS,
+  Autoencoder,
+  GroupNorm,
+  Layout,
+  conv,
+  load_into,
+  random_weights,
+  read_state_dict,
+  torch_style_layout,
+  upsample_nearest2x,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,11 +89,12 @@ class KLConfig:
 
 
 PRESETS = {
-    "sd": KLConfig(latent_channels=4, scale=0.18215),
-    "sdxl": KLConfig(latent_channels=4, scale=0.13025),
-    "flux1": KLConfig(latent_channels=16, use_quant_conv=False, use_post_quant_conv=False,
-                      scale=0.3611, shift=0.1159),
-    "kl": KLConfig(),
+  "sd": KLConfig(latent_channels=4, scale=0.18215),
+  "sdxl": KLConfig(latent_channels=4, scale=0.13025),
+  "flux1": KLConfig(
+    latent_channels=16, use_quant_conv=False, use_post_quant_conv=False, scale=0.3611, shift=0.1159
+  ),
+  "kl": KLConfig(),
 }
 
 
@@ -101,8 +111,7 @@ class ResnetBlock(nnx.Module):
     self.conv1 = conv(n_in, n_out, rngs=rngs)
     self.norm2 = GroupNorm(cfg.norm_groups, n_out, cfg.norm_eps)
     self.conv2 = conv(n_out, n_out, rngs=rngs)
-    self.conv_shortcut = (conv(n_in, n_out, 1, pad=(0, 0), rngs=rngs) if n_in != n_out
-                          else None)
+    self.conv_shortcut = conv(n_in, n_out, 1, pad=(0, 0), rngs=rngs) if n_in != n_out else None
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """x: [B, H, W, n_in] -> [B, H, W, n_out]."""
@@ -152,20 +161,28 @@ class Upsample(nnx.Module):
 class Level(nnx.Module):
   """One resolution level: ResNet blocks, then an optional down- or upsampler."""
 
-  def __init__(self, n_in: int, n_out: int, n_blocks: int, resample: str | None, cfg: KLConfig,
-               *, rngs: nnx.Rngs):
-    self.resnets = nnx.List([ResnetBlock(n_in if i == 0 else n_out, n_out, cfg, rngs=rngs)
-                             for i in range(n_blocks)])
-    self.downsamplers = (nnx.List([Downsample(n_out, rngs=rngs)]) if resample == "down"
-                         else None)
+  def __init__(
+    self,
+    n_in: int,
+    n_out: int,
+    n_blocks: int,
+    resample: str | None,
+    cfg: KLConfig,
+    *,
+    rngs: nnx.Rngs,
+  ):
+    self.resnets = nnx.List(
+      [ResnetBlock(n_in if i == 0 else n_out, n_out, cfg, rngs=rngs) for i in range(n_blocks)]
+    )
+    self.downsamplers = nnx.List([Downsample(n_out, rngs=rngs)]) if resample == "down" else None
     self.upsamplers = nnx.List([Upsample(n_out, rngs=rngs)]) if resample == "up" else None
 
   def __call__(self, x: jax.Array) -> jax.Array:
     for block in self.resnets:
       x = block(x)
-    for sampler in (self.downsamplers or ()):
+    for sampler in self.downsamplers or ():
       x = sampler(x)
-    for sampler in (self.upsamplers or ()):
+    for sampler in self.upsamplers or ():
       x = sampler(x)
     return x
 
@@ -173,8 +190,7 @@ class Level(nnx.Module):
 class MidBlock(nnx.Module):
   def __init__(self, channels: int, cfg: KLConfig, *, rngs: nnx.Rngs):
     self.resnets = nnx.List([ResnetBlock(channels, channels, cfg, rngs=rngs) for _ in range(2)])
-    self.attentions = (nnx.List([Attention(channels, cfg, rngs=rngs)]) if cfg.mid_attention
-                       else None)
+    self.attentions = nnx.List([Attention(channels, cfg, rngs=rngs)]) if cfg.mid_attention else None
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x = self.resnets[0](x)
@@ -189,9 +205,19 @@ class Encoder(nnx.Module):
   def __init__(self, cfg: KLConfig, *, rngs: nnx.Rngs):
     ch = cfg.block_out_channels
     self.conv_in = conv(3, ch[0], rngs=rngs)
-    self.down_blocks = nnx.List([
-        Level(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block,
-              "down" if i < len(ch) - 1 else None, cfg, rngs=rngs) for i in range(len(ch))])
+    self.down_blocks = nnx.List(
+      [
+        Level(
+          ch[max(i - 1, 0)],
+          ch[i],
+          cfg.layers_per_block,
+          "down" if i < len(ch) - 1 else None,
+          cfg,
+          rngs=rngs,
+        )
+        for i in range(len(ch))
+      ]
+    )
     self.mid_block = MidBlock(ch[-1], cfg, rngs=rngs)
     self.conv_norm_out = GroupNorm(cfg.norm_groups, ch[-1], cfg.norm_eps)
     self.conv_out = conv(ch[-1], 2 * cfg.latent_channels, rngs=rngs)
@@ -211,9 +237,19 @@ class Decoder(nnx.Module):
     ch = tuple(reversed(cfg.block_out_channels))
     self.conv_in = conv(cfg.latent_channels, ch[0], rngs=rngs)
     self.mid_block = MidBlock(ch[0], cfg, rngs=rngs)
-    self.up_blocks = nnx.List([
-        Level(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block + 1,
-              "up" if i < len(ch) - 1 else None, cfg, rngs=rngs) for i in range(len(ch))])
+    self.up_blocks = nnx.List(
+      [
+        Level(
+          ch[max(i - 1, 0)],
+          ch[i],
+          cfg.layers_per_block + 1,
+          "up" if i < len(ch) - 1 else None,
+          cfg,
+          rngs=rngs,
+        )
+        for i in range(len(ch))
+      ]
+    )
     self.conv_norm_out = GroupNorm(cfg.norm_groups, ch[-1], cfg.norm_eps)
     self.conv_out = conv(ch[-1], 3, rngs=rngs)
 
@@ -242,10 +278,8 @@ class KLAutoencoder(Autoencoder):
     c = cfg.latent_channels
     self.encoder = Encoder(cfg, rngs=rngs)
     self.decoder = Decoder(cfg, rngs=rngs)
-    self.quant_conv = (conv(2 * c, 2 * c, 1, pad=(0, 0), rngs=rngs) if cfg.use_quant_conv
-                       else None)
-    self.post_quant_conv = (conv(c, c, 1, pad=(0, 0), rngs=rngs) if cfg.use_post_quant_conv
-                            else None)
+    self.quant_conv = conv(2 * c, 2 * c, 1, pad=(0, 0), rngs=rngs) if cfg.use_quant_conv else None
+    self.post_quant_conv = conv(c, c, 1, pad=(0, 0), rngs=rngs) if cfg.use_post_quant_conv else None
 
   def moments(self, images: jax.Array) -> jax.Array:
     """Images [B, H, W, 3] in [-1, 1] -> [B, H/f, W/f, 2C]: posterior mean, then log-variance."""
@@ -254,7 +288,7 @@ class KLAutoencoder(Autoencoder):
 
   def encode_raw(self, images: jax.Array) -> jax.Array:
     """Images [B, H, W, 3] in [-1, 1] -> posterior mean [B, H/f, W/f, C] (unscaled)."""
-    return self.moments(images)[..., :self.latent_channels]
+    return self.moments(images)[..., : self.latent_channels]
 
   def decode_raw(self, raw: jax.Array) -> jax.Array:
     """Unscaled latents [B, h, w, C] -> images [B, f h, f w, 3] in [-1, 1] (unclipped)."""
@@ -268,8 +302,13 @@ class KLAutoencoder(Autoencoder):
 
 # Old diffusers attention names (before ``to_q``...).
 _OLD_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
-_ORIGINAL_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v",
-                       "to_out.0": "proj_out"}
+_ORIGINAL_ATTENTION = {
+  "group_norm": "norm",
+  "to_q": "q",
+  "to_k": "k",
+  "to_v": "v",
+  "to_out.0": "proj_out",
+}
 
 
 def original_key(key: str, levels: int) -> str:
@@ -279,12 +318,19 @@ def original_key(key: str, levels: int) -> str:
   with 4 levels (the original counts decoder levels from full resolution).
   """
   key = re.sub(r"^encoder\.down_blocks\.(\d+)\.resnets\.", r"encoder.down.\1.block.", key)
-  key = re.sub(r"^encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", r"encoder.down.\1.downsample.",
-               key)
-  key = re.sub(r"^decoder\.up_blocks\.(\d+)\.resnets\.",
-               lambda m: f"decoder.up.{levels - 1 - int(m[1])}.block.", key)
-  key = re.sub(r"^decoder\.up_blocks\.(\d+)\.upsamplers\.0\.",
-               lambda m: f"decoder.up.{levels - 1 - int(m[1])}.upsample.", key)
+  key = re.sub(
+    r"^encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", r"encoder.down.\1.downsample.", key
+  )
+  key = re.sub(
+    r"^decoder\.up_blocks\.(\d+)\.resnets\.",
+    lambda m: f"decoder.up.{levels - 1 - int(m[1])}.block.",
+    key,
+  )
+  key = re.sub(
+    r"^decoder\.up_blocks\.(\d+)\.upsamplers\.0\.",
+    lambda m: f"decoder.up.{levels - 1 - int(m[1])}.upsample.",
+    key,
+  )
   key = re.sub(r"\.mid_block\.resnets\.(\d+)\.", lambda m: f".mid.block_{int(m[1]) + 1}.", key)
   m = re.match(r"^(.*)\.mid_block\.attentions\.0\.(.*)\.(weight|bias)$", key)
   if m:
@@ -306,12 +352,15 @@ def detect_layout(keys) -> str:
 def _strip_prefix(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
   """The VAE's tensors of a file that may hold more (``first_stage_model.``, ``vae.``...)."""
   anchor = "encoder.conv_in.weight"
-  prefixes = sorted(k[:-len(anchor)] for k in state_dict
-                    if k.endswith(anchor) and (k == anchor or k.endswith("." + anchor)))
+  prefixes = sorted(
+    k[: -len(anchor)]
+    for k in state_dict
+    if k.endswith(anchor) and (k == anchor or k.endswith("." + anchor))
+  )
   if not prefixes or prefixes[0] == "":
     return dict(state_dict)
   prefix = prefixes[0]
-  return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+  return {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
 
 
 def _rename_old_attention(state_dict: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -336,16 +385,26 @@ def checkpoint_layout(model: KLAutoencoder, layout: str = "diffusers") -> Layout
 def _weights_file(weights_path: str | os.PathLike) -> Path:
   path = Path(weights_path)
   if path.is_dir():
-    for name in ("diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
-                 "ae.safetensors", "diffusion_pytorch_model.bin"):
+    for name in (
+      "diffusion_pytorch_model.safetensors",
+      "vae/diffusion_pytorch_model.safetensors",
+      "ae.safetensors",
+      "diffusion_pytorch_model.bin",
+    ):
       if (path / name).is_file():
         return path / name
     raise FileNotFoundError(f"{path}: no diffusion_pytorch_model.safetensors or ae.safetensors")
   return path
 
 
-def build_kl(name: str, weights_path: str | os.PathLike | None, *, layout: str = "auto",
-             seed: int = 0, **overrides) -> KLAutoencoder:
+def build_kl(
+  name: str,
+  weights_path: str | os.PathLike | None,
+  *,
+  layout: str = "auto",
+  seed: int = 0,
+  **overrides,
+) -> KLAutoencoder:
   """A KL autoencoder: preset `name` with `overrides`, weights from `weights_path`.
 
   Args:
@@ -374,14 +433,20 @@ def build_kl(name: str, weights_path: str | os.PathLike | None, *, layout: str =
   state_dict = _rename_old_attention(_strip_prefix(read_state_dict(path)))
   if layout == "auto":
     layout = detect_layout(state_dict)
-  return load_into(model, state_dict, checkpoint_layout(model, layout),
-                   what=f"{name} ({layout} layout, {cfg})", source=str(path),
-                   ignored=lambda k: k.startswith("loss."))
+  return load_into(
+    model,
+    state_dict,
+    checkpoint_layout(model, layout),
+    what=f"{name} ({layout} layout, {cfg})",
+    source=str(path),
+    ignored=lambda k: k.startswith("loss."),
+  )
 
 
 def _register(name: str) -> None:
   AUTOENCODERS.register(name)(
-      lambda weights_path, **options: build_kl(name, weights_path, **options))
+    lambda weights_path, **options: build_kl(name, weights_path, **options)
+  )
 
 
 for _name in PRESETS:

@@ -23,9 +23,17 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dfm_jax.autoencoders.base import (AUTOENCODERS, Autoencoder, GroupNorm, conv, load_into,
-                                       random_weights, read_state_dict, torch_style_layout,
-                                       upsample_nearest2x)
+from dfm_jax.autoencoders.base import (
+  AUTOENCODERS,
+  Autoencoder,
+  GroupNorm,
+  conv,
+  load_into,
+  random_weights,
+  read_state_dict,
+  torch_style_layout,
+  upsample_nearest2x,
+)
 
 WIDTH = 64
 
@@ -47,11 +55,11 @@ class TAESDConfig:
 
 
 PRESETS = {
-    "taesd": TAESDConfig(4),
-    "taesdxl": TAESDConfig(4),
-    "taesd3": TAESDConfig(16),
-    "taef1": TAESDConfig(16),
-    "taef2": TAESDConfig(32, use_midblock_gn=True),
+  "taesd": TAESDConfig(4),
+  "taesdxl": TAESDConfig(4),
+  "taesd3": TAESDConfig(16),
+  "taef1": TAESDConfig(16),
+  "taef2": TAESDConfig(32, use_midblock_gn=True),
 }
 
 
@@ -82,14 +90,29 @@ class Block(nnx.Module):
   """
 
   def __init__(self, n_in: int, n_out: int, use_midblock_gn: bool = False, *, rngs: nnx.Rngs):
-    self.conv = nnx.List([conv(n_in, n_out, rngs=rngs), ReLU(), conv(n_out, n_out, rngs=rngs),
-                          ReLU(), conv(n_out, n_out, rngs=rngs)])
-    self.skip = (conv(n_in, n_out, 1, pad=(0, 0), bias=False, rngs=rngs) if n_in != n_out
-                 else None)
+    self.conv = nnx.List(
+      [
+        conv(n_in, n_out, rngs=rngs),
+        ReLU(),
+        conv(n_out, n_out, rngs=rngs),
+        ReLU(),
+        conv(n_out, n_out, rngs=rngs),
+      ]
+    )
+    self.skip = conv(n_in, n_out, 1, pad=(0, 0), bias=False, rngs=rngs) if n_in != n_out else None
     n_gn = 4 * n_in
-    self.pool = nnx.List([
-        conv(n_in, n_gn, 1, pad=(0, 0), bias=False, rngs=rngs), GroupNorm(4, n_gn), ReLU(),
-        conv(n_gn, n_in, 1, pad=(0, 0), bias=False, rngs=rngs)]) if use_midblock_gn else None
+    self.pool = (
+      nnx.List(
+        [
+          conv(n_in, n_gn, 1, pad=(0, 0), bias=False, rngs=rngs),
+          GroupNorm(4, n_gn),
+          ReLU(),
+          conv(n_gn, n_in, 1, pad=(0, 0), bias=False, rngs=rngs),
+        ]
+      )
+      if use_midblock_gn
+      else None
+    )
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """x: [B, H, W, n_in] -> [B, H, W, n_out]."""
@@ -121,11 +144,18 @@ class Encoder(nnx.Module):
       return conv(w, w, stride=2, bias=False, rngs=rngs)
 
     self.layers = nnx.List(
-        [conv(3, w, rngs=rngs), *blocks(1),
-         down(), *blocks(3),
-         down(), *blocks(3),
-         down(), *blocks(3, cfg.use_midblock_gn),
-         conv(w, cfg.latent_channels, rngs=rngs)])
+      [
+        conv(3, w, rngs=rngs),
+        *blocks(1),
+        down(),
+        *blocks(3),
+        down(),
+        *blocks(3),
+        down(),
+        *blocks(3, cfg.use_midblock_gn),
+        conv(w, cfg.latent_channels, rngs=rngs),
+      ]
+    )
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return _sequential(self.layers, x)
@@ -147,11 +177,20 @@ class Decoder(nnx.Module):
       return [Upsample(), conv(w, w, bias=False, rngs=rngs)]
 
     self.layers = nnx.List(
-        [Clamp(), conv(cfg.latent_channels, w, rngs=rngs), ReLU(),
-         *blocks(3, cfg.use_midblock_gn), *up(),
-         *blocks(3), *up(),
-         *blocks(3), *up(),
-         *blocks(1), conv(w, 3, rngs=rngs)])
+      [
+        Clamp(),
+        conv(cfg.latent_channels, w, rngs=rngs),
+        ReLU(),
+        *blocks(3, cfg.use_midblock_gn),
+        *up(),
+        *blocks(3),
+        *up(),
+        *blocks(3),
+        *up(),
+        *blocks(1),
+        conv(w, 3, rngs=rngs),
+      ]
+    )
 
   def __call__(self, z: jax.Array) -> jax.Array:
     return _sequential(self.layers, z)
@@ -184,8 +223,9 @@ class TAESD(Autoencoder):
     return self.decoder(raw) * 2.0 - 1.0
 
 
-def _weight_files(name: str, weights_path: str | os.PathLike,
-                  decoder_path=None) -> tuple[Path, Path]:
+def _weight_files(
+  name: str, weights_path: str | os.PathLike, decoder_path=None
+) -> tuple[Path, Path]:
   """(encoder file, decoder file) from a folder, or from the encoder file's name."""
   path = Path(weights_path)
   if path.is_dir():
@@ -197,15 +237,24 @@ def _weight_files(name: str, weights_path: str | os.PathLike,
   if decoder_path:
     return path, Path(decoder_path)
   if "encoder" not in path.name:
-    raise ValueError(f"{path}: give the folder holding {name}_encoder/_decoder files, or the "
-                     "encoder file (its name containing 'encoder') with decoder_path")
+    raise ValueError(
+      f"{path}: give the folder holding {name}_encoder/_decoder files, or the "
+      "encoder file (its name containing 'encoder') with decoder_path"
+    )
   return path, path.with_name(path.name.replace("encoder", "decoder"))
 
 
-def build_taesd(name: str, weights_path: str | os.PathLike | None, *,
-                decoder_path: str | os.PathLike | None = None, scale: float | None = None,
-                shift: float | None = None, latent_channels: int | None = None,
-                use_midblock_gn: bool | None = None, seed: int = 0) -> TAESD:
+def build_taesd(
+  name: str,
+  weights_path: str | os.PathLike | None,
+  *,
+  decoder_path: str | os.PathLike | None = None,
+  scale: float | None = None,
+  shift: float | None = None,
+  latent_channels: int | None = None,
+  use_midblock_gn: bool | None = None,
+  seed: int = 0,
+) -> TAESD:
   """A TAESD-family autoencoder with the weights of `weights_path`.
 
   Args:
@@ -223,18 +272,25 @@ def build_taesd(name: str, weights_path: str | os.PathLike | None, *,
       both shapes, missing and unexpected keys).
   """
   cfg = PRESETS[name]
-  overrides = {k: v for k, v in dict(scale=scale, shift=shift, latent_channels=latent_channels,
-                                    use_midblock_gn=use_midblock_gn).items() if v is not None}
+  overrides = {
+    k: v
+    for k, v in dict(
+      scale=scale, shift=shift, latent_channels=latent_channels, use_midblock_gn=use_midblock_gn
+    ).items()
+    if v is not None
+  }
   cfg = dataclasses.replace(cfg, **overrides)
   model = nnx.eval_shape(lambda: TAESD(cfg, name, rngs=nnx.Rngs(0)))
   if weights_path is None:
     return random_weights(model, seed)
   enc_path, dec_path = _weight_files(name, weights_path, decoder_path)
   what = f"{name} ({cfg})"
-  enc_layout = {k: (("encoder", *p), kind)
-                for k, (p, kind) in torch_style_layout(model.encoder).items()}
-  dec_layout = {k: (("decoder", *p), kind)
-                for k, (p, kind) in torch_style_layout(model.decoder).items()}
+  enc_layout = {
+    k: (("encoder", *p), kind) for k, (p, kind) in torch_style_layout(model.encoder).items()
+  }
+  dec_layout = {
+    k: (("decoder", *p), kind) for k, (p, kind) in torch_style_layout(model.decoder).items()
+  }
   # Each file is checked on its own, so the message names the file at fault.
   enc = read_state_dict(enc_path)
   dec = read_state_dict(dec_path)
@@ -244,7 +300,8 @@ def build_taesd(name: str, weights_path: str | os.PathLike | None, *,
 
 def _register(name: str) -> None:
   AUTOENCODERS.register(name)(
-      lambda weights_path, **options: build_taesd(name, weights_path, **options))
+    lambda weights_path, **options: build_taesd(name, weights_path, **options)
+  )
 
 
 for _name in PRESETS:

@@ -57,16 +57,14 @@ def shard_name(index: int, num_shards: int) -> str:
 
 def pack_record(latent: np.ndarray, label: int) -> bytes:
   """One record from latents [h, w, c] (stored as float16) and an int label."""
-  return (np.asarray(label, LABEL_DTYPE).tobytes()
-          + np.ascontiguousarray(latent, DTYPE).tobytes())
+  return np.asarray(label, LABEL_DTYPE).tobytes() + np.ascontiguousarray(latent, DTYPE).tobytes()
 
 
 def unpack_record(raw: bytes, shape) -> tuple[np.ndarray, np.int32]:
   """(latents float16 [h, w, c], label int32) of one record; raises ValueError on a bad size."""
   size = LABEL_DTYPE.itemsize + DTYPE.itemsize * math.prod(shape)
   if len(raw) != size:
-    raise ValueError(f"latent record of {len(raw)} bytes, expected {size} for shape "
-                     f"{list(shape)}")
+    raise ValueError(f"latent record of {len(raw)} bytes, expected {size} for shape {list(shape)}")
   label = np.frombuffer(raw, LABEL_DTYPE, 1)[0].astype(np.int32)
   return np.frombuffer(raw, DTYPE, offset=LABEL_DTYPE.itemsize).reshape(shape), label
 
@@ -79,8 +77,11 @@ def channel_stats(latents: np.ndarray) -> dict:
   """{'count', 'mean' [c], 'm2' [c]} over every value of latents [N, h, w, c], in float64."""
   x = np.asarray(latents, np.float64).reshape(-1, latents.shape[-1])
   mean = x.mean(axis=0) if len(x) else np.zeros(x.shape[-1])
-  return {"count": int(len(x)), "mean": mean.tolist(),
-          "m2": np.square(x - mean).sum(axis=0).tolist()}
+  return {
+    "count": int(len(x)),
+    "mean": mean.tolist(),
+    "m2": np.square(x - mean).sum(axis=0).tolist(),
+  }
 
 
 def merge_stats(parts: list[dict]) -> tuple[np.ndarray, np.ndarray]:
@@ -146,13 +147,16 @@ def start(out: str | os.PathLike, plan: dict) -> None:
     old = json.loads(plan_path.read_text())
     if old != json.loads(text):
       diff = sorted(k for k in set(old) | set(plan) if old.get(k) != plan.get(k))
-      raise ValueError(f"--out {os.fspath(out)} holds a (partial) encoding with other settings "
-                       f"(differing: {', '.join(diff)}); resume with the same settings or "
-                       "choose an empty --out")
+      raise ValueError(
+        f"--out {os.fspath(out)} holds a (partial) encoding with other settings "
+        f"(differing: {', '.join(diff)}); resume with the same settings or "
+        "choose an empty --out"
+      )
     return
   if (out / METADATA).exists():
-    raise ValueError(f"--out {os.fspath(out)} already holds a shard set without a plan; "
-                     "choose an empty --out")
+    raise ValueError(
+      f"--out {os.fspath(out)} already holds a shard set without a plan; choose an empty --out"
+    )
   _write_text_atomic(plan_path, text)
 
 
@@ -177,8 +181,9 @@ def completed_shards(out: str | os.PathLike, num_shards: int) -> dict[int, dict]
   return done
 
 
-def write_shard(out: str | os.PathLike, index: int, num_shards: int, latents: np.ndarray,
-                labels: np.ndarray) -> dict:
+def write_shard(
+  out: str | os.PathLike, index: int, num_shards: int, latents: np.ndarray, labels: np.ndarray
+) -> dict:
   """Writes shard `index` of latents [N, h, w, c] (stored as float16) and labels [N], then its
   progress marker; returns that record ({name, records, bytes, sha256, stats, labels})."""
   out = epath.Path(out)
@@ -201,9 +206,14 @@ def write_shard(out: str | os.PathLike, index: int, num_shards: int, latents: np
     finally:
       shutil.rmtree(local_dir, ignore_errors=True)
   tmp.rename(final)
-  info = {"name": name, "records": int(len(stored)), "bytes": int(size), "sha256": digest,
-          "stats": channel_stats(stored),
-          "labels": [int(labels.min()), int(labels.max())] if len(labels) else [0, -1]}
+  info = {
+    "name": name,
+    "records": int(len(stored)),
+    "bytes": int(size),
+    "sha256": digest,
+    "stats": channel_stats(stored),
+    "labels": [int(labels.min()), int(labels.max())] if len(labels) else [0, -1],
+  }
   marker = out / PROGRESS_DIR / (name.removesuffix(".array_record") + ".json")
   _write_text_atomic(marker, json.dumps(info, sort_keys=True))
   return info
@@ -216,26 +226,29 @@ def finalize(out: str | os.PathLike, plan: dict) -> dict:
   done = completed_shards(out, num_shards)
   missing = [i for i in range(num_shards) if i not in done]
   if missing:
-    raise ValueError(f"{os.fspath(out)}: shard(s) {missing[:10]} of {num_shards} are not "
-                     "complete; run the same command again to finish them")
+    raise ValueError(
+      f"{os.fspath(out)}: shard(s) {missing[:10]} of {num_shards} are not "
+      "complete; run the same command again to finish them"
+    )
   infos = [done[i] for i in range(num_shards)]
   mean, std = merge_stats([i["stats"] for i in infos])
   lows = [i["labels"][0] for i in infos if i["records"]]
   highs = [i["labels"][1] for i in infos if i["records"]]
   meta = {
-      **{k: v for k, v in plan.items() if k != "num_shards"},
-      "format": FORMAT,
-      "count": int(sum(i["records"] for i in infos)),
-      "dtype": "float16",
-      "record_format": RECORD_FORMAT,
-      "channel_mean": mean.tolist(),
-      "channel_std": std.tolist(),
-      "label_range": [min(lows), max(highs)],
-      "shards": [{k: i[k] for k in ("name", "records", "bytes", "sha256")} for i in infos],
+    **{k: v for k, v in plan.items() if k != "num_shards"},
+    "format": FORMAT,
+    "count": int(sum(i["records"] for i in infos)),
+    "dtype": "float16",
+    "record_format": RECORD_FORMAT,
+    "channel_mean": mean.tolist(),
+    "channel_std": std.tolist(),
+    "label_range": [min(lows), max(highs)],
+    "shards": [{k: i[k] for k in ("name", "records", "bytes", "sha256")} for i in infos],
   }
   if meta["count"] != plan["count"]:
-    raise ValueError(f"{os.fspath(out)}: shards hold {meta['count']} records, the plan "
-                     f"{plan['count']}")
+    raise ValueError(
+      f"{os.fspath(out)}: shards hold {meta['count']} records, the plan {plan['count']}"
+    )
   _write_text_atomic(epath.Path(out) / METADATA, json.dumps(meta, indent=1, sort_keys=True))
   return meta
 
@@ -253,8 +266,10 @@ def read_metadata(path: str | os.PathLike) -> dict:
   """The metadata of the shard set at `path`; ValueError naming the problem."""
   meta_path = epath.Path(path) / METADATA
   if not meta_path.exists():
-    raise ValueError(f"{os.fspath(path)!r} is neither an .npz file nor a latent shard folder "
-                     f"(no {METADATA}; an unfinished encoding writes it last)")
+    raise ValueError(
+      f"{os.fspath(path)!r} is neither an .npz file nor a latent shard folder "
+      f"(no {METADATA}; an unfinished encoding writes it last)"
+    )
   try:
     meta = json.loads(meta_path.read_text())
   except (OSError, ValueError) as err:
@@ -268,12 +283,14 @@ def latent_shape(path: str | os.PathLike) -> tuple[int, int, int]:
   """[h, w, c] of the stored latents of an .npz file or a shard folder (headers only)."""
   if os.fspath(path).endswith(".npz") or epath.Path(path).is_file():
     from dfm_jax.data import arrays  # pylint: disable=g-import-not-at-top
+
     return tuple(int(v) for v in arrays.npz_array_specs(os.fspath(path))["latents"][0][1:])
   return tuple(int(v) for v in read_metadata(path)["latent_shape"])
 
 
-def check_shard_set(path: str | os.PathLike, resolution: int, channels: int,
-                    num_classes: int) -> dict:
+def check_shard_set(
+  path: str | os.PathLike, resolution: int, channels: int, num_classes: int
+) -> dict:
   """Checks a shard set against the config (latent h = w = `resolution`, c = `channels`,
   labels < `num_classes`, every shard present); returns its metadata. One ValueError per
   problem, without the ``data.<field>:`` prefix."""
@@ -281,19 +298,24 @@ def check_shard_set(path: str | os.PathLike, resolution: int, channels: int,
   h, w, c = meta["latent_shape"]
   if (h, w, c) != (resolution, resolution, channels):
     raise ValueError(
-        f"latent shards in {os.fspath(path)!r} are [h, w, c] = [{h}, {w}, {c}], but the config "
-        f"says data.resolution={resolution} and data.channels={channels} ([{resolution}, "
-        f"{resolution}, {channels}]); set data.resolution={h} and data.channels={c} "
-        "(latent grid and channels), or encode at another resolution")
+      f"latent shards in {os.fspath(path)!r} are [h, w, c] = [{h}, {w}, {c}], but the config "
+      f"says data.resolution={resolution} and data.channels={channels} ([{resolution}, "
+      f"{resolution}, {channels}]); set data.resolution={h} and data.channels={c} "
+      "(latent grid and channels), or encode at another resolution"
+    )
   low, high = meta["label_range"]
   if meta["count"] and (low < 0 or high >= num_classes):
-    raise ValueError(f"labels of {os.fspath(path)!r} span {low}..{high}, outside [0, "
-                     f"{num_classes}) (data.num_classes)")
+    raise ValueError(
+      f"labels of {os.fspath(path)!r} span {low}..{high}, outside [0, "
+      f"{num_classes}) (data.num_classes)"
+    )
   names = {p.name for p in epath.Path(path).iterdir()}
   missing = [s["name"] for s in meta["shards"] if s["name"] not in names]
   if missing:
-    raise ValueError(f"{os.fspath(path)!r} lacks {len(missing)} shard file(s) listed in "
-                     f"{METADATA}, e.g. {missing[0]}")
+    raise ValueError(
+      f"{os.fspath(path)!r} lacks {len(missing)} shard file(s) listed in "
+      f"{METADATA}, e.g. {missing[0]}"
+    )
   return meta
 
 
@@ -319,8 +341,11 @@ class LatentShards:
     if self._reader is None:
       root = epath.Path(self._path)
       # "[0:n]" gives each file's record count, so no file is opened up front.
-      paths = [f"{os.fspath(root / s['name'])}[0:{s['records']}]"
-               for s in self.metadata["shards"] if s["records"]]
+      paths = [
+        f"{os.fspath(root / s['name'])}[0:{s['records']}]"
+        for s in self.metadata["shards"]
+        if s["records"]
+      ]
       self._reader = array_record_data_source.ArrayRecordDataSource(paths)
     return self._reader
 

@@ -74,11 +74,21 @@ class MovingDigits:
     split: which MNIST-5k digits to draw from: 'all', 'train' (450 per class) or 'test' (50).
   """
 
-  def __init__(self, num_videos: int, frames: int, resolution: int, num_digits: int = 1,
-               seed: int = 0, speed: tuple[float, float] | None = None, split: str = "all"):
+  def __init__(
+    self,
+    num_videos: int,
+    frames: int,
+    resolution: int,
+    num_digits: int = 1,
+    seed: int = 0,
+    speed: tuple[float, float] | None = None,
+    split: str = "all",
+  ):
     if num_videos < 0 or frames < 1 or num_digits < 1:
-      raise ValueError(f"need num_videos >= 0, frames >= 1, num_digits >= 1; got {num_videos}, "
-                       f"{frames}, {num_digits}")
+      raise ValueError(
+        f"need num_videos >= 0, frames >= 1, num_digits >= 1; got {num_videos}, "
+        f"{frames}, {num_digits}"
+      )
     if resolution < DIGIT_SIZE:
       raise ValueError(f"resolution must be >= {DIGIT_SIZE}, got {resolution}")
     self.num_videos = int(num_videos)
@@ -104,9 +114,11 @@ class MovingDigits:
     return self.num_videos
 
   def __repr__(self) -> str:
-    return (f"MovingDigits(num_videos={self.num_videos}, frames={self.frames}, "
-            f"resolution={self.resolution}, num_digits={self.num_digits}, seed={self.seed}, "
-            f"split={self.split!r})")
+    return (
+      f"MovingDigits(num_videos={self.num_videos}, frames={self.frames}, "
+      f"resolution={self.resolution}, num_digits={self.num_digits}, seed={self.seed}, "
+      f"split={self.split!r})"
+    )
 
   def _check_index(self, index: int) -> int:
     index = int(index)
@@ -148,7 +160,7 @@ class MovingDigits:
       digit = self._images[row]
       for t in range(self.frames):
         y, x = corners[t, k]
-        window = video[t, y:y + DIGIT_SIZE, x:x + DIGIT_SIZE]
+        window = video[t, y : y + DIGIT_SIZE, x : x + DIGIT_SIZE]
         np.maximum(window, digit, out=window)
     digits = self._labels[p["digit_index"]].astype(np.int32)
     return {"video": video[..., None], "label": np.int32(digits[0]), "digits": digits}

@@ -37,8 +37,13 @@ from PIL import Image
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".gif", ".avi", ".mov", ".mkv", ".m4v")
 
 __all__ = [
-  "VIDEO_EXTENSIONS", "VideoFolder", "find_video_files", "count_frames", "decode_frames",
-  "resize_center_crop", "random_horizontal_flip",
+  "VIDEO_EXTENSIONS",
+  "VideoFolder",
+  "find_video_files",
+  "count_frames",
+  "decode_frames",
+  "resize_center_crop",
+  "random_horizontal_flip",
 ]
 
 
@@ -50,8 +55,9 @@ def _av():
   return av
 
 
-def find_video_files(root: str, extensions: Sequence[str] = VIDEO_EXTENSIONS
-                     ) -> tuple[list[str], np.ndarray, list[str]]:
+def find_video_files(
+  root: str, extensions: Sequence[str] = VIDEO_EXTENSIONS
+) -> tuple[list[str], np.ndarray, list[str]]:
   """Video files under the class subfolders of `root`, as torchvision's ImageFolder.
 
   Returns:
@@ -115,8 +121,9 @@ def count_frames(path: str) -> int:
   return _probe(path)[0]
 
 
-def decode_frames(path: str, start: int, count: int, stride: int = 1, channels: int = 3
-                  ) -> np.ndarray:
+def decode_frames(
+  path: str, start: int, count: int, stride: int = 1, channels: int = 3
+) -> np.ndarray:
   """Frames ``start, start + stride, ...`` (`count` of them) of `path`.
 
   Returns:
@@ -151,8 +158,9 @@ def decode_frames(path: str, start: int, count: int, stride: int = 1, channels: 
   except av.error.FFmpegError as e:
     raise ValueError(f"{path}: cannot decode video ({e})") from e
   if len(out) < count:
-    raise ValueError(f"{path}: has {index} frames, a clip needs frames {start}..{last} "
-                     f"(stride {stride})")
+    raise ValueError(
+      f"{path}: has {index} frames, a clip needs frames {start}..{last} (stride {stride})"
+    )
   video = np.stack(out) if out else np.zeros((0, 0, 0), np.uint8)
   return video[..., None] if channels == 1 else video
 
@@ -182,8 +190,9 @@ def resize_center_crop(video: np.ndarray, resolution: int) -> np.ndarray:
   return out
 
 
-def random_horizontal_flip(video: np.ndarray, rng: np.random.Generator, p: float = 0.5
-                           ) -> np.ndarray:
+def random_horizontal_flip(
+  video: np.ndarray, rng: np.random.Generator, p: float = 0.5
+) -> np.ndarray:
   """Mirrors the whole clip ``video`` [T, H, W, C] left-right with probability `p`."""
   return np.ascontiguousarray(video[:, :, ::-1]) if rng.random() < p else video
 
@@ -203,11 +212,20 @@ class VideoFolder:
     extensions: file endings that count as videos (case-insensitive).
   """
 
-  def __init__(self, root: str, frames: int, resolution: int, frame_stride: int = 1,
-               clip_step: int | None = None, channels: int = 3, skip_corrupt: bool = False,
-               extensions: Sequence[str] = VIDEO_EXTENSIONS):
-    if frames < 1 or resolution < 1 or frame_stride < 1 or (clip_step is not None
-                                                             and clip_step < 1):
+  def __init__(
+    self,
+    root: str,
+    frames: int,
+    resolution: int,
+    frame_stride: int = 1,
+    clip_step: int | None = None,
+    channels: int = 3,
+    skip_corrupt: bool = False,
+    extensions: Sequence[str] = VIDEO_EXTENSIONS,
+  ):
+    if (
+      frames < 1 or resolution < 1 or frame_stride < 1 or (clip_step is not None and clip_step < 1)
+    ):
       raise ValueError("frames, resolution, frame_stride and clip_step must be >= 1")
     if channels not in (1, 3):
       raise ValueError(f"channels must be 1 or 3, got {channels}")
@@ -225,8 +243,10 @@ class VideoFolder:
       try:
         n = count_frames(path)
         if n < self.span:
-          raise ValueError(f"{path}: too short, {n} frames < {self.span} for one clip of "
-                           f"{self.frames} frames at stride {frame_stride}")
+          raise ValueError(
+            f"{path}: too short, {n} frames < {self.span} for one clip of "
+            f"{self.frames} frames at stride {frame_stride}"
+          )
       except ValueError as e:
         if not skip_corrupt:
           raise
@@ -243,9 +263,11 @@ class VideoFolder:
     return int(self._offsets[-1])
 
   def __repr__(self) -> str:
-    return (f"VideoFolder({self.root!r}, frames={self.frames}, resolution={self.resolution}, "
-            f"frame_stride={self.frame_stride}: {len(self.paths)} files, {len(self)} clips, "
-            f"{len(self.skipped)} skipped)")
+    return (
+      f"VideoFolder({self.root!r}, frames={self.frames}, resolution={self.resolution}, "
+      f"frame_stride={self.frame_stride}: {len(self.paths)} files, {len(self)} clips, "
+      f"{len(self.skipped)} skipped)"
+    )
 
   def clip_location(self, index: int) -> tuple[int, int]:
     """(file number into ``paths``, first source frame) of clip `index`."""

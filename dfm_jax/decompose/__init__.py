@@ -21,9 +21,14 @@ KINDS = DECOMPOSITIONS.names()
 __all__ = ["DECOMPOSITIONS", "KINDS", "Decomposition", "StageStats", "build", "estimate_stats"]
 
 
-def build(kind: str = "laplacian", num_stages: int = 2, *, halve_time: bool = False,
-          stats: StageStats | dict | None = None,
-          level_gaps: Sequence[int] | None = None) -> Decomposition:
+def build(
+  kind: str = "laplacian",
+  num_stages: int = 2,
+  *,
+  halve_time: bool = False,
+  stats: StageStats | dict | None = None,
+  level_gaps: Sequence[int] | None = None,
+) -> Decomposition:
   """Makes a decomposition.
 
   Args:
@@ -35,5 +40,9 @@ def build(kind: str = "laplacian", num_stages: int = 2, *, halve_time: bool = Fa
       (S - 1 entries, default all 1); e.g. ``(2,)`` gives the paper's 256 -> 1024 px split.
   """
   cls = DECOMPOSITIONS.get(kind)
-  return cls(num_stages=num_stages, halve_time=bool(halve_time), stats=stats,
-             level_gaps=tuple(level_gaps) if level_gaps else ())
+  return cls(
+    num_stages=num_stages,
+    halve_time=bool(halve_time),
+    stats=stats,
+    level_gaps=tuple(level_gaps) if level_gaps else (),
+  )

@@ -64,8 +64,9 @@ class Decomposition(abc.ABC):
     if isinstance(self.stats, dict):
       object.__setattr__(self, "stats", StageStats.from_dict(self.stats))
     if self.stats is not None and len(self.stats.mean) != self.num_stages:
-      raise ValueError(f"stats hold {len(self.stats.mean)} stages, decomposition has "
-                       f"{self.num_stages}")
+      raise ValueError(
+        f"stats hold {len(self.stats.mean)} stages, decomposition has {self.num_stages}"
+      )
 
   @property
   def gaps(self) -> tuple[int, ...]:
@@ -83,8 +84,9 @@ class Decomposition(abc.ABC):
       return (1, 2)
     if ndim == 5:
       return (1, 2, 3) if self.halve_time else (2, 3)
-    raise ValueError(f"expected an image batch [B, H, W, C] or a video batch [B, T, H, W, C], "
-                     f"got rank {ndim}")
+    raise ValueError(
+      f"expected an image batch [B, H, W, C] or a video batch [B, T, H, W, C], got rank {ndim}"
+    )
 
   def check_shape(self, shape: Sequence[int], min_stage_size: int | Sequence[int] = 1) -> None:
     """Raises ValueError if ``shape`` cannot be split, naming the shape and sizes that work.
@@ -106,18 +108,21 @@ class Decomposition(abc.ABC):
       nearest = [v for v in (lower, lower + factor) if v > 0]
       what = f"divisible by {factor}"
       if minimum > 1:
-        what += (f" (2^{levels} for {self.num_stages} stages times the coarsest stage's "
-                 f"patch size {minimum})")
+        what += (
+          f" (2^{levels} for {self.num_stages} stages times the coarsest stage's "
+          f"patch size {minimum})"
+        )
       raise ValueError(
-          f"input shape {shape} cannot be split into {self.num_stages} stages "
-          f"({self.kind}): axis {axis} has size {n}, which must be {what}; "
-          f"nearest sizes that work: {', '.join(map(str, nearest))}")
+        f"input shape {shape} cannot be split into {self.num_stages} stages "
+        f"({self.kind}): axis {axis} has size {n}, which must be {what}; "
+        f"nearest sizes that work: {', '.join(map(str, nearest))}"
+      )
 
   def _stage_shape(self, s: int, shape: tuple[int, ...], axes: tuple[int, ...]) -> tuple:
     """Shape of stage s: the input halved ``stage_level(s)`` times along ``axes``."""
     out = list(shape)
     for a in axes:
-      out[a] //= 2**self.stage_level(s)
+      out[a] //= 2 ** self.stage_level(s)
     return tuple(out)
 
   def stage_shapes(self, shape: Sequence[int]) -> tuple[tuple[int, ...], ...]:

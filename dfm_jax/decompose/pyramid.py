@@ -19,21 +19,25 @@ from dfm_jax.decompose.base import DECOMPOSITIONS, Decomposition
 def _bilinear_down(x: jax.Array, axis: int) -> jax.Array:
   """Bilinear x0.5 (no antialiasing, half-pixel centres): mean of each pair along ``axis``."""
   n = x.shape[axis]
-  x = x.reshape(x.shape[:axis] + (n // 2, 2) + x.shape[axis + 1:])
+  x = x.reshape(x.shape[:axis] + (n // 2, 2) + x.shape[axis + 1 :])
   return x.mean(axis=axis + 1)
 
 
 def _bilinear_up(x: jax.Array, axis: int) -> jax.Array:
   """Bilinear x2 with half-pixel centres and clamped edges (PyTorch ``align_corners=False``)."""
   n = x.shape[axis]
-  prev = jnp.concatenate([jax.lax.slice_in_dim(x, 0, 1, axis=axis),
-                          jax.lax.slice_in_dim(x, 0, n - 1, axis=axis)], axis=axis)
-  nxt = jnp.concatenate([jax.lax.slice_in_dim(x, 1, n, axis=axis),
-                         jax.lax.slice_in_dim(x, n - 1, n, axis=axis)], axis=axis)
+  prev = jnp.concatenate(
+    [jax.lax.slice_in_dim(x, 0, 1, axis=axis), jax.lax.slice_in_dim(x, 0, n - 1, axis=axis)],
+    axis=axis,
+  )
+  nxt = jnp.concatenate(
+    [jax.lax.slice_in_dim(x, 1, n, axis=axis), jax.lax.slice_in_dim(x, n - 1, n, axis=axis)],
+    axis=axis,
+  )
   even = 0.75 * x + 0.25 * prev
   odd = 0.75 * x + 0.25 * nxt
   out = jnp.stack([even, odd], axis=axis + 1)
-  return out.reshape(x.shape[:axis] + (2 * n,) + x.shape[axis + 1:])
+  return out.reshape(x.shape[:axis] + (2 * n,) + x.shape[axis + 1 :])
 
 
 @functools.lru_cache(maxsize=None)
@@ -55,8 +59,9 @@ def _dct_resample_matrix(n_in: int, n_out: int) -> np.ndarray:
 
 
 def _apply_along(x: jax.Array, mat: np.ndarray, axis: int) -> jax.Array:
-  out = jnp.tensordot(x, jnp.asarray(mat, x.dtype), axes=[[axis], [1]],
-                      precision=jax.lax.Precision.HIGHEST)
+  out = jnp.tensordot(
+    x, jnp.asarray(mat, x.dtype), axes=[[axis], [1]], precision=jax.lax.Precision.HIGHEST
+  )
   return jnp.moveaxis(out, -1, axis)
 
 

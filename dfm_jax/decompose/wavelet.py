@@ -16,7 +16,7 @@ from dfm_jax.decompose.base import DECOMPOSITIONS, Decomposition
 
 def _haar_analysis(x: jax.Array, axis: int) -> tuple[jax.Array, jax.Array]:
   n = x.shape[axis]
-  x = x.reshape(x.shape[:axis] + (n // 2, 2) + x.shape[axis + 1:])
+  x = x.reshape(x.shape[:axis] + (n // 2, 2) + x.shape[axis + 1 :])
   x0 = jax.lax.index_in_dim(x, 0, axis=axis + 1, keepdims=False)
   x1 = jax.lax.index_in_dim(x, 1, axis=axis + 1, keepdims=False)
   return (x0 + x1) / 2, (x0 - x1) / 2
@@ -24,7 +24,7 @@ def _haar_analysis(x: jax.Array, axis: int) -> tuple[jax.Array, jax.Array]:
 
 def _haar_synthesis(a: jax.Array, d: jax.Array, axis: int) -> jax.Array:
   out = jnp.stack([a + d, a - d], axis=axis + 1)
-  return out.reshape(a.shape[:axis] + (2 * a.shape[axis],) + a.shape[axis + 1:])
+  return out.reshape(a.shape[:axis] + (2 * a.shape[axis],) + a.shape[axis + 1 :])
 
 
 @DECOMPOSITIONS.register("dwt")

@@ -28,29 +28,44 @@ def reference_key(config) -> str:
   """Cache key of the reference set's Inception statistics (data set, split, size, crop)."""
   d = scores.reference_data(config)
   name = d.tfds_name if d.source == "tfds" else os.path.basename(str(d.path)) or d.source
-  return (f"{d.source}-{name}-{config.eval.real_split}-{d.resolution}px-{d.channels}ch-"
-          f"{d.crop}-{config.eval.num_real}")
+  return (
+    f"{d.source}-{name}-{config.eval.real_split}-{d.resolution}px-{d.channels}ch-"
+    f"{d.crop}-{config.eval.num_real}"
+  )
 
 
 def load_reference(config) -> np.ndarray:
   """``eval.num_real`` uint8 reference pictures ``[M, H, W, C]`` (deterministic choice)."""
   data = scores.reference_data(config)
   if not data_lib.source_class(data).pixels:
-    raise ValueError("eval needs pixel reference images: set eval.reference to a pixel data "
-                     "block (e.g. --config.eval.reference.source=folder "
-                     "--config.eval.reference.path=DIR) for a latent run")
-  images, _ = data_lib.load_images(data, int(config.eval.num_real),
-                                   split=config.eval.real_split, seed=1)
+    raise ValueError(
+      "eval needs pixel reference images: set eval.reference to a pixel data "
+      "block (e.g. --config.eval.reference.source=folder "
+      "--config.eval.reference.path=DIR) for a latent run"
+    )
+  images, _ = data_lib.load_images(
+    data, int(config.eval.num_real), split=config.eval.real_split, seed=1
+  )
   return images
 
 
-def score_samples(config, samples: np.ndarray, labels: np.ndarray,
-                  metrics: list[scores.Metric] | None = None, progress: bool = True) -> dict:
+def score_samples(
+  config,
+  samples: np.ndarray,
+  labels: np.ndarray,
+  metrics: list[scores.Metric] | None = None,
+  progress: bool = True,
+) -> dict:
   """Scores samples in the data space (decoded for latent runs); returns the metrics dict."""
   metrics = scores.active_metrics(config) if metrics is None else metrics
-  ctx = scores.EvalContext(config, sampling.to_display(samples, config), labels,
-                           lambda: load_reference(config), ref_key=reference_key(config),
-                           progress=progress)
+  ctx = scores.EvalContext(
+    config,
+    sampling.to_display(samples, config),
+    labels,
+    lambda: load_reference(config),
+    ref_key=reference_key(config),
+    progress=progress,
+  )
   return scores.evaluate(ctx, metrics)
 
 
@@ -58,8 +73,10 @@ def eval_tag(step: int, s) -> str:
   def join(v):
     return "-".join(f"{x:g}" for x in np.ravel(v))
 
-  return (f"step{step}_cfg{join(s.cfg_scale)}_steps{'-'.join(map(str, s.steps_per_stage))}"
-          f"_tau{'-'.join(f'{t:g}' for t in s.thresholds) or 'none'}_{s.solver}")
+  return (
+    f"step{step}_cfg{join(s.cfg_scale)}_steps{'-'.join(map(str, s.steps_per_stage))}"
+    f"_tau{'-'.join(f'{t:g}' for t in s.thresholds) or 'none'}_{s.solver}"
+  )
 
 
 def eval_mode(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -69,8 +86,9 @@ def eval_mode(config: ml_collections.ConfigDict, workdir: str) -> dict:
     raise ValueError("invalid configuration:\n  - " + "\n  - ".join(problems))
   start = time.time()
   run, ema, step = sampling.restore_ema(config, workdir, int(config.sampler.checkpoint_step))
-  samples, labels = sampling.sample_images(run, ema, int(config.eval.num_samples),
-                                           int(config.eval.batch_size), config.seed + 2)
+  samples, labels = sampling.sample_images(
+    run, ema, int(config.eval.num_samples), int(config.eval.batch_size), config.seed + 2
+  )
   sample_seconds = time.time() - start
   metrics = score_samples(config, samples, labels)
   s = config.sampler

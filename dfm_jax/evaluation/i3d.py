@@ -42,8 +42,17 @@ from dfm_jax.evaluation.metrics import feature_statistics, frechet_distance
 from dfm_jax.evaluation.torch_pickle import load_torch_file
 
 __all__ = [
-  "InceptionI3d", "load_i3d", "i3d_params_from_torch", "preprocess", "i3d_features",
-  "fvd_from_features", "ENDPOINTS", "NUM_CLASSES", "FEATURE_DIM", "RESOLUTION", "NUM_FRAMES",
+  "InceptionI3d",
+  "load_i3d",
+  "i3d_params_from_torch",
+  "preprocess",
+  "i3d_features",
+  "fvd_from_features",
+  "ENDPOINTS",
+  "NUM_CLASSES",
+  "FEATURE_DIM",
+  "RESOLUTION",
+  "NUM_FRAMES",
 ]
 
 NUM_CLASSES = 400
@@ -72,28 +81,53 @@ _POOLS = {
   "MaxPool3d_5a_2x2": ((2, 2, 2), (2, 2, 2)),
 }
 ENDPOINTS = (
-  "Conv3d_1a_7x7", "MaxPool3d_2a_3x3", "Conv3d_2b_1x1", "Conv3d_2c_3x3", "MaxPool3d_3a_3x3",
-  "Mixed_3b", "Mixed_3c", "MaxPool3d_4a_3x3", "Mixed_4b", "Mixed_4c", "Mixed_4d", "Mixed_4e",
-  "Mixed_4f", "MaxPool3d_5a_2x2", "Mixed_5b", "Mixed_5c",
+  "Conv3d_1a_7x7",
+  "MaxPool3d_2a_3x3",
+  "Conv3d_2b_1x1",
+  "Conv3d_2c_3x3",
+  "MaxPool3d_3a_3x3",
+  "Mixed_3b",
+  "Mixed_3c",
+  "MaxPool3d_4a_3x3",
+  "Mixed_4b",
+  "Mixed_4c",
+  "Mixed_4d",
+  "Mixed_4e",
+  "Mixed_4f",
+  "MaxPool3d_5a_2x2",
+  "Mixed_5b",
+  "Mixed_5c",
 )
 
 
 def max_pool_same(x: jax.Array, window: tuple[int, ...], strides: tuple[int, ...]) -> jax.Array:
   """TF-'SAME' max pool of ``x`` [B, T, H, W, C] over (T, H, W); output ``ceil(size / stride)``."""
-  return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, *window, 1), (1, *strides, 1),
-                               "SAME")
+  return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, *window, 1), (1, *strides, 1), "SAME")
 
 
 class Unit3D(nnx.Module):
   """Conv3d (no bias unless asked, 'SAME') -> BatchNorm (running stats) -> optional ReLU."""
 
-  def __init__(self, cin: int, cout: int, kernel=(1, 1, 1), strides=(1, 1, 1), *,
-               batch_norm: bool = True, bias: bool = False, relu: bool = True,
-               rngs: nnx.Rngs):
-    self.conv = nnx.Conv(cin, cout, tuple(kernel), strides=tuple(strides), padding="SAME",
-                         use_bias=bias, rngs=rngs)
-    self.bn = (nnx.BatchNorm(cout, use_running_average=True, epsilon=BN_EPS, rngs=rngs)
-               if batch_norm else None)
+  def __init__(
+    self,
+    cin: int,
+    cout: int,
+    kernel=(1, 1, 1),
+    strides=(1, 1, 1),
+    *,
+    batch_norm: bool = True,
+    bias: bool = False,
+    relu: bool = True,
+    rngs: nnx.Rngs,
+  ):
+    self.conv = nnx.Conv(
+      cin, cout, tuple(kernel), strides=tuple(strides), padding="SAME", use_bias=bias, rngs=rngs
+    )
+    self.bn = (
+      nnx.BatchNorm(cout, use_running_average=True, epsilon=BN_EPS, rngs=rngs)
+      if batch_norm
+      else None
+    )
     self.relu = relu
 
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -120,14 +154,14 @@ class InceptionModule(nnx.Module):
     """[B, T, H, W, cin] -> [B, T, H, W, w0 + w1b + w2b + w3b]."""
     pooled = max_pool_same(x, (3, 3, 3), (1, 1, 1))
     return jnp.concatenate(
-      [self.b0(x), self.b1b(self.b1a(x)), self.b2b(self.b2a(x)), self.b3b(pooled)], axis=-1)
+      [self.b0(x), self.b1b(self.b1a(x)), self.b2b(self.b2a(x)), self.b3b(pooled)], axis=-1
+    )
 
 
 class InceptionI3d(nnx.Module):
   """Inception-v1 I3D with 400 Kinetics logits; attribute names follow the PyTorch state dict."""
 
-  def __init__(self, num_classes: int = NUM_CLASSES, in_channels: int = 3, *,
-               rngs: nnx.Rngs):
+  def __init__(self, num_classes: int = NUM_CLASSES, in_channels: int = 3, *, rngs: nnx.Rngs):
     self.Conv3d_1a_7x7 = Unit3D(in_channels, 64, (7, 7, 7), (2, 2, 2), rngs=rngs)
     self.Conv3d_2b_1x1 = Unit3D(64, 64, rngs=rngs)
     self.Conv3d_2c_3x3 = Unit3D(64, 192, (3, 3, 3), rngs=rngs)
@@ -142,7 +176,7 @@ class InceptionI3d(nnx.Module):
     """
     if endpoint not in ENDPOINTS:
       raise ValueError(f"unknown endpoint {endpoint!r}; expected one of {ENDPOINTS}")
-    for name in ENDPOINTS[:ENDPOINTS.index(endpoint) + 1]:
+    for name in ENDPOINTS[: ENDPOINTS.index(endpoint) + 1]:
       x = max_pool_same(x, *_POOLS[name]) if name in _POOLS else getattr(self, name)(x)
     return x
 
@@ -158,8 +192,10 @@ class InceptionI3d(nnx.Module):
     if output == "pre_pool":
       return x
     if x.shape[1] < 2 or x.shape[2] < 7 or x.shape[3] < 7:
-      raise ValueError(f"I3D needs T >= 9 frames and H, W >= 193 pixels for its [2, 7, 7] "
-                       f"average pool; the Mixed_5c map is {x.shape[1:4]}")
+      raise ValueError(
+        f"I3D needs T >= 9 frames and H, W >= 193 pixels for its [2, 7, 7] "
+        f"average pool; the Mixed_5c map is {x.shape[1:4]}"
+      )
     x = jax.lax.reduce_window(x, 0.0, jax.lax.add, (1, 2, 7, 7, 1), (1,) * 5, "VALID") / 98.0
     if output == "pool":
       return x.mean(axis=(1, 2, 3))
@@ -180,8 +216,11 @@ def _torch_name(path: tuple[str, ...]) -> str:
 
 def _fill_state(state: nnx.State, state_dict: dict[str, np.ndarray]) -> None:
   """Replaces every leaf of an I3D `state` (concrete or abstract) by its state-dict array."""
-  sd = {k.removeprefix("module."): v for k, v in state_dict.items()
-        if not k.endswith("num_batches_tracked")}
+  sd = {
+    k.removeprefix("module."): v
+    for k, v in state_dict.items()
+    if not k.endswith("num_batches_tracked")
+  }
   missing, shapes, used = [], [], set()
 
   def convert(path, leaf):
@@ -205,7 +244,8 @@ def _fill_state(state: nnx.State, state_dict: dict[str, np.ndarray]) -> None:
     raise ValueError(
       "not a cd-fvd/pytorch-i3d InceptionI3d(400) state dict (i3d_pretrained_400.pt layout): "
       f"{len(missing)} missing {missing[:5]}, {len(unexpected)} unexpected {unexpected[:5]}, "
-      f"shape mismatches {shapes[:5]}")
+      f"shape mismatches {shapes[:5]}"
+    )
   nnx.replace_by_pure_dict(state, pure)
 
 
@@ -225,8 +265,7 @@ def load_i3d(path: str | os.PathLike, num_classes: int = NUM_CLASSES) -> Incepti
   The file is read without executing code (``torch_pickle.load_torch_file``); the model is
   built abstractly (no random initialisation) and filled from the file.
   """
-  graphdef, state = nnx.split(
-    nnx.eval_shape(lambda: InceptionI3d(num_classes, rngs=nnx.Rngs(0))))
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: InceptionI3d(num_classes, rngs=nnx.Rngs(0))))
   _fill_state(state, load_torch_file(path))
   return nnx.merge(graphdef, state)
 
@@ -253,9 +292,13 @@ def _features(graphdef, state, videos, output: str, size: tuple[int, int]) -> ja
   return model(preprocess(videos, size), output=output)
 
 
-def i3d_features(model: InceptionI3d, videos: np.ndarray, batch_size: int = 8,
-                 output: str = "logits", size: tuple[int, int] = (RESOLUTION, RESOLUTION)
-                 ) -> np.ndarray:
+def i3d_features(
+  model: InceptionI3d,
+  videos: np.ndarray,
+  batch_size: int = 8,
+  output: str = "logits",
+  size: tuple[int, int] = (RESOLUTION, RESOLUTION),
+) -> np.ndarray:
   """FVD features of ``videos`` uint8 [N, T, H, W, C] (C in 1, 3).
 
   Returns:
@@ -268,10 +311,10 @@ def i3d_features(model: InceptionI3d, videos: np.ndarray, batch_size: int = 8,
   graphdef, state = nnx.split(model)
   outs = []
   for start in range(0, len(videos), batch_size):
-    chunk = videos[start:start + batch_size]
+    chunk = videos[start : start + batch_size]
     pad = np.zeros((batch_size - len(chunk), *videos.shape[1:]), videos.dtype)
     out = _features(graphdef, state, np.concatenate([chunk, pad]), output, tuple(size))
-    outs.append(np.asarray(out)[:len(chunk)])
+    outs.append(np.asarray(out)[: len(chunk)])
   dim = NUM_CLASSES if output == "logits" else FEATURE_DIM
   return np.concatenate(outs) if outs else np.zeros((0, dim), np.float32)
 

@@ -26,7 +26,10 @@ import numpy as np
 import scipy.stats
 
 __all__ = [
-  "center_of_mass", "trajectory_stats", "motion_consistency", "crop_around_centroid",
+  "center_of_mass",
+  "trajectory_stats",
+  "motion_consistency",
+  "crop_around_centroid",
   "per_frame_accuracy",
 ]
 
@@ -109,8 +112,9 @@ def crop_around_centroid(videos: np.ndarray, size: int = 32) -> np.ndarray:
   return padded[ni, ti, rows[..., :, None], cols[..., None, :]]
 
 
-def per_frame_accuracy(classifier, videos: np.ndarray, labels: np.ndarray
-                       ) -> dict[str, np.ndarray | float]:
+def per_frame_accuracy(
+  classifier, videos: np.ndarray, labels: np.ndarray
+) -> dict[str, np.ndarray | float]:
   """Fraction of frames classified as their video's label.
 
   Args:
@@ -129,5 +133,8 @@ def per_frame_accuracy(classifier, videos: np.ndarray, labels: np.ndarray
   n, t = v.shape[:2]
   crops = crop_around_centroid(v, 32).reshape(n * t, 32, 32, 1)
   correct = (classifier.predict(crops).reshape(n, t) == labels[:, None]).astype(np.float64)
-  return {"accuracy": float(correct.mean()), "per_frame": correct.mean(axis=0),
-          "per_video": correct.mean(axis=1)}
+  return {
+    "accuracy": float(correct.mean()),
+    "per_frame": correct.mean(axis=0),
+    "per_video": correct.mean(axis=1),
+  }

@@ -79,9 +79,13 @@ def _inception(ctx: EvalContext) -> dict:
 
   def run():
     real = None if _ref_cached(ctx.ref_key) else ctx.real()
-    return fid_features.compute_metrics(ctx.fake, real, ref_key=ctx.ref_key,
-                                        batch_size=int(ctx.config.eval.get("inception_batch", 50)),
-                                        progress=ctx.progress)
+    return fid_features.compute_metrics(
+      ctx.fake,
+      real,
+      ref_key=ctx.ref_key,
+      batch_size=int(ctx.config.eval.get("inception_batch", 50)),
+      progress=ctx.progress,
+    )
 
   return ctx.cached("inception", run)
 
@@ -147,8 +151,10 @@ class FDD(Metric):
   def check_config(cls, config) -> list[str]:
     path = config.eval.get("fdd_weights", "")
     if path and not os.path.isfile(path):
-      return [f"eval.fdd_weights: file {path!r} does not exist (an official DINOv2 checkpoint, "
-              "e.g. dinov2_vitl14_pretrain.pth)"]
+      return [
+        f"eval.fdd_weights: file {path!r} does not exist (an official DINOv2 checkpoint, "
+        "e.g. dinov2_vitl14_pretrain.pth)"
+      ]
     return []
 
   def compute(self, ctx):
@@ -172,15 +178,16 @@ class ClassifierScores(Metric):
 
   def compute(self, ctx):
     from dfm_jax import data as data_lib  # pylint: disable=g-import-not-at-top
-    from dfm_jax.evaluation import classifier as classifier_lib  # pylint: disable=g-import-not-at-top
+    from dfm_jax.evaluation import classifier as classifier_lib
 
     data = reference_data(ctx.config)
     n = data_lib.dataset_size(data)
     train_images, train_labels = data_lib.load_images(data, n, seed=0)
     clf = classifier_lib.get_classifier(ctx.config.eval.classifier, train_images, train_labels)
-    return {"classifier_accuracy": float(clf.accuracy(ctx.fake, ctx.labels)),
-            "classifier_fd": float(classifier_lib.classifier_frechet_distance(
-                clf, ctx.fake, ctx.real()))}
+    return {
+      "classifier_accuracy": float(clf.accuracy(ctx.fake, ctx.labels)),
+      "classifier_fd": float(classifier_lib.classifier_frechet_distance(clf, ctx.fake, ctx.real())),
+    }
 
 
 # -------------------------------------------------------------------------------------------
@@ -227,15 +234,25 @@ class FrameFID(Metric):
 
     keep = int(ctx.config.eval.get("frame_fid_frames", 0))
     ref = reference_data(ctx.config)
-    clip = (f"T{ctx.fake.shape[1]}s{ref.get('frame_stride', 1)}d{ref.get('num_digits', 1)}"
-            f"-frames{keep}")
+    clip = (
+      f"T{ctx.fake.shape[1]}s{ref.get('frame_stride', 1)}d{ref.get('num_digits', 1)}-frames{keep}"
+    )
     key = None if ctx.ref_key is None else f"{ctx.ref_key}-{clip}"
     real = None if _ref_cached(key) else video_frames(ctx.real(), keep)
-    r = fid_features.compute_metrics(video_frames(ctx.fake, keep), real, ref_key=key,
-                                     batch_size=int(ctx.config.eval.get("inception_batch", 50)),
-                                     progress=ctx.progress)
-    return {"frame_fid": r["fid"], "frame_kid": r["kid"], "frame_kid_std": r["kid_std"],
-            "frame_fid_num_fake": r["num_fake"], "frame_fid_num_real": r["num_real"]}
+    r = fid_features.compute_metrics(
+      video_frames(ctx.fake, keep),
+      real,
+      ref_key=key,
+      batch_size=int(ctx.config.eval.get("inception_batch", 50)),
+      progress=ctx.progress,
+    )
+    return {
+      "frame_fid": r["fid"],
+      "frame_kid": r["kid"],
+      "frame_kid_std": r["kid_std"],
+      "frame_fid_num_fake": r["num_fake"],
+      "frame_fid_num_real": r["num_real"],
+    }
 
 
 def fvd_clips(videos: np.ndarray, frames: int = 16) -> np.ndarray:
@@ -266,8 +283,10 @@ class FVD(Metric):
   def check_config(cls, config) -> list[str]:
     path = config.eval.get("i3d_weights", "")
     if path and not os.path.isfile(path):
-      return [f"eval.i3d_weights: file {path!r} does not exist (the Kinetics-400 I3D state "
-              "dict i3d_pretrained_400.pt)"]
+      return [
+        f"eval.i3d_weights: file {path!r} does not exist (the Kinetics-400 I3D state "
+        "dict i3d_pretrained_400.pt)"
+      ]
     return []
 
   def compute(self, ctx):
@@ -277,8 +296,12 @@ class FVD(Metric):
     batch = int(ctx.config.eval.get("i3d_batch", 8))
     fake = i3d.i3d_features(model, fvd_clips(ctx.fake, i3d.NUM_FRAMES), batch)
     real = i3d.i3d_features(model, fvd_clips(ctx.real(), i3d.NUM_FRAMES), batch)
-    return {"fvd": float(i3d.fvd_from_features(fake, real)), "fvd_num_fake": len(fake),
-            "fvd_num_real": len(real), "fvd_source_frames": int(ctx.fake.shape[1])}
+    return {
+      "fvd": float(i3d.fvd_from_features(fake, real)),
+      "fvd_num_fake": len(fake),
+      "fvd_num_real": len(real),
+      "fvd_source_frames": int(ctx.fake.shape[1]),
+    }
 
 
 def digit_classifier(config):
@@ -289,8 +312,9 @@ def digit_classifier(config):
 
   digits = data_lib.default_data_config()  # mnist5k at 32 px, padded
   images, labels = data_lib.load_images(digits, data_lib.dataset_size(digits), seed=0)
-  return classifier_lib.get_classifier(config.eval.get("classifier", "") or "mnist5k", images,
-                                       labels)
+  return classifier_lib.get_classifier(
+    config.eval.get("classifier", "") or "mnist5k", images, labels
+  )
 
 
 @METRICS.register("motion")
@@ -307,8 +331,10 @@ class MotionScores(Metric):
   @classmethod
   def check_config(cls, config) -> list[str]:
     if cls.enabled(config) and int(config.data.frames) < 3:
-      return [f"eval.metrics: 'motion' needs clips of at least 3 frames, data.frames is "
-              f"{config.data.frames}"]
+      return [
+        f"eval.metrics: 'motion' needs clips of at least 3 frames, data.frames is "
+        f"{config.data.frames}"
+      ]
     return []
 
   def compute(self, ctx):
@@ -320,8 +346,9 @@ class MotionScores(Metric):
       return out
     clf = ctx.cached("digit_classifier", lambda: digit_classifier(ctx.config))
     out["frame_accuracy"] = motion.per_frame_accuracy(clf, ctx.fake, ctx.labels)["accuracy"]
-    real, labels = data_lib.load_images(reference_data(ctx.config), len(ctx.real()),
-                                        split=ctx.config.eval.real_split, seed=1)
+    real, labels = data_lib.load_images(
+      reference_data(ctx.config), len(ctx.real()), split=ctx.config.eval.real_split, seed=1
+    )
     out["real_frame_accuracy"] = motion.per_frame_accuracy(clf, real, labels)["accuracy"]
     return out
 
@@ -337,8 +364,7 @@ def reference_data(config):
 
 def active_metrics(config) -> list[Metric]:
   """Instances of the enabled metrics of ``config.eval.metrics``, in order."""
-  return [METRICS.get(name)() for name in config.eval.metrics
-          if METRICS.get(name).enabled(config)]
+  return [METRICS.get(name)() for name in config.eval.metrics if METRICS.get(name).enabled(config)]
 
 
 def check_metrics_config(config) -> list[str]:

@@ -36,8 +36,16 @@ class Method(abc.ABC):
     return []
 
   @abc.abstractmethod
-  def loss(self, model, key: jax.Array, data: jax.Array, labels: jax.Array, *,
-           label_dropout: float, stage_weights=None) -> tuple[jax.Array, dict[str, Any]]:
+  def loss(
+    self,
+    model,
+    key: jax.Array,
+    data: jax.Array,
+    labels: jax.Array,
+    *,
+    label_dropout: float,
+    stage_weights=None,
+  ) -> tuple[jax.Array, dict[str, Any]]:
     """One Monte-Carlo estimate of the training loss.
 
     Args:
@@ -50,8 +58,14 @@ class Method(abc.ABC):
     """
 
   @abc.abstractmethod
-  def sample(self, model, key: jax.Array, labels: jax.Array, sampler_cfg: "SamplerConfig",
-             previews: bool = False) -> dict[str, Any]:
+  def sample(
+    self,
+    model,
+    key: jax.Array,
+    labels: jax.Array,
+    sampler_cfg: "SamplerConfig",
+    previews: bool = False,
+  ) -> dict[str, Any]:
     """Samples from noise to data; traceable (the caller jits it).
 
     Returns a dict with ``images`` ``[B, H, W, C]`` in the data space, ``nfe`` (int32 model

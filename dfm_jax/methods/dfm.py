@@ -26,14 +26,30 @@ class DecomposableFlowMatching(Method):
     if hasattr(model, "loss_weights"):
       extra["loss_weight_fn"] = model.loss_weights
     return flow.dfm_training_loss(
-        velocity_fn(model), key, stages, labels, exp.timesteps, null_label=exp.null_label,
-        label_dropout=label_dropout, stage_weights=stage_weights, **extra)
+      velocity_fn(model),
+      key,
+      stages,
+      labels,
+      exp.timesteps,
+      null_label=exp.null_label,
+      label_dropout=label_dropout,
+      stage_weights=stage_weights,
+      **extra,
+    )
 
   def sample(self, model, key, labels, sampler_cfg, previews=False):
     exp = self.exp
     keys = jax.random.split(key, exp.decomposition.num_stages)
-    noise = tuple(jax.random.normal(k, (labels.shape[0],) + shape, jnp.float32)
-                  for k, shape in zip(keys, exp.model.stage_shapes))
-    return sampler_lib.sample(velocity_fn(model), noise, labels, sampler_cfg,
-                              null_label=exp.null_label, decomposition=exp.decomposition,
-                              previews=previews)
+    noise = tuple(
+      jax.random.normal(k, (labels.shape[0],) + shape, jnp.float32)
+      for k, shape in zip(keys, exp.model.stage_shapes)
+    )
+    return sampler_lib.sample(
+      velocity_fn(model),
+      noise,
+      labels,
+      sampler_cfg,
+      null_label=exp.null_label,
+      decomposition=exp.decomposition,
+      previews=previews,
+    )

@@ -18,6 +18,8 @@ class FlowMatching(DecomposableFlowMatching):
   @classmethod
   def check_config(cls, config) -> list[str]:
     if int(config.decomposition.num_stages) != 1:
-      return [f"method 'fm' trains one stage, but decomposition.num_stages is "
-              f"{config.decomposition.num_stages} (use the config's ':fm' twin)"]
+      return [
+        f"method 'fm' trains one stage, but decomposition.num_stages is "
+        f"{config.decomposition.num_stages} (use the config's ':fm' twin)"
+      ]
     return []
