@@ -10,7 +10,8 @@ reference statistics come from the training split.
   python bench/quality.py --config=configs/fashion_mnist.py --workdir=workdirs/quality \
       --steps=2000 --eval-samples=1000 --cfgs=1.0,1.5 --seeds=0,1
 
-Resumable per run: a finished (row, seed) training is a no-op, and evaluations already in
+Resumable per run: training checkpoints every 250 steps and resumes, a finished (row, seed)
+training is a no-op, and evaluations already in
 ``<workdir>/<row>/seed<k>/eval/`` with the same step, sample count and sampler settings are read
 back. ``results.json`` is rewritten after every evaluation, so a partial run still reports. Rows
 run in the order below (the headline pair first), and ``--rows`` picks a subset.
@@ -194,7 +195,7 @@ def main():
         workdir,
         ov,
         f"--config.total_steps={args.steps}",
-        f"--config.checkpoint_every={args.steps}",
+        f"--config.checkpoint_every={min(args.steps, 250)}",
         f"--config.sample_every={args.steps}",
       )
     )
