@@ -130,9 +130,21 @@ def parse_flags(argv: list[str]) -> list[str]:
   return rest
 
 
+def _quiet_unraisable(unraisable) -> None:
+  """Drops the "Event loop is closed" noise that Orbax's background thread can print after a
+  damaged checkpoint failed to restore (the run goes on with the previous step); anything else
+  goes to Python's default hook."""
+  exc = unraisable.exc_value
+  if isinstance(exc, RuntimeError) and "Event loop is closed" in str(exc):
+    return
+  sys.__unraisablehook__(unraisable)
+
+
 def run():
   logging.set_verbosity(logging.INFO)
   logging.get_absl_handler().addFilter(_QuietLibraries())
+  if os.environ.get("DFM_JAX_DEBUG", "") in ("", "0") and "--debug" not in sys.argv:
+    sys.unraisablehook = _quiet_unraisable
   app.run(main, flags_parser=parse_flags)
 
 
