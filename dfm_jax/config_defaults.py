@@ -56,7 +56,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.pos_embed = "rope"  # rope | sincos
   c.model.stage_index_embed = True
   c.model.dtype = "float32"  # float32 | bfloat16 (compute; parameters stay float32)
-  c.model.remat = False
+  # Rematerialisation of each block: none | full (recompute the block in the backward pass) |
+  # dots_saveable | dots_with_no_batch_dims_saveable | save_attention_out (keep only those).
+  c.model.remat_policy = "none"
+  c.model.remat = False  # deprecated alias: True with remat_policy 'none' means 'full'
+  # auto | xla | cudnn (GPU, bfloat16, head_dim % 8 == 0 and <= 128) | splash (TPU Pallas
+  # kernel, token count and head_dim multiples of 128). auto: the platform's fused kernel where
+  # it applies, else XLA (always XLA on CPUs).
+  c.model.attention = "auto"
   c.model.scan_unroll = 1  # blocks per scan iteration (depth: fully unrolled)
   # Per-stage EDM-style input/output scaling (paper appendix A.1) from per-stage data mean and
   # std, estimated at the start of training from decomposition.stats_batches batches and saved
@@ -83,6 +90,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.weight_decay = 0.01
   c.optim.grad_clip = 1.0
   c.optim.ema_decay = 0.9999
+  # Microbatches per step: the global batch is split into this many (scanned one after the
+  # other), their gradients and metrics averaged, and one update applied. batch_size must be
+  # divisible by grad_accum_steps x the data-parallel devices (mesh data x fsdp).
+  c.optim.grad_accum_steps = 1
 
   c.sampler = ml_collections.ConfigDict()
   c.sampler.steps_per_stage = (30, 10)
@@ -122,9 +133,14 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.shape = (-1, 1, 1)  # (data, fsdp, tensor); one axis may be -1
-  # Logical parameter axes -> mesh axes. FSDP shards 'embed' over 'fsdp'; tensor parallelism
-  # shards 'mlp' and 'heads' over 'tensor'.
+  # Logical axes -> mesh axes. FSDP shards 'embed' over 'fsdp'; tensor parallelism shards
+  # 'mlp' and 'heads' over 'tensor'. The activation names: the token activations [B, N, D] in
+  # the blocks are constrained to (batch, tokens, embed_act), batch split over data x fsdp and
+  # the rest replicated (under a mesh; a batch they do not divide is left unconstrained).
   c.mesh.axis_rules = (
+    ("batch", ("data", "fsdp")),
+    ("tokens", None),
+    ("embed_act", None),
     ("embed", "fsdp"),
     ("mlp", "tensor"),
     ("heads", "tensor"),
@@ -156,7 +172,7 @@ def paper_imagenet_config() -> ml_collections.ConfigDict:
   c.model.pos_embed = "rope"
   c.model.stage_index_embed = True
   c.model.dtype = "bfloat16"
-  c.model.remat = True
+  c.model.remat_policy = "full"
   c.flow.stage_probs = (0.9, 0.1)
   c.flow.main_loc = 0.0
   c.flow.early_loc = 1.5
@@ -261,6 +277,8 @@ def runlocal(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.model.num_heads = 2
   c.model.dtype = "float32"
   c.model.remat = False
+  c.model.remat_policy = "none"
+  c.optim.grad_accum_steps = 1
   c.optim.warmup_steps = 2
   c.decomposition.stats_batches = 2
   stages = len(c.sampler.steps_per_stage)

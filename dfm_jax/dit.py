@@ -24,12 +24,44 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
-from dfm_jax import positions, precondition
+from dfm_jax import positions, precondition, sharding
 
 # Standard DiT sizes: (hidden size, depth, heads).
 SIZES = {"S": (384, 12, 6), "B": (768, 12, 12), "L": (1024, 24, 16), "XL": (1152, 28, 16)}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+# Attention implementations (``model.attention``): 'xla' is jax.nn.dot_product_attention's XLA
+# path; 'cudnn' its cuDNN fused kernel (GPUs, bfloat16, head_dim a multiple of 8 up to 128);
+# 'splash' the Pallas TPU splash-attention kernel (TPUs, token count and head_dim multiples of
+# 128); 'auto' picks the fused kernel of the platform where its constraints hold, else 'xla'.
+ATTENTIONS = ("auto", "xla", "cudnn", "splash")
+# Rematerialisation of each scanned block (``model.remat_policy``): 'none' keeps every
+# activation for the backward pass; 'full' recomputes the whole block; the others save only
+# what the named jax.checkpoint_policies policy keeps (matmul outputs; matmul outputs without a
+# batch dimension, i.e. not the attention logits; the attention output 'attention_out').
+REMAT_POLICIES = (
+  "none",
+  "full",
+  "dots_saveable",
+  "dots_with_no_batch_dims_saveable",
+  "save_attention_out",
+)
+# Logical names of the token activations [B, N, D] inside the blocks (see mesh.axis_rules).
+ACTIVATION_AXES = ("batch", "tokens", "embed_act")
+SPLASH_MULTIPLE = 128  # splash attention: token count and head_dim multiples of this
+
+
+def remat_policy_fn(name: str):
+  """The ``jax.checkpoint`` policy of a ``REMAT_POLICIES`` name ('full': save nothing)."""
+  policies = jax.checkpoint_policies
+  return {
+    "full": policies.nothing_saveable,
+    "dots_saveable": policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": policies.dots_with_no_batch_dims_saveable,
+    "save_attention_out": policies.save_only_these_names("attention_out"),
+  }[name]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,7 +78,15 @@ class DiTConfig:
   pos_embed: str = "rope"  # 'rope' or 'sincos'
   stage_index_embed: bool = True
   dtype: str = "float32"  # compute dtype; parameters, norms and residuals stay float32
+  # Deprecated alias: remat=True with remat_policy 'none' means remat_policy 'full'; after
+  # construction remat is True exactly when remat_policy is not 'none'.
   remat: bool = False
+  remat_policy: str = "none"  # one of REMAT_POLICIES
+  attention: str = "auto"  # one of ATTENTIONS
+  # (logical name, mesh axis or axes or None) pairs, e.g. mesh.axis_rules: the token activations
+  # [B, N, D] are constrained to ACTIVATION_AXES mapped through them, under a mesh only. () (or
+  # rules without those names): no constraint.
+  activation_rules: tuple = ()
   # Blocks per scan iteration. XLA's cost analysis counts a loop body once, so FLOP counts
   # need scan_unroll = depth (benchmarks do this); training leaves it at 1.
   scan_unroll: int = 1
@@ -60,6 +100,20 @@ class DiTConfig:
     object.__setattr__(
       self, "stage_shapes", tuple(tuple(int(d) for d in s) for s in self.stage_shapes)
     )
+    rules = tuple(
+      (str(name), tuple(axis) if isinstance(axis, (tuple, list)) else axis)
+      for name, axis in self.activation_rules
+    )
+    object.__setattr__(self, "activation_rules", rules)
+    if self.remat_policy not in REMAT_POLICIES:
+      raise ValueError(
+        f"remat_policy must be one of {', '.join(REMAT_POLICIES)}, got {self.remat_policy!r}"
+      )
+    if self.remat and self.remat_policy == "none":
+      object.__setattr__(self, "remat_policy", "full")
+    object.__setattr__(self, "remat", self.remat_policy != "none")
+    if self.attention not in ATTENTIONS:
+      raise ValueError(f"attention must be one of {', '.join(ATTENTIONS)}, got {self.attention!r}")
     if self.pos_embed not in ("rope", "sincos"):
       raise ValueError(f"pos_embed must be 'rope' or 'sincos', got {self.pos_embed!r}")
     if self.dtype not in DTYPES:
@@ -73,10 +127,130 @@ class DiTConfig:
         f"scan_unroll must be a positive divisor of depth {self.depth}, got {self.scan_unroll}"
       )
     token_layout(self.stage_shapes, self.patch_size)  # validates the patch geometry
+    if self.attention in ("cudnn", "splash"):
+      why = attention_unsupported(self, self.attention)
+      if why:
+        raise ValueError(f"attention {self.attention!r} does not apply to this model: {why}")
 
   @property
   def num_stages(self) -> int:
     return len(self.stage_shapes)
+
+  @property
+  def head_dim(self) -> int:
+    return self.hidden_size // self.num_heads
+
+  @property
+  def num_tokens(self) -> int:
+    return int(np.prod(token_layout(self.stage_shapes, self.patch_size)[0]))
+
+
+ATTENTION_PLATFORMS = {"cudnn": ("gpu", "cuda"), "splash": ("tpu",)}
+
+
+def attention_unsupported(cfg: DiTConfig, impl: str) -> str:
+  """Why the kernel ``impl`` cannot run this model's attention ('' when it can; platform aside)."""
+  if impl == "cudnn":
+    if cfg.dtype != "bfloat16":
+      return f"cuDNN attention needs model.dtype 'bfloat16', got {cfg.dtype!r}"
+    if cfg.head_dim % 8 or cfg.head_dim > 128:
+      return f"cuDNN attention needs head_dim a multiple of 8 up to 128, got {cfg.head_dim}"
+  if impl == "splash":
+    m = SPLASH_MULTIPLE
+    if cfg.head_dim % m:
+      return f"splash attention needs head_dim a multiple of {m}, got {cfg.head_dim}"
+    if cfg.num_tokens % m:
+      return f"splash attention needs a token count that is a multiple of {m}, got {cfg.num_tokens}"
+  return ""
+
+
+def check_attention_platform(attention: str, platform: str) -> None:
+  """Raises ValueError when ``attention`` (explicit 'cudnn' / 'splash') cannot run on the
+  devices' ``platform`` ('cpu', 'gpu', 'cuda', 'tpu', ...)."""
+  allowed = ATTENTION_PLATFORMS.get(attention)
+  if allowed and platform not in allowed:
+    raise ValueError(
+      f"model.attention {attention!r} runs on {' / '.join(allowed)} devices only, these are "
+      f"{platform!r}: use 'auto' (the platform's fused kernel where it applies, else XLA) or 'xla'"
+    )
+
+
+def _platform() -> str:
+  """The platform of the devices being compiled for: the current mesh's (``jax.set_mesh``, also
+  compile-only TPU devices; read from the abstract mesh, which works inside a trace), else the
+  default backend."""
+  device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+  return device.platform if device is not None else jax.default_backend()
+
+
+def resolve_attention(cfg: DiTConfig, platform: str | None = None) -> str:
+  """The implementation used on ``platform`` (default: :func:`_platform`): 'auto' becomes
+  'splash' on TPUs and 'cudnn' on GPUs where :func:`attention_unsupported` allows, else 'xla'."""
+  platform = platform or _platform()
+  if cfg.attention != "auto":
+    check_attention_platform(cfg.attention, platform)
+    return cfg.attention
+  for impl, platforms in ATTENTION_PLATFORMS.items():
+    if platform in platforms and not attention_unsupported(cfg, impl):
+      return impl
+  return "xla"
+
+
+def splash_attention(q, k, v, *, interpret: bool = False) -> jax.Array:
+  """Non-causal attention ``q, k, v [B, N, H, hd] -> [B, N, H, hd]`` with the Pallas TPU splash
+  kernel (N and hd multiples of 128). Under a mesh the kernel runs in a ``shard_map`` with the
+  batch split over (data, fsdp) and the heads over tensor where those divide; ``interpret`` runs
+  the kernel in the Pallas interpreter (any platform, for tests)."""
+  from jax.experimental.pallas.ops.tpu.splash_attention import (  # pylint: disable=g-import-not-at-top
+    splash_attention_kernel as sk,
+    splash_attention_mask as sm,
+  )
+
+  b, n, h, hd = q.shape
+  block = min(512, n) if n % min(512, n) == 0 else SPLASH_MULTIPLE
+  sizes = sk.BlockSizes(
+    block_q=block,
+    block_kv=block,
+    block_kv_compute=block,
+    block_q_dkv=block,
+    block_kv_dkv=block,
+    block_kv_dkv_compute=block,
+    block_q_dq=block,
+    block_kv_dq=block,
+  )
+
+  def local(q, k, v):
+    heads = q.shape[2]
+    mask = sm.MultiHeadMask([sm.FullMask((n, n)) for _ in range(heads)])
+    kernel = sk.make_splash_mha(
+      mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret
+    )
+    # The kernel takes one example [H, N, hd] and does not scale the logits.
+    qt, kt, vt = (jnp.swapaxes(a, 1, 2) for a in (q * (hd**-0.5), k, v))
+    return jnp.swapaxes(jax.vmap(kernel)(qt, kt, vt), 1, 2)
+
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return local(q, k, v)
+  spec = sharding.activation_spec(
+    ("batch", None, "heads_act", None),
+    q.shape,
+    (("batch", sharding.BATCH_AXES), ("heads_act", "tensor")),
+    mesh,
+    undivisible=None,
+  )
+  return jax.shard_map(local, in_specs=(spec,) * 3, out_specs=spec, check_vma=False)(q, k, v)
+
+
+def constrain_activations(x: jax.Array, cfg: DiTConfig) -> jax.Array:
+  """``x [B, N, D]`` under ``with_sharding_constraint`` to ``ACTIVATION_AXES`` mapped through
+  ``cfg.activation_rules``; unchanged outside a mesh or without rules for those names."""
+  rules = dict(cfg.activation_rules)
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or not any(name in rules for name in ACTIVATION_AXES):
+    return x
+  spec = sharding.activation_spec(ACTIVATION_AXES, x.shape, cfg.activation_rules, mesh)
+  return jax.lax.with_sharding_constraint(x, spec)
 
   @classmethod
   def from_size(cls, size: str, **kw) -> "DiTConfig":
@@ -198,6 +372,7 @@ class Attention(nnx.Module):
   def __init__(self, cfg: DiTConfig, rngs: nnx.Rngs):
     dtype = DTYPES[cfg.dtype]
     self.num_heads = cfg.num_heads
+    self.cfg = cfg
     self.qkv = _dense(rngs, cfg.hidden_size, 3 * cfg.hidden_size, ("embed", "heads"), dtype=dtype)
     self.proj = _dense(rngs, cfg.hidden_size, cfg.hidden_size, ("heads", "embed"), dtype=dtype)
 
@@ -209,7 +384,12 @@ class Attention(nnx.Module):
     if rope is not None:
       q = positions.apply_rope(q, *rope)
       k = positions.apply_rope(k, *rope)
-    out = jax.nn.dot_product_attention(q, k, v)
+    impl = resolve_attention(self.cfg)
+    if impl == "splash":
+      out = splash_attention(q, k, v)
+    else:
+      out = jax.nn.dot_product_attention(q, k, v, implementation=impl)
+    out = checkpoint_name(out, "attention_out")
     return self.proj(out.reshape(b, n, d))
 
 
@@ -407,10 +587,12 @@ class DFMDiT(nnx.Module):
 
     def apply_block(x, params):
       with jax.named_scope("dit_block"):
-        return nnx.merge(block_def, params)(x, c, rope), None
+        x = constrain_activations(x, cfg)
+        x = nnx.merge(block_def, params)(x, c, rope)
+        return constrain_activations(x, cfg), None
 
-    if cfg.remat:
-      apply_block = jax.checkpoint(apply_block)
+    if cfg.remat_policy != "none":
+      apply_block = jax.checkpoint(apply_block, policy=remat_policy_fn(cfg.remat_policy))
     x, _ = jax.lax.scan(apply_block, x, block_params, unroll=cfg.scan_unroll)
     out = []
     with jax.named_scope("stage_heads"):

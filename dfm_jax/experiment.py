@@ -84,12 +84,16 @@ def mesh_shape(config, num_devices: int) -> tuple[int, int, int]:
 
 
 def from_config(
-  config: ml_collections.ConfigDict, num_devices: int = 1, check_data: bool = True
+  config: ml_collections.ConfigDict,
+  num_devices: int = 1,
+  check_data: bool = True,
+  platform: str | None = None,
 ) -> Experiment:
   """Validates ``config`` and builds the typed pieces; raises one ValueError naming every problem.
 
   ``num_devices`` is the global device count (for the batch and mesh checks). ``check_data``
-  also validates the data block (paths exist, sizes fit).
+  also validates the data block (paths exist, sizes fit). ``platform`` (the devices' platform,
+  e.g. 'cpu', 'gpu', 'tpu'; None: unknown) also checks that ``model.attention`` can run there.
   """
   problems: list[str] = []
 
@@ -111,12 +115,20 @@ def from_config(
     if int(config[name]) <= 0:
       problems.append(f"{name} must be > 0, got {config[name]}")
   mesh = attempt(lambda: mesh_shape(config, num_devices))
-  if mesh is not None and config.batch_size % (mesh[0] * mesh[1]):
+  accum = config.optim.get("grad_accum_steps", 1)
+  if not isinstance(accum, int) or accum < 1:
+    problems.append(f"optim.grad_accum_steps must be an integer >= 1, got {accum!r}")
+    accum = 1
+  if mesh is not None and config.batch_size % (accum * mesh[0] * mesh[1]):
+    micro = f"{accum} microbatches (optim.grad_accum_steps) x " if accum > 1 else ""
     problems.append(
-      f"batch_size {config.batch_size} is not divisible by the "
+      f"batch_size {config.batch_size} is not divisible by {micro}the "
       f"{mesh[0] * mesh[1]} data-parallel devices (mesh data x fsdp = "
       f"{mesh[0]} x {mesh[1]})"
     )
+  attention = config.model.get("attention", "auto")
+  if platform is not None and attention in dit.ATTENTIONS:
+    attempt(lambda: dit.check_attention_platform(attention, platform))
   dec_cfg = config.decomposition
   decomposition = attempt(
     lambda: decompose.build(
@@ -183,7 +195,10 @@ def from_config(
         pos_embed=config.model.pos_embed,
         stage_index_embed=config.model.stage_index_embed,
         dtype=config.model.dtype,
-        remat=config.model.remat,
+        remat=bool(config.model.get("remat", False)),
+        remat_policy=config.model.get("remat_policy", "none"),
+        attention=attention,
+        activation_rules=tuple(config.mesh.axis_rules),
         scan_unroll=config.model.scan_unroll,
         precondition=bool(config.model.get("precondition", False)),
       )

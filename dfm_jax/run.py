@@ -98,7 +98,9 @@ def setup(
   evaluation, compile checks) validates everything but the data block and reads no data.
   """
   devices = list(devices) if devices is not None else jax.devices()
-  exp = experiment.from_config(config, len(devices), check_data=check_data)
+  exp = experiment.from_config(
+    config, len(devices), check_data=check_data, platform=devices[0].platform
+  )
   stats = stage_stats(config, exp, workdir, check_data)
   exp = dataclasses.replace(exp, decomposition=exp.decomposition.with_stats(stats))
   mesh = sharding.make_mesh(experiment.mesh_shape(config, len(devices)), devices)

@@ -3,6 +3,9 @@
 Parameters carry logical axis names (``embed``, ``mlp``, ``heads``, ...; see ``dit.py``). A rules
 table from the config maps them to the mesh axes ``data``, ``fsdp`` and ``tensor``. A dimension
 whose size the mesh axis does not divide is replicated instead, so small models run on any mesh.
+
+The same table names the activations' axes (``batch``, ``tokens``, ``embed_act``; see
+:func:`activation_spec`); a rule may map a name to one mesh axis, a tuple of them, or None.
 """
 
 from __future__ import annotations
@@ -28,25 +31,65 @@ def make_mesh(shape: Sequence[int], devices=None) -> jax.sharding.Mesh:
   )
 
 
+def _mesh_axes(axis, size: int, mesh, used: set[str]):
+  """``axis`` (a mesh axis name, a tuple of them, or None) without size-1 axes, or None when it
+  reuses an axis of ``used`` or does not divide ``size``; the result is a name or a tuple."""
+  if axis is None:
+    return None
+  names = tuple(a for a in ((axis,) if isinstance(axis, str) else tuple(axis)) if mesh.shape[a] > 1)
+  if not names or any(a in used for a in names):
+    return None
+  if size % int(np.prod([mesh.shape[a] for a in names])):
+    return None
+  used.update(names)
+  return names[0] if len(names) == 1 else names
+
+
 def logical_to_mesh_spec(
   logical: Sequence[str | None],
   shape: Sequence[int],
-  rules: Sequence[tuple[str, str | None]],
+  rules: Sequence[tuple[str, str | tuple[str, ...] | None]],
   mesh: jax.sharding.Mesh,
 ) -> P:
   """Maps logical axis names to a PartitionSpec, never reusing a mesh axis in one spec."""
   table = dict(rules)
   used: set[str] = set()
+  return P(
+    *(
+      _mesh_axes(table.get(name) if name else None, size, mesh, used)
+      for name, size in zip(logical, shape)
+    )
+  )
+
+
+def activation_spec(
+  logical: Sequence[str | None],
+  shape: Sequence[int],
+  rules: Sequence[tuple[str, str | tuple[str, ...] | None]],
+  mesh,
+  undivisible=P.UNCONSTRAINED,
+) -> P:
+  """A PartitionSpec for an activation of ``shape`` with logical axis names ``logical``.
+
+  A name ruled to None is replicated; a name without a rule, or whose mesh axes are taken or do
+  not divide the size (e.g. a sampler batch), gets ``undivisible`` (default: unconstrained, so
+  XLA keeps whatever sharding it has). ``mesh`` may be abstract (``jax.sharding.get_abstract_mesh``).
+  """
+  table = dict(rules)
+  used: set[str] = set()
   out = []
   for name, size in zip(logical, shape):
-    axis = table.get(name) if name else None
-    if axis is not None and (axis in used or size % mesh.shape[axis]):
-      axis = None
-    if axis is not None and mesh.shape[axis] == 1:
-      axis = None
-    if axis is not None:
-      used.add(axis)
-    out.append(axis)
+    if name is None or name not in table:
+      out.append(undivisible if name is not None else None)
+      continue
+    axis = table[name]
+    if axis is None:
+      out.append(None)
+      continue
+    resolved = _mesh_axes(axis, size, mesh, used)
+    # Every named axis of size 1: nothing to split, replicated is exact.
+    trivial = all(mesh.shape[a] == 1 for a in ((axis,) if isinstance(axis, str) else axis))
+    out.append(resolved if resolved is not None else (None if trivial else undivisible))
   return P(*out)
 
 

@@ -82,6 +82,7 @@ def lower_step(run: Run, local_batch_shape: dict) -> jax.stages.Lowered:
   settings = StepSettings(
     label_dropout=float(config.flow.label_dropout),
     stage_weights=tuple(weights) if weights is not None else None,
+    grad_accum_steps=int(config.optim.get("grad_accum_steps", 1)),
   )
   base_key = jax.random.key(config.seed)
 

@@ -58,6 +58,18 @@ def create_train_state(exp: Experiment, optim, total_steps: int, seed: int) -> T
 class StepSettings:
   label_dropout: float
   stage_weights: tuple[float, ...] | None
+  grad_accum_steps: int = 1  # microbatches per update (optim.grad_accum_steps)
+
+
+def split_microbatches(x: jax.Array, k: int) -> jax.Array:
+  """``[B, ...] -> [k, B / k, ...]`` with microbatch i holding rows ``i, i + k, i + 2k, ...``.
+
+  Strided, not contiguous: with the batch split over the data-parallel devices in contiguous
+  blocks of ``B / D`` rows, every device holds ``B / (D k)`` rows of each microbatch, so the
+  split moves no data between devices (it needs ``B`` divisible by ``k D``).
+  """
+  b = x.shape[0]
+  return jnp.swapaxes(x.reshape((b // k, k) + x.shape[1:]), 0, 1)
 
 
 def train_step(
@@ -76,21 +88,51 @@ def train_step(
   donates ``state``. A step whose loss or gradient is not finite leaves the parameters, optimizer
   moments and EMA unchanged and reports ``nonfinite = 1`` so the caller can stop with the last
   good state intact.
+
+  With ``settings.grad_accum_steps = k > 1`` the batch is split into k microbatches of ``B / k``
+  (:func:`split_microbatches`); a ``lax.scan`` takes the loss and gradients of microbatch i with
+  key ``fold_in(key, i)``, and the averaged gradients (and metrics) make one optimizer update.
   """
   ts = nnx.merge(graphdef, state)
   method = exp.method
 
-  def loss_fn(model):
+  def loss_fn(model, key, images, labels):
     return method.loss(
       model,
       key,
-      batch["image"],
-      batch["label"],
+      images,
+      labels,
       label_dropout=settings.label_dropout,
       stage_weights=settings.stage_weights,
     )
 
-  (loss, metrics), grads = nnx.value_and_grad(loss_fn, has_aux=True)(ts.model)
+  grad_fn = nnx.value_and_grad(loss_fn, has_aux=True)
+  k = int(settings.grad_accum_steps)
+  if k == 1:
+    (loss, metrics), grads = grad_fn(ts.model, key, batch["image"], batch["label"])
+  else:
+    # jax.value_and_grad over the parameters (nnx.value_and_grad refuses a model merged inside
+    # the scan from variables of the enclosing trace).
+    model_def, params, rest = nnx.split(ts.model, nnx.Param, ...)
+    micro = {name: split_microbatches(batch[name], k) for name in ("image", "label")}
+
+    def micro_loss(params, key, images, labels):
+      return loss_fn(nnx.merge(model_def, params, rest), key, images, labels)
+
+    def accumulate(total, inputs):
+      i, images, labels = inputs
+      (loss, metrics), grads = jax.value_and_grad(micro_loss, has_aux=True)(
+        params, jax.random.fold_in(key, i), images, labels
+      )
+      return jax.tree.map(jnp.add, total, grads), (loss, metrics)
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    grads, (losses, per_micro) = jax.lax.scan(
+      accumulate, zeros, (jnp.arange(k), micro["image"], micro["label"])
+    )
+    grads = jax.tree.map(lambda g: g / k, grads)
+    loss = losses.mean()
+    metrics = jax.tree.map(lambda m: m.mean(0), per_micro)
   grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   step = ts.optimizer.step[...]
