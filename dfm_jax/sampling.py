@@ -82,8 +82,11 @@ def restore_ema(
 ) -> tuple[Run, nnx.State, int]:
   """``(run, ema_state, step)`` from the latest (``step = -1``) or the given checkpoint.
 
-  Reads no training data: the run is validated without the data block.
+  Reads no training data: the run is validated without the data block. The fields that define
+  the trained model must equal those of ``workdir/config.json`` (the config the run trained
+  with); sampler and evaluation settings may differ.
   """
+  check_against_saved_config(config, workdir)
   run = setup(config, workdir, check_data=False)
   ckpt = checkpoint.Checkpointer(run.checkpoint_dir, keep=config.keep_checkpoints, async_save=False)
   try:
@@ -109,6 +112,70 @@ def restore_ema(
   finally:
     ckpt.close()
   return run, state["ema"], step
+
+
+# The config fields that define what a checkpoint holds and how its samples are decoded.
+MODEL_FIELDS = (
+  "method",
+  "model.size",
+  "model.hidden_size",
+  "model.depth",
+  "model.num_heads",
+  "model.mlp_ratio",
+  "model.patch_size",
+  "model.pos_embed",
+  "model.stage_index_embed",
+  "model.precondition",
+  "decomposition.kind",
+  "decomposition.num_stages",
+  "decomposition.level_gaps",
+  "decomposition.halve_time",
+  "decomposition.standardize",
+  "data.resolution",
+  "data.channels",
+  "data.frames",
+  "data.num_classes",
+  "autoencoder.kind",
+)
+
+
+def check_against_saved_config(config, workdir: str) -> None:
+  """ValueError naming every model-defining field where ``config`` differs from the run's
+  ``workdir/config.json`` (nothing to check when that file is absent)."""
+  path = epath.Path(workdir) / "config.json"
+  if not path.exists():
+    return
+  saved = json.loads(path.read_text())
+  given = json.loads(json.dumps(config.to_dict(), sort_keys=True, default=str))
+
+  def field(tree, name):
+    for key in name.split("."):
+      if not isinstance(tree, dict) or key not in tree:
+        return None
+      tree = tree[key]
+    return tree
+
+  def flat(value, prefix):
+    if isinstance(value, dict):
+      return {k: v for key, sub in value.items() for k, v in flat(sub, f"{prefix}.{key}").items()}
+    return {prefix: value}
+
+  differ = []
+  for name in MODEL_FIELDS:
+    a, b = flat(field(saved, name), name), flat(field(given, name), name)
+    differ += [
+      f"{k}: trained {a.get(k)!r}, given {b.get(k)!r}"
+      for k in sorted(set(a) | set(b))
+      if json.dumps(a.get(k)) != json.dumps(b.get(k))
+    ]
+  if differ:
+    raise ValueError(
+      f"the config does not match the run in {workdir} (its config.json): "
+      + "; ".join(differ[:6])
+      + (f" (+{len(differ) - 6} more)" if len(differ) > 6 else "")
+      + ". Use the config the run was trained with (sampler.* and eval.* may "
+      "differ)."
+    )
 
 
 def sample_images(
