@@ -144,6 +144,13 @@ class DiTConfig:
   def num_tokens(self) -> int:
     return int(np.prod(token_layout(self.stage_shapes, self.patch_size)[0]))
 
+  @classmethod
+  def from_size(cls, size: str, **kw) -> "DiTConfig":
+    if size not in SIZES:
+      raise ValueError(f"unknown DiT size {size!r}; choose one of {', '.join(SIZES)}")
+    hidden, depth, heads = SIZES[size]
+    return cls(hidden_size=hidden, depth=depth, num_heads=heads, **kw)
+
 
 ATTENTION_PLATFORMS = {"cudnn": ("gpu", "cuda"), "splash": ("tpu",)}
 
@@ -251,13 +258,6 @@ def constrain_activations(x: jax.Array, cfg: DiTConfig) -> jax.Array:
     return x
   spec = sharding.activation_spec(ACTIVATION_AXES, x.shape, cfg.activation_rules, mesh)
   return jax.lax.with_sharding_constraint(x, spec)
-
-  @classmethod
-  def from_size(cls, size: str, **kw) -> "DiTConfig":
-    if size not in SIZES:
-      raise ValueError(f"unknown DiT size {size!r}; choose one of {', '.join(SIZES)}")
-    hidden, depth, heads = SIZES[size]
-    return cls(hidden_size=hidden, depth=depth, num_heads=heads, **kw)
 
 
 def token_layout(
