@@ -14,8 +14,6 @@ import pytest
 from dfm_jax import compile_check as cc
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
-needs_libtpu = pytest.mark.skipif(not HAS_LIBTPU, reason="libtpu is not installed")
 
 
 def tiny_config(depth: int = 2):
@@ -107,7 +105,6 @@ def test_cli_unknown_topology_exits_without_traceback():
   assert "Traceback" not in proc.stderr
 
 
-@needs_libtpu
 @pytest.mark.integration
 def test_compiles_train_step_and_sampler_for_v4_8():
   topology = cc.lookup_topology("v4-8")

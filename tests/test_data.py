@@ -322,7 +322,6 @@ def test_global_batch_must_divide_among_processes():
 _FASHION = "/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz"
 
 
-@pytest.mark.skipif(not os.path.exists(_FASHION), reason="Debian dataset-fashion-mnist absent")
 def test_fashion_mnist_idx_from_debian_package():
   c = cfg(source="idx", path=_FASHION)
   assert D.dataset_size(c) == 10000

@@ -102,7 +102,8 @@ def test_resume_from_state_replays_exactly_the_next_batches():
 
 
 def test_orbax_saves_and_restores_the_iterator(tmp_path):
-  ocp = pytest.importorskip("orbax.checkpoint")
+  import orbax.checkpoint as ocp
+
   c = cfg()
   it = D.make_train_iterator(c, global_batch_size=4, seed=2)
   take(it, 3)

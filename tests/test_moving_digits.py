@@ -3,7 +3,6 @@
 import numpy as np
 import pytest
 
-pytest.importorskip("mlxtend")
 
 from dfm_jax.data import moving_digits as md  # noqa: E402
 

@@ -4,7 +4,6 @@ through libtpu's compile-only devices when libtpu is installed)."""
 
 import dataclasses
 import functools
-import importlib.util
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +14,6 @@ from flax import nnx
 from dfm_jax import dit, experiment, sharding, train_state
 from tests.train_utils import tiny_config
 
-HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
 RULES = (("batch", ("data", "fsdp")), ("tokens", None), ("embed_act", None))
 
 
@@ -104,7 +102,6 @@ def test_splash_kernel_matches_xla_in_the_interpreter():
   np.testing.assert_allclose(out, jax.nn.dot_product_attention(q, k, v), atol=2e-5)
 
 
-@pytest.mark.skipif(not HAS_LIBTPU, reason="libtpu is not installed")
 def test_splash_kernel_in_the_hlo_lowered_for_tpu():
   from dfm_jax import compile_check as cc  # pylint: disable=g-import-not-at-top
 

@@ -48,13 +48,8 @@ class Autoencoder(nnx.Module):
   scale: float = 1.0
   shift: float = 0.0
 
-  def encode_raw(self, images01: jax.Array) -> jax.Array:
-    """Raw latents of images in the family's native input range. Implemented by subclasses."""
-    raise NotImplementedError
-
-  def decode_raw(self, raw: jax.Array) -> jax.Array:
-    """Images in [-1, 1] (unclipped) from raw latents. Implemented by subclasses."""
-    raise NotImplementedError
+  # Each family defines ``encode_raw(images [B, H, W, 3] in [-1, 1]) -> raw latents`` and
+  # ``decode_raw(raw) -> images in [-1, 1]`` (unclipped); the methods below build on them.
 
   def encode_traced(self, images: jax.Array) -> jax.Array:
     """Traceable `encode`: float [B, H, W, 3] in [-1, 1] -> [B, H/8, W/8, C] model latents."""
