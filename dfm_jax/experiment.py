@@ -10,7 +10,7 @@ import numpy as np
 import math
 
 from dfm_jax import data as data_lib
-from dfm_jax import decompose, dit, flow, methods, sampler
+from dfm_jax import attention, decompose, dit, flow, methods, sampler
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,9 +126,9 @@ def from_config(
       f"{mesh[0] * mesh[1]} data-parallel devices (mesh data x fsdp = "
       f"{mesh[0]} x {mesh[1]})"
     )
-  attention = config.model.get("attention", "auto")
-  if platform is not None and attention in dit.ATTENTIONS:
-    attempt(lambda: dit.check_attention_platform(attention, platform))
+  attention_impl = config.model.get("attention", "auto")
+  if platform is not None and attention_impl in attention.ATTENTIONS:
+    attempt(lambda: attention.check_attention_platform(attention_impl, platform))
   dec_cfg = config.decomposition
   decomposition = attempt(
     lambda: decompose.build(
@@ -197,7 +197,7 @@ def from_config(
         dtype=config.model.dtype,
         remat=bool(config.model.get("remat", False)),
         remat_policy=config.model.get("remat_policy", "none"),
-        attention=attention,
+        attention=attention_impl,
         activation_rules=tuple(config.mesh.axis_rules),
         scan_unroll=config.model.scan_unroll,
         precondition=bool(config.model.get("precondition", False)),

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from dfm_jax import dit, experiment, sharding, train_state
+from dfm_jax import attention, dit, experiment, sharding, train_state
 from tests.train_utils import tiny_config
 
 RULES = (("batch", ("data", "fsdp")), ("tokens", None), ("embed_act", None))
@@ -74,18 +74,18 @@ def test_attention_choice_is_validated():
   with pytest.raises(ValueError, match="cuDNN attention needs model.dtype 'bfloat16'"):
     _cfg(attention="cudnn")
   with pytest.raises(ValueError, match="runs on gpu / cuda devices only, these are 'cpu'"):
-    dit.check_attention_platform("cudnn", "cpu")
+    attention.check_attention_platform("cudnn", "cpu")
   config = tiny_config(model__attention="splash")
   with pytest.raises(ValueError, match="model.attention 'splash' runs on tpu devices only"):
     experiment.from_config(config, check_data=False, platform="cpu")
   # 'auto' picks the platform's kernel only where it applies.
   fits_splash = _cfg(stage_shapes=((8, 16, 1),), patch_size=1, hidden_size=256, num_heads=2)
-  assert dit.resolve_attention(fits_splash, "tpu") == "splash"
-  assert dit.resolve_attention(_cfg(), "tpu") == "xla"  # head_dim 8, 16 tokens
-  assert dit.resolve_attention(_cfg(dtype="bfloat16"), "gpu") == "cudnn"
-  assert dit.resolve_attention(_cfg(), "gpu") == "xla"  # float32
-  assert dit.resolve_attention(fits_splash, "cpu") == "xla"
-  assert dit.resolve_attention(_cfg()) == "xla"  # the default backend here: CPU
+  assert attention.resolve_attention(fits_splash, "tpu") == "splash"
+  assert attention.resolve_attention(_cfg(), "tpu") == "xla"  # head_dim 8, 16 tokens
+  assert attention.resolve_attention(_cfg(dtype="bfloat16"), "gpu") == "cudnn"
+  assert attention.resolve_attention(_cfg(), "gpu") == "xla"  # float32
+  assert attention.resolve_attention(fits_splash, "cpu") == "xla"
+  assert attention.resolve_attention(_cfg()) == "xla"  # the default backend here: CPU
 
 
 def test_xla_and_auto_give_identical_values_on_cpu():
@@ -98,7 +98,7 @@ def test_xla_and_auto_give_identical_values_on_cpu():
 
 def test_splash_kernel_matches_xla_in_the_interpreter():
   q, k, v = (jax.random.normal(jax.random.key(i), (2, 128, 2, 128)) for i in range(3))
-  out = dit.splash_attention(q, k, v, interpret=True)
+  out = attention.splash_attention(q, k, v, interpret=True)
   np.testing.assert_allclose(out, jax.nn.dot_product_attention(q, k, v), atol=2e-5)
 
 
