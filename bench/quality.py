@@ -16,6 +16,11 @@ training is a no-op, and evaluations already in
 back. ``results.json`` is rewritten after every evaluation, so a partial run still reports. Rows
 run in the order below (the headline pair first), and ``--rows`` picks a subset.
 
+On an accelerator without the metric weights, ``--phase=generate`` trains and keeps the samples
+(``eval/<tag>.samples.npz``); ``--phase=score`` then scores them elsewhere without the checkpoints.
+``--jobs`` runs several (row, seed) trainings side by side (one accelerator can hold many of
+these small models).
+
 Writes ``results.json``, ``table.md`` and ``quality.png`` (needs matplotlib) into the workdir;
 the last stdout line is the headline: the DFM/FM FID ratio at cfg 1.0.
 """
@@ -23,6 +28,7 @@ the last stdout line is the headline: the DFM/FM FID ratio at cfg 1.0.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import glob
 import json
 import os
@@ -78,7 +84,8 @@ def cached_eval(workdir: str, step: int, eval_samples: int, cfg: float) -> dict 
     with open(path) as f:
       r = json.load(f)
     scale = np.ravel(r["sampler"]["cfg_scale"]).tolist()
-    if r["step"] == step and r.get("num_fake") == eval_samples and scale == [cfg]:
+    scored = r.get("fid") is not None  # a generate-only eval holds no metrics
+    if r["step"] == step and r.get("num_fake") == eval_samples and scale == [cfg] and scored:
       return r
   return None
 
@@ -154,40 +161,27 @@ def plot(summary: list[dict], path: str) -> None:
   fig.savefig(path, dpi=110)
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--config", default="configs/fashion_mnist.py")
-  parser.add_argument("--workdir", default="workdirs/quality")
-  parser.add_argument("--steps", type=int, default=2000)
-  parser.add_argument("--eval-samples", type=int, default=1000)
-  parser.add_argument("--cfgs", default="1.0,1.5")
-  parser.add_argument("--seeds", default="0,1")
-  parser.add_argument("--rows", default=",".join(r[0] for r in ROWS))
-  parser.add_argument(
-    "--set",
-    action="append",
-    default=[],
-    metavar="FIELD=VALUE",
-    help="a config override applied to every run, e.g. eval.num_real=1000",
-  )
-  args = parser.parse_args()
-  extra = dict(kv.split("=", 1) for kv in args.set)
-  cfgs = [float(v) for v in args.cfgs.split(",")]
-  seeds = [int(v) for v in args.seeds.split(",")]
-  wanted = args.rows.split(",")
-  plan = [
-    (name, variant, overrides, seed)
-    for name, variant, overrides in ROWS
-    if name in wanted
-    for seed in (seeds if name in HEADLINE else seeds[:1])
-  ]
-  # Seed 0 of every row before the extra seeds of the headline pair.
-  plan.sort(key=lambda p: (p[3] != seeds[0],))
-  results_path = os.path.join(args.workdir, "results.json")
-  rows: list[dict] = []
-  for name, variant, overrides, seed in plan:
-    workdir = os.path.join(args.workdir, name, f"seed{seed}")
-    ov = dict(overrides, seed=seed, **extra)
+def eval_flags(phase: str, workdir: str, steps: int, eval_samples: int, cfg: float) -> list[str]:
+  """``--mode=eval`` flags of one phase: sample and score (all), sample only and keep the
+  samples (generate), or score the kept samples without the checkpoint (score)."""
+  flags = ["--mode=eval", f"--config.eval.num_samples={eval_samples}"]
+  flags.append(f"--config.sampler.cfg_scale={cfg}")
+  if phase == "generate":
+    return flags + ["--config.eval.metrics=()", "--config.eval.save_samples=True"]
+  if phase == "score":
+    saved = glob.glob(os.path.join(workdir, "eval", f"step{steps}_cfg{cfg:g}_*.samples.npz"))
+    if not saved:
+      raise FileNotFoundError(f"no saved samples for cfg {cfg:g} in {workdir}/eval")
+    return flags + [f"--config.eval.samples_from={saved[0]}"]
+  return flags
+
+
+def run_one(args, name: str, variant: str, overrides: dict, seed: int, extra: dict) -> list[dict]:
+  """Trains (row, seed) unless only scoring, then evaluates it at every cfg scale."""
+  variant += ",runlocal" if args.runlocal else ""
+  workdir = os.path.join(args.workdir, name, f"seed{seed}")
+  ov = dict(overrides, seed=seed, **extra)
+  if args.phase != "score":
     run(
       main_cmd(
         args.config,
@@ -199,40 +193,96 @@ def main():
         f"--config.sample_every={args.steps}",
       )
     )
-    for cfg in cfgs:
-      r = cached_eval(workdir, args.steps, args.eval_samples, cfg)
-      if r is None:
-        out = run(
-          main_cmd(
-            args.config,
-            variant,
-            workdir,
-            ov,
-            "--mode=eval",
-            f"--config.eval.num_samples={args.eval_samples}",
-            f"--config.sampler.cfg_scale={cfg}",
-          )
-        )
-        r = json.loads(out.strip().splitlines()[-1])
-      row = {"row": name, "seed": seed, "cfg": cfg, **{m: r.get(m) for m in METRICS}}
-      rows.append(row)
-      print(json.dumps(row), flush=True)
-      summary = summarise(rows)
-      os.makedirs(args.workdir, exist_ok=True)
-      with open(results_path, "w") as f:
-        json.dump(
-          {
-            "config": args.config,
-            "steps": args.steps,
-            "eval_samples": args.eval_samples,
-            "runs": rows,
-            "summary": summary,
-          },
-          f,
-          indent=2,
-        )
-      with open(os.path.join(args.workdir, "table.md"), "w") as f:
-        f.write(table(summary) + "\n")
+  rows = []
+  for cfg in [float(v) for v in args.cfgs.split(",")]:
+    r = cached_eval(workdir, args.steps, args.eval_samples, cfg)
+    if r is None and args.phase == "generate":
+      if glob.glob(os.path.join(workdir, "eval", f"step{args.steps}_cfg{cfg:g}_*.samples.npz")):
+        continue
+    if r is None:
+      flags = eval_flags(args.phase, workdir, args.steps, args.eval_samples, cfg)
+      out = run(main_cmd(args.config, variant, workdir, ov, *flags))
+      r = json.loads(out.strip().splitlines()[-1])
+    if args.phase == "generate":
+      continue
+    row = {"row": name, "seed": seed, "cfg": cfg, **{m: r.get(m) for m in METRICS}}
+    rows.append(row)
+    print(json.dumps(row), flush=True)
+  return rows
+
+
+def write_results(args, rows: list[dict]) -> list[dict]:
+  summary = summarise(rows)
+  os.makedirs(args.workdir, exist_ok=True)
+  with open(os.path.join(args.workdir, "results.json"), "w") as f:
+    json.dump(
+      {
+        "config": args.config,
+        "steps": args.steps,
+        "eval_samples": args.eval_samples,
+        "runs": rows,
+        "summary": summary,
+      },
+      f,
+      indent=2,
+    )
+  with open(os.path.join(args.workdir, "table.md"), "w") as f:
+    f.write(table(summary) + "\n")
+  return summary
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--config", default="configs/fashion_mnist.py")
+  parser.add_argument("--workdir", default="workdirs/quality")
+  parser.add_argument("--steps", type=int, default=2000)
+  parser.add_argument("--eval-samples", type=int, default=1000)
+  parser.add_argument("--cfgs", default="1.0,1.5")
+  parser.add_argument("--seeds", default="0,1")
+  parser.add_argument("--rows", default=",".join(r[0] for r in ROWS))
+  parser.add_argument(
+    "--phase",
+    choices=("all", "generate", "score"),
+    default="all",
+    help="all: train, sample and score; generate: train and keep the samples (on an "
+    "accelerator); score: score the kept samples (where the metric weights are)",
+  )
+  parser.add_argument("--jobs", type=int, default=1, help="(row, seed) runs in parallel")
+  parser.add_argument(
+    "--runlocal", action="store_true", help="the configs' runlocal variant (a seconds-long check)"
+  )
+  parser.add_argument(
+    "--set",
+    action="append",
+    default=[],
+    metavar="FIELD=VALUE",
+    help="a config override applied to every run, e.g. eval.num_real=1000",
+  )
+  args = parser.parse_args()
+  extra = dict(kv.split("=", 1) for kv in args.set)
+  seeds = [int(v) for v in args.seeds.split(",")]
+  wanted = args.rows.split(",")
+  plan = [
+    (name, variant, overrides, seed)
+    for name, variant, overrides in ROWS
+    if name in wanted
+    for seed in (seeds if name in HEADLINE else seeds[:1])
+  ]
+  # Seed 0 of every row before the extra seeds of the headline pair.
+  plan.sort(key=lambda p: (p[3] != seeds[0],))
+  rows: list[dict] = []
+  with concurrent.futures.ThreadPoolExecutor(max(1, args.jobs)) as pool:
+    futures = [pool.submit(run_one, args, *item, extra) for item in plan]
+    for future in concurrent.futures.as_completed(futures):
+      rows.extend(future.result())
+      if rows:
+        write_results(args, rows)
+  if args.phase == "generate":
+    print(f"samples of {len(plan)} runs kept under {args.workdir}/<row>/seed<k>/eval/")
+    return
+  order = {(p[0], p[3]): i for i, p in enumerate(plan)}
+  rows.sort(key=lambda r: (order[(r["row"], r["seed"])], r["cfg"]))
+  summary = write_results(args, rows)
   plot(summary, os.path.join(args.workdir, "quality.png"))
   print(table(summary))
   head = {e["row"]: e.get("fid") for e in summary if e["cfg"] == 1.0}

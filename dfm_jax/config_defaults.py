@@ -123,6 +123,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.reference.source = ""
   c.eval.every = 0  # > 0: a small evaluation every this many training steps
   c.eval.train_num_samples = 200  # samples of that small evaluation
+  # --mode=eval: also write the samples to workdir/eval/<tag>.samples.npz (with
+  # eval.metrics=() that is all it does: sample on an accelerator, score elsewhere) ...
+  c.eval.save_samples = False
+  # ... and score such a file instead of sampling (no checkpoint needed).
+  c.eval.samples_from = ""
 
   c.autoencoder = ml_collections.ConfigDict()
   c.autoencoder.kind = ""  # a name in dfm_jax.autoencoders.AUTOENCODERS ('' = pixel space)

@@ -80,23 +80,81 @@ def eval_tag(step: int, s) -> str:
 
 
 def eval_mode(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Samples ``config.eval.num_samples`` items and scores them; returns the metrics dict."""
+  """Samples ``config.eval.num_samples`` items (or reads ``eval.samples_from``) and scores them;
+  returns the metrics dict and writes it to ``workdir/eval/<tag>.json``."""
   problems = scores.check_metrics_config(config)
   if problems:
     raise ValueError("invalid configuration:\n  - " + "\n  - ".join(problems))
-  start = time.time()
-  run, ema, step = sampling.restore_ema(config, workdir, int(config.sampler.checkpoint_step))
-  samples, labels = sampling.sample_images(
-    run, ema, int(config.eval.num_samples), int(config.eval.batch_size), config.seed + 2
-  )
-  sample_seconds = time.time() - start
+  if config.eval.get("samples_from"):
+    saved = load_samples(config.eval.samples_from)
+    samples, labels, step = saved["samples"], saved["labels"], saved["step"]
+    sample_seconds, sampler_settings = saved["sample_seconds"], saved["sampler"]
+  else:
+    start = time.time()
+    run, ema, step = sampling.restore_ema(config, workdir, int(config.sampler.checkpoint_step))
+    samples, labels = sampling.sample_images(
+      run, ema, int(config.eval.num_samples), int(config.eval.batch_size), config.seed + 2
+    )
+    sample_seconds = time.time() - start
+    sampler_settings = config.sampler.to_dict()
+  tag = eval_tag(step, ml_collections.ConfigDict(sampler_settings))
+  folder = epath.Path(workdir) / "eval"
+  if config.eval.get("save_samples") and not config.eval.get("samples_from"):
+    if jax.process_index() == 0:
+      save_samples(folder / (tag + ".samples.npz"), samples, labels, step, sample_seconds, config)
   metrics = score_samples(config, samples, labels)
-  s = config.sampler
-  result = dict(metrics, step=step, sample_seconds=sample_seconds, sampler=s.to_dict())
+  result = dict(metrics, step=step, sample_seconds=sample_seconds, sampler=sampler_settings)
   if jax.process_index() == 0:
-    path = epath.Path(workdir) / "eval" / (eval_tag(step, s) + ".json")
+    path = folder / (tag + ".json")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2, default=str))
     logging.info("eval at step %d -> %s", step, path)
     print(json.dumps({k: v for k, v in result.items() if k != "sampler"}, default=str))
   return result
+
+
+SAMPLE_KEYS = ("samples", "labels", "step", "sample_seconds", "sampler")
+
+
+def save_samples(path, samples, labels, step: int, sample_seconds: float, config) -> None:
+  """Writes samples ``[N, ...]`` (data space, float32), labels ``[N]``, the checkpoint step and
+  the sampler settings, for a later ``--config.eval.samples_from=PATH``."""
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with path.open("wb") as f:
+    np.savez(
+      f,
+      samples=np.asarray(samples, np.float32),
+      labels=np.asarray(labels),
+      step=np.int64(step),
+      sample_seconds=np.float64(sample_seconds),
+      sampler=json.dumps(config.sampler.to_dict(), default=list),
+    )
+  logging.info("samples -> %s", path)
+
+
+def load_samples(path) -> dict:
+  """Reads a file written by :func:`save_samples`; a clear error if it is not one."""
+  path = epath.Path(path)
+  if not path.exists():
+    raise FileNotFoundError(f"eval.samples_from: {path} does not exist")
+  try:
+    with path.open("rb") as f, np.load(f) as z:
+      missing = [k for k in SAMPLE_KEYS if k not in z.files]
+      if missing:
+        raise ValueError(
+          f"eval.samples_from: {path} lacks {missing}; expected a file written by "
+          "--mode=eval --config.eval.save_samples=True"
+        )
+      out = {k: z[k] for k in SAMPLE_KEYS}
+  except (OSError, EOFError, ValueError) as err:
+    if "eval.samples_from" in str(err):
+      raise
+    raise ValueError(f"eval.samples_from: {path} is not a readable .npz ({err})") from err
+  if len(out["samples"]) != len(out["labels"]):
+    raise ValueError(
+      f"eval.samples_from: {path} has {len(out['samples'])} samples but {len(out['labels'])} labels"
+    )
+  out["step"] = int(out["step"])
+  out["sample_seconds"] = float(out["sample_seconds"])
+  out["sampler"] = json.loads(str(out["sampler"]))
+  return out
