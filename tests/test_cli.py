@@ -196,3 +196,27 @@ def test_eval_mode_writes_metrics_json(reference_run):
   assert "is" in result and result["num_fake"] == 20 and result["num_real"] == 40
   assert result["fid"] > 0 and 0.0 <= result["classifier_accuracy"] <= 1.0
   assert json.loads(proc.stdout.strip().splitlines()[-1])["step"] == STEPS
+
+
+def test_eval_kept_samples_score_without_the_run_as_in_one_pass(reference_run, tmp_path):
+  """Sample on one machine (eval.save_samples, no metrics), score on another
+  (eval.samples_from: no checkpoint, no config.json): the numbers equal one sample-and-score
+  pass."""
+  flags = [*tiny_flags(total_steps=STEPS, sampler__cfg_scale=2.0), "--mode=eval"]
+  keep = ["--config.eval.metrics=()", "--config.eval.save_samples=True"]
+  run_main(reference_run, *flags, *keep)
+  folder = os.path.join(reference_run, "eval")
+  (kept,) = [n for n in os.listdir(folder) if n.startswith("step8_cfg2_") and n.endswith(".npz")]
+  assert not os.path.exists(os.path.join(folder, kept.replace(".samples.npz", ".json")))
+  run_main(reference_run, *flags)
+  with open(os.path.join(folder, kept.replace(".samples.npz", ".json"))) as f:
+    one_pass = json.load(f)
+
+  elsewhere = str(tmp_path / "elsewhere")
+  run_main(elsewhere, *flags, f"--config.eval.samples_from={os.path.join(folder, kept)}")
+  with open(os.path.join(elsewhere, "eval", kept.replace(".samples.npz", ".json"))) as f:
+    scored = json.load(f)
+  assert scored["step"] == STEPS and scored["sampler"]["cfg_scale"] == 2.0
+  for key in ("fid", "kid", "classifier_fd", "classifier_accuracy"):
+    assert np.isfinite(scored[key]), key
+    np.testing.assert_allclose(scored[key], one_pass[key], rtol=1e-6, err_msg=key)

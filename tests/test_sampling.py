@@ -46,3 +46,29 @@ def test_a_config_that_does_not_match_the_run_is_named(tmp_path):
   ):
     sampling.check_against_saved_config(wrong, str(tmp_path))
   sampling.check_against_saved_config(wrong, str(tmp_path / "no_run_here"))
+
+
+def test_kept_samples_round_trip_and_bad_files_name_the_setting(tmp_path):
+  from etils import epath
+
+  from dfm_jax.evaluation import evaluate
+
+  config = tiny_config(sampler__cfg_scale=1.5)
+  pictures = np.random.default_rng(0).integers(0, 256, (5, 8, 8, 1), dtype=np.uint8)
+  labels = np.arange(5)
+  path = epath.Path(tmp_path) / "kept.samples.npz"
+  evaluate.save_samples(path, pictures, labels, 12, 3.5, config)
+  got = evaluate.load_samples(path)
+  np.testing.assert_array_equal(got["pictures"], pictures)
+  np.testing.assert_array_equal(got["labels"], labels)
+  assert got["step"] == 12 and got["sample_seconds"] == 3.5
+  assert got["sampler"]["cfg_scale"] == 1.5
+
+  with pytest.raises(FileNotFoundError, match="eval.samples_from"):
+    evaluate.load_samples(tmp_path / "missing.npz")
+  (tmp_path / "junk.npz").write_bytes(b"not a zip")
+  with pytest.raises(ValueError, match="eval.samples_from: .* not a readable"):
+    evaluate.load_samples(tmp_path / "junk.npz")
+  np.savez(tmp_path / "other.npz", images=pictures)
+  with pytest.raises(ValueError, match="lacks"):
+    evaluate.load_samples(tmp_path / "other.npz")

@@ -57,10 +57,21 @@ def score_samples(
   progress: bool = True,
 ) -> dict:
   """Scores samples in the data space (decoded for latent runs); returns the metrics dict."""
+  return score_pictures(config, sampling.to_display(samples, config), labels, metrics, progress)
+
+
+def score_pictures(
+  config,
+  pictures: np.ndarray,
+  labels: np.ndarray,
+  metrics: list[scores.Metric] | None = None,
+  progress: bool = True,
+) -> dict:
+  """Scores uint8 pictures ``[N, H, W, C]`` (videos ``[N, T, H, W, C]``) with labels ``[N]``."""
   metrics = scores.active_metrics(config) if metrics is None else metrics
   ctx = scores.EvalContext(
     config,
-    sampling.to_display(samples, config),
+    pictures,
     labels,
     lambda: load_reference(config),
     ref_key=reference_key(config),
@@ -87,7 +98,7 @@ def eval_mode(config: ml_collections.ConfigDict, workdir: str) -> dict:
     raise ValueError("invalid configuration:\n  - " + "\n  - ".join(problems))
   if config.eval.get("samples_from"):
     saved = load_samples(config.eval.samples_from)
-    samples, labels, step = saved["samples"], saved["labels"], saved["step"]
+    pictures, labels, step = saved["pictures"], saved["labels"], saved["step"]
     sample_seconds, sampler_settings = saved["sample_seconds"], saved["sampler"]
   else:
     start = time.time()
@@ -95,35 +106,39 @@ def eval_mode(config: ml_collections.ConfigDict, workdir: str) -> dict:
     samples, labels = sampling.sample_images(
       run, ema, int(config.eval.num_samples), int(config.eval.batch_size), config.seed + 2
     )
+    pictures = sampling.to_display(samples, config)  # latents decoded here
     sample_seconds = time.time() - start
     sampler_settings = config.sampler.to_dict()
   tag = eval_tag(step, ml_collections.ConfigDict(sampler_settings))
   folder = epath.Path(workdir) / "eval"
   if config.eval.get("save_samples") and not config.eval.get("samples_from"):
     if jax.process_index() == 0:
-      save_samples(folder / (tag + ".samples.npz"), samples, labels, step, sample_seconds, config)
-  metrics = score_samples(config, samples, labels)
+      save_samples(folder / (tag + ".samples.npz"), pictures, labels, step, sample_seconds, config)
+  metrics = score_pictures(config, pictures, labels)
   result = dict(metrics, step=step, sample_seconds=sample_seconds, sampler=sampler_settings)
   if jax.process_index() == 0:
-    path = folder / (tag + ".json")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2, default=str))
-    logging.info("eval at step %d -> %s", step, path)
+    if metrics:  # a sampling-only pass must not replace scored numbers
+      path = folder / (tag + ".json")
+      path.parent.mkdir(parents=True, exist_ok=True)
+      path.write_text(json.dumps(result, indent=2, default=str))
+      logging.info("eval at step %d -> %s", step, path)
     print(json.dumps({k: v for k, v in result.items() if k != "sampler"}, default=str))
   return result
 
 
-SAMPLE_KEYS = ("samples", "labels", "step", "sample_seconds", "sampler")
+SAMPLE_KEYS = ("pictures", "labels", "step", "sample_seconds", "sampler")
 
 
-def save_samples(path, samples, labels, step: int, sample_seconds: float, config) -> None:
-  """Writes samples ``[N, ...]`` (data space, float32), labels ``[N]``, the checkpoint step and
-  the sampler settings, for a later ``--config.eval.samples_from=PATH``."""
+def save_samples(path, pictures, labels, step: int, sample_seconds: float, config) -> None:
+  """Writes the scored pictures (uint8 ``[N, H, W, C]``, videos ``[N, T, H, W, C]``; latent
+  runs already decoded), labels ``[N]``, the checkpoint step and the sampler settings, for a
+  later ``--config.eval.samples_from=PATH`` (which then needs neither checkpoint nor
+  autoencoder)."""
   path.parent.mkdir(parents=True, exist_ok=True)
   with path.open("wb") as f:
-    np.savez(
+    np.savez_compressed(
       f,
-      samples=np.asarray(samples, np.float32),
+      pictures=np.asarray(pictures, np.uint8),
       labels=np.asarray(labels),
       step=np.int64(step),
       sample_seconds=np.float64(sample_seconds),
@@ -150,9 +165,11 @@ def load_samples(path) -> dict:
     if "eval.samples_from" in str(err):
       raise
     raise ValueError(f"eval.samples_from: {path} is not a readable .npz ({err})") from err
-  if len(out["samples"]) != len(out["labels"]):
+  pictures = out["pictures"]
+  if pictures.dtype != np.uint8 or len(pictures) != len(out["labels"]):
     raise ValueError(
-      f"eval.samples_from: {path} has {len(out['samples'])} samples but {len(out['labels'])} labels"
+      f"eval.samples_from: {path} has {pictures.dtype} pictures {pictures.shape} for "
+      f"{len(out['labels'])} labels; expected uint8 and one label each"
     )
   out["step"] = int(out["step"])
   out["sample_seconds"] = float(out["sample_seconds"])
