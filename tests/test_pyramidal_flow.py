@@ -59,7 +59,7 @@ def test_shared_noise_has_unit_variance_on_every_level():
 
 
 def test_block_noise_covariance_inside_and_between_blocks():
-  eps = np.asarray(pf.block_noise(jax.random.key(1), (4000, 4, 4, 1)))
+  eps = np.asarray(jax.jit(pf.block_noise, static_argnums=1)(jax.random.key(1), (4000, 4, 4, 1)))
   blocks = eps.reshape(4000, 2, 2, 2, 2).transpose(0, 1, 3, 2, 4).reshape(-1, 4)
   want = (1 + pf.GAMMA) * np.eye(4) - pf.GAMMA * np.ones((4, 4))
   np.testing.assert_allclose(np.cov(blocks.T), want, atol=0.04)
@@ -100,14 +100,23 @@ def test_state_after_a_jump_has_the_statistics_of_the_next_training_start(k):
   method = _method([(4, 4, 1), (8, 8, 1), (16, 16, 1)])
   start_s, end_s = pf.window_sigmas(3)
   image = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (1, 16, 16, 1)), jnp.float32)
-  clean = tuple(jnp.broadcast_to(c, (n,) + c.shape[1:]) for c in pf.gaussian_pyramid(image, 3))
-  k_train, k_end, k_jump = jax.random.split(jax.random.key(k), 3)
-  noise = pf.shared_noise(k_train, (n, 16, 16, 1), 3)
-  train_start, _ = pf.window_points(clean, noise, k, start_s[k], end_s[k])
-  _, end_prev = pf.window_points(
-    clean, pf.shared_noise(k_end, (n, 16, 16, 1), 3), k - 1, start_s[k - 1], end_s[k - 1]
-  )
-  jumped = method.jump(k_jump, end_prev, k)
+
+  @jax.jit
+  def draw(key):
+    clean = tuple(jnp.broadcast_to(c, (n,) + c.shape[1:]) for c in pf.gaussian_pyramid(image, 3))
+    k_train, k_end, k_jump = jax.random.split(key, 3)
+    noise = pf.shared_noise(k_train, (n, 16, 16, 1), 3)
+    train_start, _ = pf.window_points(clean, noise, k, start_s[k], end_s[k])
+    noise_prev = pf.shared_noise(k_end, (n, 16, 16, 1), 3)
+    _, end_prev = pf.window_points(clean, noise_prev, k - 1, start_s[k - 1], end_s[k - 1])
+    # Control: without the block noise's negative correlation the upsampled noise stays
+    # correlated inside blocks, which the statistics below detect.
+    alpha, beta = pf.jump_coefficients(3)[k - 1]
+    up = pf.nearest_up(end_prev)
+    naive = alpha * up + beta * jax.random.normal(k_jump, up.shape)
+    return train_start, method.jump(k_jump, end_prev, k), naive
+
+  train_start, jumped, naive = draw(jax.random.key(k))
   assert jumped.shape == train_start.shape
   m_s, s_s, c_s = _block_stats(jumped)
   m_t, s_t, c_t = _block_stats(train_start)
@@ -117,10 +126,6 @@ def test_state_after_a_jump_has_the_statistics_of_the_next_training_start(k):
   for name in c_t:
     assert abs(c_s[name] - c_t[name]) < 0.02, (name, c_s, c_t)
     assert abs(c_s[name]) < 0.02, (name, c_s)
-  # Control: without the block noise's negative correlation the upsampled noise stays
-  # correlated inside blocks, which the statistics above detect.
-  alpha, beta = pf.jump_coefficients(3)[k - 1]
-  naive = alpha * pf.nearest_up(end_prev) + beta * jax.random.normal(k_jump, jumped.shape)
   assert _block_stats(naive)[2]["h"] > 0.2
 
 
@@ -137,14 +142,18 @@ def test_training_target_is_end_minus_start_against_numpy():
   seen = {}
 
   def model(inputs, t, labels, stage_index):
-    seen.update(inputs=[np.asarray(x) for x in inputs], t=np.asarray(t))
-    seen.update(labels=np.asarray(labels), stage=np.asarray(stage_index))
+    seen.update(inputs=list(inputs), t=t, labels=labels, stage=stage_index)
     return tuple(jnp.asarray(p) for p in preds)
 
   labels = jnp.arange(batch) % 10
-  loss, metrics = method.loss(
-    model, jax.random.key(4), jnp.asarray(data), labels, label_dropout=0.0
-  )
+
+  @jax.jit
+  def run(key):
+    loss, metrics = method.loss(model, key, jnp.asarray(data), labels, label_dropout=0.0)
+    return loss, metrics, dict(seen)
+
+  loss, metrics, seen = run(jax.random.key(4))
+  seen = {name: jax.tree.map(np.asarray, v) for name, v in seen.items()}
   np.testing.assert_array_equal(seen["labels"], np.asarray(labels))
   clean = [_np_down(_np_down(data)), _np_down(data), data]
   start_s = [1.0, 0.80024, 0.50075]
@@ -176,14 +185,13 @@ def test_training_target_is_end_minus_start_against_numpy():
 def test_sampler_shapes_nfe_guidance_and_previews():
   shapes = [(4, 4, 1), (8, 8, 1)]
   method = _method(shapes)
-  calls = []
 
   def model(inputs, t, labels, stage_index):
-    calls.append(int(labels.shape[0]))
     return tuple(-0.5 * x for x in inputs)
 
   labels = jnp.arange(3)
-  out = method.sample(model, jax.random.key(0), labels, SamplerConfig((3, 2), (0.5,)), True)
+  plain = SamplerConfig((3, 2), (0.5,))
+  out = jax.jit(lambda key: method.sample(model, key, labels, plain, True))(jax.random.key(0))
   assert out["images"].shape == (3, 8, 8, 1)
   assert out["previews"].shape == (2, 3, 8, 8, 1)
   assert int(out["nfe"]) == 5
