@@ -4,6 +4,8 @@ Config files take comma-separated variants after a colon (``configs/default.py:f
 
 - ``fm``: the flow-matching twin (:func:`flow_matching_twin`) keeps the backbone, the token count
   and the total sampling steps and drops to one stage: plain flow matching at equal compute.
+- ``pyramidal``: the Pyramidal Flow twin (:func:`pyramidal_twin`), offered by every config that
+  offers ``fm``, with the same backbone, token count and total sampling steps.
 - ``runlocal``: tiny sizes and a few steps (:func:`runlocal`) for smoke runs, tests and the
   notebook on a CPU.
 """
@@ -24,7 +26,7 @@ def per_stage_field(value) -> ml_collections.FieldReference:
 
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.method = "dfm"  # a name in dfm_jax.methods.METHODS: dfm | fm
+  c.method = "dfm"  # a name in dfm_jax.methods.METHODS: dfm | fm | pyramidal_flow
   c.seed = 0
   c.total_steps = 1000
   c.batch_size = 64  # global, over all devices and processes
@@ -245,9 +247,42 @@ def _one_stage(value, name: str):
   return tuple(value[0]) if name == "guidance_interval" else value[0]
 
 
+# Twins every config that offers ``fm`` also offers (applied by :func:`apply_variants`).
+FM_SIBLINGS = ("pyramidal",)
+
+
+def pyramidal_twin(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The Pyramidal Flow twin of a DFM config: one pyramid level per DFM stage, one halving
+  between levels, the coarsest patch scaled so the token grid is unchanged, equal window shares
+  and the DFM's total sampling steps split equally over the windows (earlier windows take any
+  remainder)."""
+  c = ml_collections.ConfigDict(c.to_dict())
+  for name in ("cfg_scale", "guidance_interval"):  # to_dict() drops the field type
+    c.sampler[name] = per_stage_field(c.sampler[name])
+  if c.decomposition.halve_time:
+    raise ValueError("the pyramidal twin halves space only: drop decomposition.halve_time")
+  stages = c.decomposition.num_stages
+  levels = sum(c.decomposition.level_gaps) if c.decomposition.level_gaps else stages - 1
+  c.model.patch_size = c.model.patch_size * 2 ** (levels - (stages - 1))
+  c.model.precondition = False
+  c.method = "pyramidal_flow"
+  c.decomposition.kind = "laplacian"
+  c.decomposition.level_gaps = ()
+  c.decomposition.standardize = False
+  c.flow.stage_probs = (1.0 / stages,) * stages
+  c.flow.stage_weights = None
+  total = sum(c.sampler.steps_per_stage)
+  c.sampler.steps_per_stage = tuple(total // stages + (k < total % stages) for k in range(stages))
+  c.sampler.thresholds = tuple((k + 1) / stages for k in range(stages - 1))
+  c.sampler.solver = "euler"
+  return c
+
+
 def parse_variants(arg: str | None, allowed: tuple[str, ...]) -> set[str]:
   """The comma-separated variants of a config argument, e.g. ``'fm,runlocal'``."""
   variants = {v.strip() for v in (arg or "").split(",") if v.strip()} - {"dfm"}
+  if "fm" in allowed:
+    allowed = tuple(allowed) + tuple(v for v in FM_SIBLINGS if v not in allowed)
   unknown = variants - set(allowed)
   if unknown:
     raise ValueError(
@@ -261,6 +296,10 @@ def apply_variants(c: ml_collections.ConfigDict, variants: set[str]) -> ml_colle
   """Applies the shared variants (``fm`` and ``runlocal``) in a fixed order."""
   if "fm" in variants:
     c = flow_matching_twin(c)
+  if "pyramidal" in variants:
+    if "fm" in variants:
+      raise ValueError("config variants 'fm' and 'pyramidal' are alternatives: choose one")
+    c = pyramidal_twin(c)
   if "runlocal" in variants:
     c = runlocal(c)
   return c

@@ -1,4 +1,5 @@
-"""Every shipped config validates, and each flow-matching twin matches its DFM config's compute."""
+"""Every shipped config validates, and each flow-matching and Pyramidal Flow twin matches its
+DFM config's compute."""
 
 import importlib.util
 import os
@@ -46,6 +47,26 @@ def test_config_validates_and_twin_has_equal_compute(name, arg):
   assert dfm.sample_shape == fm.sample_shape
 
 
+@pytest.mark.parametrize("name,arg", CASES)
+def test_pyramidal_twin_has_equal_compute(name, arg):
+  dfm = experiment.from_config(load(name, arg), num_devices=1, check_data=False)
+  twin_arg = "pyramidal" if arg == "dfm" else f"{arg},pyramidal"
+  pyr = experiment.from_config(load(name, twin_arg), num_devices=1, check_data=False)
+  assert pyr.method_name == "pyramidal_flow"
+  assert len(pyr.model.stage_shapes) == len(dfm.model.stage_shapes)
+  assert tokens(dfm) == tokens(pyr)
+  for field in ("hidden_size", "depth", "num_heads", "mlp_ratio"):
+    assert getattr(dfm.model, field) == getattr(pyr.model, field), field
+  assert sum(dfm.sampler.steps_per_stage) == sum(pyr.sampler.steps_per_stage)
+  assert max(pyr.sampler.steps_per_stage) - min(pyr.sampler.steps_per_stage) <= 1
+  assert dfm.sample_shape == pyr.sample_shape
+
+
+def test_fm_and_pyramidal_variants_are_exclusive():
+  with pytest.raises(ValueError, match="'fm' and 'pyramidal' are alternatives"):
+    load("fashion_mnist.py", "fm,pyramidal")
+
+
 def test_unknown_config_argument_is_named():
   with pytest.raises(ValueError, match=r"unknown config variant\(s\) \['flow'\]"):
     load("fashion_mnist.py", "flow")
@@ -64,9 +85,10 @@ def test_unknown_config_argument_is_named():
 )
 def test_runlocal_variant_is_tiny_and_keeps_the_stages(name):
   full = experiment.from_config(load(name, "dfm"), num_devices=1, check_data=False)
-  for arg in ("runlocal", "fm,runlocal"):
+  for arg in ("runlocal", "fm,runlocal", "pyramidal,runlocal"):
     small = experiment.from_config(load(name, arg), num_devices=1, check_data=False)
     assert small.model.depth == 1 and small.model.hidden_size == 32
     if arg == "runlocal":
       assert small.model.stage_shapes == full.model.stage_shapes
   assert load(name, "fm,runlocal").method == "fm"
+  assert load(name, "pyramidal,runlocal").method == "pyramidal_flow"
