@@ -15,7 +15,7 @@ Stage mapping (each target stage takes one source stage, or is new):
 
 - same stages (shapes and patches): every tensor copies (FM -> FM, DFM -> DFM);
 - one source stage -> S stages: the transformer blocks and the label embedding copy; the
-  coarsest target stage whose shape ``[(T,) H, W, C]`` and patch equal the source's takes its
+  coarsest target stage whose size ``[(T,) H, W]`` and patch equal the source's takes its
   patch embedding, timestep embedder and head (``model.stage_upsample = (2, 1)`` makes the
   coarse stage fit a pretrained model on the full-size sample, as in the paper); the other
   stages are new and output exactly zero at the start: their patch embedding and the last layer
@@ -148,6 +148,9 @@ def stage_map(src: dit.DiTConfig, dst: dit.DiTConfig, problems: list[str]):
   if src_grid != dst_grid:
     problems.append(f"token grid {src_grid} vs {dst_grid}")
     return None
+  # Channels are left to the tensor checks, which name the tensors they change.
+  src_layout = [(shape[:-1], p) for shape, p in src_layout]
+  dst_layout = [(shape[:-1], p) for shape, p in dst_layout]
   if src_layout == dst_layout:
     return tuple(range(len(dst_layout)))
   if len(src_layout) == 1:
@@ -156,7 +159,7 @@ def stage_map(src: dit.DiTConfig, dst: dit.DiTConfig, problems: list[str]):
         return tuple(0 if i == s else None for i in range(len(dst_layout)))
   problems.append(
     f"stages ({describe(src_layout)}) vs ({describe(dst_layout)}): a one-stage source needs a "
-    "stage of the same shape and patch (model.stage_upsample can enlarge a coarse stage); a "
+    "stage of the same size and patch (model.stage_upsample can enlarge a coarse stage); a "
     "multi-stage source needs the same stages"
   )
   return None
