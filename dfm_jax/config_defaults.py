@@ -226,6 +226,7 @@ def flow_matching_twin(c: ml_collections.ConfigDict) -> ml_collections.ConfigDic
   c.method = "fm"
   c.decomposition.num_stages = 1
   c.decomposition.level_gaps = ()
+  c.model.stage_upsample = ()
   c.flow.stage_probs = (1.0,)
   c.flow.stage_weights = None
   c.sampler.steps_per_stage = (sum(c.sampler.steps_per_stage),)

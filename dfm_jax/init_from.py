@@ -193,7 +193,8 @@ def tensor_plan(src: dict, dst: dict, stage_of, problems: list[str]) -> dict[str
     elif src[name] != dst[dst_name]:
       problems.append(f"{dst_name} source {src[name]} vs model {dst[dst_name]}")
     used.add(name)
-    plan[dst_name] = lambda s, d, name=name: s[name]
+    # a copy: the model and the EMA must not share (donated) buffers
+    plan[dst_name] = lambda s, d, name=name: jnp.copy(s[name])
 
   mapped = [s for s in stage_of if s is not None]
   for name in dst:

@@ -88,6 +88,8 @@ def test_fm_to_dfm_copies_the_backbone_and_zeroes_the_new_stage(fm_source, tmp_p
     )
     assert got["data_mean"][1] == ema["data_mean"][0] and got["data_std"][1] == ema["data_std"][0]
   assert int(state["optimizer"]["step"][...]) == 0
+  buffers = [x.addressable_shards[0].data.unsafe_buffer_pointer() for x in jax.tree.leaves(state)]
+  assert len(set(buffers)) == len(buffers)  # the train step donates them: none shared
   mu = jax.tree.leaves(state["optimizer"]["opt_state"])
   assert not any(np.asarray(x).any() for x in mu if np.asarray(x).dtype.kind == "f")
 
