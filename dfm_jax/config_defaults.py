@@ -37,6 +37,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.num_grid_samples = 40  # images in each periodic sample grid
   c.stop_on_nonfinite = True
   c.profile_steps = ()  # (first, last): write a profiler trace of these steps to workdir/profile
+  # A workdir (its newest intact checkpoint) or one checkpoint step directory
+  # (WORKDIR/checkpoints/STEP) whose EMA weights initialise a fresh run: plain fine-tuning, or a
+  # single-stage model fine-tuned into DFM (dfm_jax.init_from). Ignored once the run's own
+  # workdir has a checkpoint (a restart resumes from that). '' = random initialisation.
+  c.init_from = ""
 
   c.data = data_lib.default_data_config()
 
@@ -55,6 +60,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.num_heads = 6
   c.model.mlp_ratio = 4.0
   c.model.patch_size = 2  # patch of the coarsest stage; finer stages scale up
+  # Per-stage nearest-upsampling factor, () = all 1: stage s is noised, predicted and sampled
+  # at k times its size and averaged back down to recompose. (2, 1) lets the coarse stage keep
+  # a pretrained single-stage model's patch size when fine-tuning into DFM (paper section 4.5);
+  # model.patch_size stays the patch of the coarsest stage at its own size (the model patchifies
+  # the upsampled stage with k x patch_size), so the token count does not change.
+  c.model.stage_upsample = ()
   c.model.pos_embed = "rope"  # rope | sincos
   c.model.stage_index_embed = True
   c.model.dtype = "float32"  # float32 | bfloat16 (compute; parameters stay float32)
@@ -222,6 +233,7 @@ def flow_matching_twin(c: ml_collections.ConfigDict) -> ml_collections.ConfigDic
   c.method = "fm"
   c.decomposition.num_stages = 1
   c.decomposition.level_gaps = ()
+  c.model.stage_upsample = ()
   c.flow.stage_probs = (1.0,)
   c.flow.stage_weights = None
   c.sampler.steps_per_stage = (sum(c.sampler.steps_per_stage),)

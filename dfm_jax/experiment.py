@@ -130,12 +130,14 @@ def from_config(
   if platform is not None and attention_impl in attention.ATTENTIONS:
     attempt(lambda: attention.check_attention_platform(attention_impl, platform))
   dec_cfg = config.decomposition
+  upsample = tuple(config.model.get("stage_upsample", ()) or ())
   decomposition = attempt(
     lambda: decompose.build(
       dec_cfg.kind,
       dec_cfg.num_stages,
       halve_time=dec_cfg.halve_time,
       level_gaps=tuple(dec_cfg.level_gaps) or None,
+      stage_upsample=upsample or None,
     )
   )
   stages = int(dec_cfg.num_stages)
@@ -189,7 +191,9 @@ def from_config(
       stage_shapes = tuple(s[1:] for s in decomposition.stage_shapes(full))
       model_kw = dict(
         stage_shapes=stage_shapes,
-        patch_size=config.model.patch_size,
+        # the model patchifies the (possibly upsampled) coarsest stage: the token grid is that
+        # of model.patch_size on the stage at its own size
+        patch_size=config.model.patch_size * decomposition.upsample[0],
         mlp_ratio=config.model.mlp_ratio,
         num_classes=config.data.num_classes,
         pos_embed=config.model.pos_embed,

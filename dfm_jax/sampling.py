@@ -123,6 +123,7 @@ MODEL_FIELDS = (
   "model.num_heads",
   "model.mlp_ratio",
   "model.patch_size",
+  "model.stage_upsample",
   "model.pos_embed",
   "model.stage_index_embed",
   "model.precondition",
@@ -146,6 +147,7 @@ def check_against_saved_config(config, workdir: str) -> None:
   if not path.exists():
     return
   saved = json.loads(path.read_text())
+  saved.setdefault("model", {}).setdefault("stage_upsample", [])  # older runs: all 1
   given = json.loads(json.dumps(config.to_dict(), sort_keys=True, default=str))
 
   def field(tree, name):

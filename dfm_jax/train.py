@@ -2,7 +2,8 @@
 
 Order of work: validate the config (``run.setup``) -> lock the workdir -> restore the newest
 intact checkpoint (state and data position; the config is checked against it before anything is
-written) or initialise directly into the shardings -> compile the step and log its memory ->
+written) or initialise directly into the shardings (then, with ``config.init_from``, take the
+weights of another run: :mod:`dfm_jax.init_from`) -> compile the step and log its memory ->
 loop. Every ``log_every`` steps the metrics averaged over the interval, the step time and the
 time spent waiting for data go to the log and TensorBoard.
 """
@@ -26,7 +27,7 @@ from etils import epath
 from flax import nnx
 
 from dfm_jax import checkpoint, data as data_lib, dit, reporting, sampling, sharding
-from dfm_jax import workdir_lock
+from dfm_jax import init_from, workdir_lock
 from dfm_jax.progress import format_eta
 from dfm_jax.run import Run, init_state, maybe_initialize_distributed, setup, write_json
 from dfm_jax.train_state import StepSettings, make_optimizer, train_step
@@ -201,6 +202,12 @@ def _train_locked(run: Run) -> nnx.State:
   ckpt = checkpoint.Checkpointer(run.checkpoint_dir, keep=config.keep_checkpoints)
   try:
     start, state = ckpt.restore_latest(run.abstract_state, data_iter)
+    source = None
+    if config.get("init_from", ""):
+      if start is None:  # checked before anything is written or trained
+        source = init_from.prepare(config.init_from, run)
+      else:
+        logging.info("workdir has its own checkpoint: config.init_from is not used")
     _write_config(workdir, config)  # only once the checkpoint accepted this config
     if start is not None and start >= config.total_steps:
       logging.info(
@@ -210,6 +217,8 @@ def _train_locked(run: Run) -> nnx.State:
     if start is None:
       start, state = 0, init_state(run)
       state = _init_data_stats(run, state)
+      if source is not None:
+        state = init_from.apply(source, run, state)
     else:
       logging.info("resuming from checkpoint at step %d", start)
     return _loop(run, ckpt, data_iter, state, start)

@@ -28,6 +28,7 @@ def build(
   halve_time: bool = False,
   stats: StageStats | dict | None = None,
   level_gaps: Sequence[int] | None = None,
+  stage_upsample: Sequence[int] | None = None,
 ) -> Decomposition:
   """Makes a decomposition.
 
@@ -38,6 +39,8 @@ def build(
     stats: optional per-stage standardisation (see :func:`estimate_stats`).
     level_gaps: for the pyramid kinds, the number of halvings between consecutive stages
       (S - 1 entries, default all 1); e.g. ``(2,)`` gives the paper's 256 -> 1024 px split.
+    stage_upsample: per-stage nearest-upsampling factors (S entries, default all 1): stage s is
+      noised and predicted at that many times its size (see ``Decomposition``).
   """
   cls = DECOMPOSITIONS.get(kind)
   return cls(
@@ -45,4 +48,5 @@ def build(
     halve_time=bool(halve_time),
     stats=stats,
     level_gaps=tuple(level_gaps) if level_gaps else (),
+    stage_upsample=tuple(stage_upsample) if stage_upsample else (),
   )

@@ -4,6 +4,13 @@ A decomposition splits a sample into S stages, coarse to fine, linearly and exac
 as pure (jit-, vmap- and grad-able) functions. Shapes: images ``[B, H, W, C]``, videos
 ``[B, T, H, W, C]``. For videos only space is halved unless ``halve_time=True``.
 
+``stage_upsample`` (one integer factor k >= 1 per stage, () = all 1) represents stage s at k
+times its size along the halved axes: ``split`` repeats each value k times per axis (nearest
+upsampling), so the flow of that stage (noise, velocity) lives on the larger grid, and ``merge``
+averages each k-wide block back before recomposing. ``down(up(x)) == x`` exactly, so the
+decomposition stays exactly invertible. Fine-tuning a pretrained single-stage model uses it to
+let a coarse stage keep the pretrained patch size (paper section 4.5, appendix E).
+
 Kinds register themselves by name in :data:`DECOMPOSITIONS` (see ``pyramid.py``, ``wavelet.py``)
 and implement ``_split`` / ``_merge`` (and ``_stage_shape`` when a stage is not simply the input
 halved ``stage_level(s)`` times).
@@ -53,6 +60,7 @@ class Decomposition(abc.ABC):
   halve_time: bool = False
   stats: StageStats | None = None
   level_gaps: tuple[int, ...] = ()  # halvings between consecutive stages; () = all 1
+  stage_upsample: tuple[int, ...] = ()  # per-stage nearest-upsampling factor; () = all 1
 
   def __post_init__(self):
     if not isinstance(self.num_stages, (int, np.integer)) or self.num_stages < 1:
@@ -61,6 +69,10 @@ class Decomposition(abc.ABC):
     object.__setattr__(self, "level_gaps", gaps)
     if gaps and (len(gaps) != self.num_stages - 1 or min(gaps) < 1):
       raise ValueError(f"level_gaps needs {self.num_stages - 1} entries >= 1, got {gaps}")
+    ups = tuple(int(k) for k in self.stage_upsample)
+    object.__setattr__(self, "stage_upsample", ups)
+    if ups and (len(ups) != self.num_stages or min(ups) < 1):
+      raise ValueError(f"stage_upsample needs {self.num_stages} factors >= 1, got {ups}")
     if isinstance(self.stats, dict):
       object.__setattr__(self, "stats", StageStats.from_dict(self.stats))
     if self.stats is not None and len(self.stats.mean) != self.num_stages:
@@ -71,6 +83,10 @@ class Decomposition(abc.ABC):
   @property
   def gaps(self) -> tuple[int, ...]:
     return self.level_gaps or (1,) * (self.num_stages - 1)
+
+  @property
+  def upsample(self) -> tuple[int, ...]:
+    return self.stage_upsample or (1,) * self.num_stages
 
   def stage_level(self, s: int) -> int:
     """How many times stage s (0-based) is halved relative to the input."""
@@ -130,7 +146,13 @@ class Decomposition(abc.ABC):
     shape = tuple(int(d) for d in shape)
     self.check_shape(shape)
     axes = self.halved_axes(len(shape))
-    return tuple(self._stage_shape(s, shape, axes) for s in range(self.num_stages))
+    out = []
+    for s, k in zip(range(self.num_stages), self.upsample):
+      stage = list(self._stage_shape(s, shape, axes))
+      for a in axes:
+        stage[a] *= k
+      out.append(tuple(stage))
+    return tuple(out)
 
   # -- transforms -----------------------------------------------------------------------------
 
@@ -140,15 +162,18 @@ class Decomposition(abc.ABC):
     stages = self._split(x, self.halved_axes(x.ndim))
     if self.stats is not None:
       stages = tuple((st - m) / s for st, m, s in zip(stages, self.stats.mean, self.stats.std))
-    return stages
+    axes = self.halved_axes(x.ndim)
+    return tuple(upsample(st, k, axes) for st, k in zip(stages, self.upsample))
 
   def merge(self, stages: Sequence[jax.Array]) -> jax.Array:
     """Inverse of :meth:`split`: tuple of S stages, coarse to fine -> ``x``."""
     if len(stages) != self.num_stages:
       raise ValueError(f"expected {self.num_stages} stages, got {len(stages)}")
+    axes = self.halved_axes(stages[0].ndim)
+    stages = [downsample(st, k, axes) for st, k in zip(stages, self.upsample)]
     if self.stats is not None:
       stages = [st * s + m for st, m, s in zip(stages, self.stats.mean, self.stats.std)]
-    return self._merge(list(stages), self.halved_axes(stages[0].ndim))
+    return self._merge(list(stages), axes)
 
   def preview(self, stages: Sequence[jax.Array], num_done) -> jax.Array:
     """Full-size recomposition of the first ``num_done`` stages, later stages set to zero.
@@ -176,6 +201,21 @@ class Decomposition(abc.ABC):
   @abc.abstractmethod
   def _merge(self, stages: list[jax.Array], axes: tuple[int, ...]) -> jax.Array:
     """Inverse of :meth:`_split`."""
+
+
+def upsample(x: jax.Array, k: int, axes: Sequence[int]) -> jax.Array:
+  """Nearest upsampling: every value repeated ``k`` times along each of ``axes``."""
+  for a in axes if k > 1 else ():
+    x = jnp.repeat(x, k, axis=a)
+  return x
+
+
+def downsample(x: jax.Array, k: int, axes: Sequence[int]) -> jax.Array:
+  """Mean over ``k``-wide blocks along each of ``axes``; ``downsample(upsample(x)) == x``."""
+  for a in axes if k > 1 else ():
+    shape = x.shape[:a] + (x.shape[a] // k, k) + x.shape[a + 1 :]
+    x = x.reshape(shape).mean(axis=a + 1)
+  return x
 
 
 def estimate_stats(decomposition: Decomposition, batches, eps: float = 1e-6) -> StageStats:
