@@ -14,7 +14,7 @@ from dfm_jax.config_defaults import apply_variants, base_config, parse_variants
 
 
 def get_config(arg: str = "dfm"):
-  variants = parse_variants(arg, ("fm", "runlocal"))
+  variants = parse_variants(arg, ("fm", "cascade", "runlocal"))
   c = base_config()
   c.total_steps = 2000
   c.batch_size = 64

@@ -25,7 +25,7 @@ from dfm_jax.config_defaults import apply_variants, paper_imagenet_config, parse
 
 
 def get_config(arg: str = "dfm"):
-  variants = parse_variants(arg, ("fm", "three", "runlocal"))
+  variants = parse_variants(arg, ("fm", "cascade", "three", "runlocal"))
   c = paper_imagenet_config()
   c.total_steps = 350_000
   c.data.path = "gs://BUCKET/in1024_latents"  # the encode command's --out

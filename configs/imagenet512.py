@@ -29,7 +29,7 @@ from dfm_jax.config_defaults import apply_variants, parse_variants, paper_imagen
 
 
 def get_config(arg: str = "dfm"):
-  variants = parse_variants(arg, ("fm", "runlocal"))
+  variants = parse_variants(arg, ("fm", "cascade", "runlocal"))
   c = paper_imagenet_config()
   c.total_steps = 500_000
   c.data.path = "gs://BUCKET/in512_latents"  # the encode command's --out

@@ -37,7 +37,7 @@ from dfm_jax.config_defaults import apply_variants, parse_variants, paper_imagen
 
 
 def get_config(arg: str = "dfm"):
-  variants = parse_variants(arg, ("fm", "runlocal", "halve_time"))
+  variants = parse_variants(arg, ("fm", "cascade", "runlocal", "halve_time"))
   c = paper_imagenet_config()
   c.total_steps = 200_000
   c.data.source = "latents"

@@ -45,7 +45,7 @@ def pixel_digits():
 
 
 def get_config(arg: str = "dfm"):
-  variants = parse_variants(arg, ("fm", "runlocal"))
+  variants = parse_variants(arg, ("fm", "cascade", "runlocal"))
   c = base_config()
   c.total_steps = 3000
   c.batch_size = 64

@@ -37,7 +37,7 @@ from dfm_jax.config_defaults import apply_variants, base_config, parse_variants
 
 
 def get_config(arg: str = "dfm"):
-  variants = parse_variants(arg, ("fm", "runlocal"))
+  variants = parse_variants(arg, ("fm", "cascade", "runlocal"))
   c = base_config()
   c.total_steps = 600
   c.batch_size = 32

@@ -3,9 +3,11 @@
 
 - ``dfm``: Decomposable Flow Matching (Algorithm 1 of the paper and its stage-scheduled sampler).
 - ``fm``: plain flow matching, the paper's baseline: the same model and code with one stage.
+- ``cascade``: the paper's cascade baseline: a low-resolution model, then a full-resolution one
+  initialised from it and conditioned on its upsampled samples.
 """
 
-from dfm_jax.methods import dfm, fm  # noqa: F401  (registers the methods)
+from dfm_jax.methods import cascade, dfm, fm  # noqa: F401  (registers the methods)
 from dfm_jax.methods.base import METHODS, Method
 
 __all__ = ["METHODS", "Method"]
