@@ -156,10 +156,7 @@ class Cascade(Method):
 
     def full_res():
       t_c = flow.logit_normal(k_ct, (b,), opts.cond_loc, opts.cond_scale)
-      eps = jax.random.normal(k_cond, full.shape, full.dtype)
-      up = self.upsample(low)
-      cond = _per_sample(t_c, up) * up + (1.0 - _per_sample(t_c, up)) * eps
-      return fm_loss(full, 1, cond=cond, cond_t=t_c)
+      return fm_loss(full, 1, cond=noised(k_cond, self.upsample(low), t_c), cond_t=t_c)
 
     p = phase(step, opts.switch_step)
     loss, mse = jax.lax.cond(p == 1, full_res, low_res)
@@ -195,7 +192,7 @@ class Cascade(Method):
     )
     up = self.upsample(first["stages"][0])
     t_c = 1.0 - opts.sample_noise
-    cond = t_c * up + (1.0 - t_c) * jax.random.normal(k_cond, up.shape, up.dtype)
+    cond = noised(k_cond, up, jnp.full((b,), t_c, jnp.float32))
 
     def full_velocity(inputs, t, labels, stage_index):
       (x,) = inputs
@@ -215,6 +212,12 @@ class Cascade(Method):
     if previews:
       out["previews"] = jnp.stack([up, images])
     return out
+
+
+def noised(key: jax.Array, x1: jax.Array, t: jax.Array) -> jax.Array:
+  """``t x1 + (1 - t) eps`` with fresh ``eps ~ N(0, I)``: ``x1 [B, ...]``, ``t [B]``."""
+  eps = jax.random.normal(key, x1.shape, x1.dtype)
+  return _per_sample(t, x1) * x1 + (1.0 - _per_sample(t, x1)) * eps
 
 
 def _per_sample(a: jax.Array, x: jax.Array) -> jax.Array:
