@@ -227,15 +227,17 @@ def test_cli_trains_both_phases_checkpoints_and_samples(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
 
-  main()  # 6 steps: 5 low-resolution, 1 full-resolution; checkpoints at 2, 4, 6
-  ckpt = {s: read_checkpoint(workdir, s) for s in (2, 4, 6)}
-  cond = [k for k in ckpt[6] if k.startswith("/model/cond_embedder")]
-  shared = [k for k in ckpt[6] if k.startswith("/model/blocks")]
+  # 10 steps: 8 low-resolution, then 2 full-resolution (the first moves only the zero-initialised
+  # head, the second also what feeds it); checkpoints every 2 steps.
+  main("--config.total_steps=10")
+  ckpt = {s: read_checkpoint(workdir, s) for s in (2, 8, 10)}
+  cond = [k for k in ckpt[10] if k.startswith("/model/cond_embedder")]
+  shared = [k for k in ckpt[10] if k.startswith("/model/blocks")]
   assert cond and shared
   for k in cond:  # no weight decay here: phase 1 leaves the conditioning layer exactly as is
-    np.testing.assert_array_equal(ckpt[2][k], ckpt[4][k], err_msg=k)
-  assert any(not np.array_equal(ckpt[4][k], ckpt[6][k]) for k in cond)
-  assert any(not np.array_equal(ckpt[2][k], ckpt[4][k]) for k in shared)
-  main("--mode=sample", "--config.sampler.num_samples=6")
-  data = np.load(os.path.join(workdir, "samples", "final_step6.npz"))
+    np.testing.assert_array_equal(ckpt[2][k], ckpt[8][k], err_msg=k)
+  assert any(not np.array_equal(ckpt[8][k], ckpt[10][k]) for k in cond)
+  assert any(not np.array_equal(ckpt[2][k], ckpt[8][k]) for k in shared)
+  main("--config.total_steps=10", "--mode=sample", "--config.sampler.num_samples=6")
+  data = np.load(os.path.join(workdir, "samples", "final_step10.npz"))
   assert data["images"].shape == (6, 32, 32, 1) and data["images"].dtype == np.uint8
