@@ -11,6 +11,11 @@ Needs Debian's `dataset-fashion-mnist` (`apt-get install -y dataset-fashion-mnis
 Flow-matching twin (one stage, same backbone, tokens and sampling steps):
 
   python -m dfm_jax.main --config=configs/fashion_mnist.py:fm --workdir=workdirs/fmnist_fm
+
+Cascade twin (a 16x16 model for 80% of the steps, then a 32x32 model conditioned on it; same
+backbone, tokens per model and sampling steps, 20 + 20):
+
+  python -m dfm_jax.main --config=configs/fashion_mnist.py:cascade --workdir=workdirs/fmnist_cas
 """
 
 from dfm_jax.config_defaults import apply_variants, base_config, parse_variants

@@ -6,6 +6,8 @@ Config files take comma-separated variants after a colon (``configs/default.py:f
   and the total sampling steps and drops to one stage: plain flow matching at equal compute.
 - ``pyramidal``: the Pyramidal Flow twin (:func:`pyramidal_twin`), offered by every config that
   offers ``fm``, with the same backbone, token count and total sampling steps.
+- ``cascade``: the cascade twin (:func:`cascade_twin`): the paper's cascade baseline with the
+  same backbone, token count and total sampling steps.
 - ``runlocal``: tiny sizes and a few steps (:func:`runlocal`) for smoke runs, tests and the
   notebook on a CPU.
 """
@@ -26,7 +28,7 @@ def per_stage_field(value) -> ml_collections.FieldReference:
 
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.method = "dfm"  # a name in dfm_jax.methods.METHODS: dfm | fm | pyramidal_flow
+  c.method = "dfm"  # a name in dfm_jax.methods.METHODS: dfm | fm | pyramidal_flow | cascade
   c.seed = 0
   c.total_steps = 1000
   c.batch_size = 64  # global, over all devices and processes
@@ -120,6 +122,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.sampler.num_samples = 64  # --mode=sample
   c.sampler.batch_size = 64
   c.sampler.checkpoint_step = -1  # -1: latest
+
+  # method 'cascade' (dfm_jax/methods/cascade.py; t = 1 is clean, noise level = 1 - t):
+  c.cascade = ml_collections.ConfigDict()
+  c.cascade.low_res_fraction = 0.8  # share of total_steps training the low-resolution model
+  c.cascade.cond_loc = 1.5  # training: conditioning t_c ~ logit-normal(cond_loc, cond_scale)
+  c.cascade.cond_scale = 1.0
+  c.cascade.sample_noise = 0.025  # sampling: conditioning noise level 1 - t_c
 
   c.eval = ml_collections.ConfigDict()
   c.eval.num_samples = 1000
@@ -241,6 +250,40 @@ def flow_matching_twin(c: ml_collections.ConfigDict) -> ml_collections.ConfigDic
   return c
 
 
+def cascade_twin(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The cascade twin of a DFM config: the DFM config's coarsest stage is the low resolution
+  (same patch, so the same tokens per model), the full sample the high one (one level gap
+  spanning the pyramid), the same backbone, and the total sampling steps split evenly."""
+  c = ml_collections.ConfigDict(c.to_dict())
+  for name in ("cfg_scale", "guidance_interval"):  # to_dict() drops the field type
+    c.sampler[name] = per_stage_field(_stage_ends(c.sampler[name], name))
+  stages = c.decomposition.num_stages
+  levels = sum(c.decomposition.level_gaps) if c.decomposition.level_gaps else stages - 1
+  c.method = "cascade"
+  c.decomposition.num_stages = 2
+  c.decomposition.level_gaps = (levels,)
+  c.decomposition.standardize = False  # whole images; model.precondition scales them
+  c.flow.stage_probs = (1.0, 0.0)  # unused by the cascade
+  c.flow.stage_weights = None
+  total = sum(c.sampler.steps_per_stage)
+  c.sampler.steps_per_stage = (total // 2, total - total // 2)  # the paper: 20 + 20
+  c.sampler.thresholds = c.sampler.thresholds[:1] or (0.5,)  # unused by the cascade
+  return c
+
+
+def _stage_ends(value, name: str):
+  """A per-stage sampler setting for the cascade's two models: the coarsest and finest stage's
+  values (a value shared by every stage stays as it is)."""
+  per_stage = (
+    isinstance(value, (tuple, list))
+    and len(value)
+    and (isinstance(value[0], (tuple, list)) if name == "guidance_interval" else True)
+  )
+  if not per_stage:
+    return tuple(value) if isinstance(value, list) else value
+  return (value[0], value[-1])
+
+
 def _one_stage(value, name: str):
   """The single-stage form of a per-stage sampler setting: a value shared by every stage, or
   a per-stage tuple whose entries are all equal; other per-stage values have no FM twin."""
@@ -260,7 +303,7 @@ def _one_stage(value, name: str):
 
 
 # Twins every config that offers ``fm`` also offers (applied by :func:`apply_variants`).
-FM_SIBLINGS = ("pyramidal",)
+FM_SIBLINGS = ("pyramidal", "cascade")
 
 
 def pyramidal_twin(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -305,13 +348,19 @@ def parse_variants(arg: str | None, allowed: tuple[str, ...]) -> set[str]:
 
 
 def apply_variants(c: ml_collections.ConfigDict, variants: set[str]) -> ml_collections.ConfigDict:
-  """Applies the shared variants (``fm`` and ``runlocal``) in a fixed order."""
+  """Applies the shared variants (one method twin: ``fm``, ``pyramidal`` or ``cascade``, then
+  ``runlocal``) in a fixed order."""
+  twins = sorted(variants & {"fm", *FM_SIBLINGS})
+  if len(twins) > 1:
+    raise ValueError(
+      f"config variants {' and '.join(repr(t) for t in twins)} are alternatives: choose one"
+    )
   if "fm" in variants:
     c = flow_matching_twin(c)
   if "pyramidal" in variants:
-    if "fm" in variants:
-      raise ValueError("config variants 'fm' and 'pyramidal' are alternatives: choose one")
     c = pyramidal_twin(c)
+  if "cascade" in variants:
+    c = cascade_twin(c)
   if "runlocal" in variants:
     c = runlocal(c)
   return c

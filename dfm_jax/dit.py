@@ -10,6 +10,11 @@ Images: stage arrays ``[B, H_s, W_s, C_s]``; videos ``[B, T_s, H_s, W_s, C_s]`` 
 patchified independently unless the decomposition also halves time, in which case finer stages
 use a temporal patch too). Times ``t [B, S]`` follow t = 0 noise, t = 1 data.
 
+With ``cond_image`` on (the cascade baseline's full-resolution model), an extra patchify layer
+embeds a conditioning image of the finest stage's shape with that stage's patch; its tokens are
+appended to the stage tokens (same grid positions), its t to its own time embedder, and the heads
+read the stage tokens only.
+
 With ``precondition`` on, the network is wrapped in per-stage EDM-style input/output scaling
 (:mod:`dfm_jax.precondition`) using the per-stage data statistics the model stores as
 :class:`DataStats` variables (part of the checkpoint, not trained, not averaged by the EMA).
@@ -90,6 +95,9 @@ class DiTConfig:
   # Per-stage EDM-style input/output scaling from the stored data statistics (see
   # dfm_jax.precondition); the run configs turn it on (model.precondition).
   precondition: bool = False
+  # An extra patchify layer and time embedder for a conditioning image [*stage_shapes[-1]]
+  # whose tokens are concatenated with the stage tokens (the cascade baseline).
+  cond_image: bool = False
 
   def __post_init__(self):
     object.__setattr__(
@@ -343,6 +351,10 @@ class DFMDiT(nnx.Module):
   With ``cfg.precondition`` the call returns ``m + c_skip * xc + c_out * F(c_in * xc, ...)``
   per stage (``xc = x_t - t m``), where ``data_mean`` / ``data_std`` (``[S]``) hold the stage
   statistics (set them with :meth:`set_data_stats`); train with :meth:`loss_weights`.
+
+  With ``cfg.cond_image``, ``cond [B, *stage_shapes[-1]]`` (a noisy image, ``cond = t_c x1 +
+  (1 - t_c) x0``) and ``cond_t [B]`` (its t_c) may be passed: its N tokens follow the N stage
+  tokens, and with preconditioning it is centred and scaled with stage 1's statistics.
   """
 
   def __init__(self, cfg: DiTConfig, *, rngs: nnx.Rngs):
@@ -402,6 +414,10 @@ class DFMDiT(nnx.Module):
     # Always present (also with precondition off), so every checkpoint records the statistics.
     self.data_mean = DataStats(jnp.zeros((cfg.num_stages,), jnp.float32))
     self.data_std = DataStats(jnp.ones((cfg.num_stages,), jnp.float32))
+    if cfg.cond_image:  # made last, so the other layers initialise as without it
+      din = int(np.prod(self.patches[-1])) * cfg.stage_shapes[-1][-1]
+      self.cond_embedder = _dense(rngs, din, d, ("patch", "embed"))
+      self.cond_time_embedder = TimestepEmbedder(cfg, rngs)
 
   def set_data_stats(self, mean: Sequence[float], std: Sequence[float]) -> None:
     """Stores per-stage data statistics ``mean, std [S]`` (of the stages the model is fed)."""
@@ -433,8 +449,19 @@ class DFMDiT(nnx.Module):
     t: jax.Array,
     labels: jax.Array,
     stage_index: jax.Array | None = None,
+    cond: jax.Array | None = None,
+    cond_t: jax.Array | None = None,
   ) -> tuple[jax.Array, ...]:
     cfg = self.cfg
+    if (cond is None) != (cond_t is None):
+      raise ValueError("pass both cond and cond_t, or neither")
+    if cond is not None and not cfg.cond_image:
+      raise ValueError("this model takes no conditioning image (DiTConfig.cond_image is off)")
+    if cond is not None and tuple(cond.shape[1:]) != cfg.stage_shapes[-1]:
+      raise ValueError(
+        f"conditioning image of shape {cond.shape[1:]} does not match the finest stage "
+        f"{cfg.stage_shapes[-1]}"
+      )
     if len(stages) != cfg.num_stages:
       raise ValueError(f"model has {cfg.num_stages} stages, got {len(stages)} inputs")
     for x, shape in zip(stages, cfg.stage_shapes):
@@ -443,10 +470,12 @@ class DFMDiT(nnx.Module):
           f"stage input of shape {x.shape[1:]} does not match the model's stage shape {shape}"
         )
     if not cfg.precondition:
-      return self.network(stages, t, labels, stage_index)
+      return self.network(stages, t, labels, stage_index, cond, cond_t)
     mean, std = self.data_mean[...], self.data_std[...]
     centred, inputs = precondition.network_inputs(stages, t, mean, std)
-    raw = self.network(inputs, t, labels, stage_index)
+    if cond is not None:
+      (cond,) = precondition.network_inputs((cond,), cond_t[:, None], mean[:1], std[:1])[1]
+    raw = self.network(inputs, t, labels, stage_index, cond, cond_t)
     return precondition.data_velocities(raw, centred, t, mean, std)
 
   def network(
@@ -455,9 +484,11 @@ class DFMDiT(nnx.Module):
     t: jax.Array,
     labels: jax.Array,
     stage_index: jax.Array | None = None,
+    cond: jax.Array | None = None,
+    cond_t: jax.Array | None = None,
   ) -> tuple[jax.Array, ...]:
-    """The raw network F: same arguments as ``__call__``, no preconditioning (the stage inputs
-    are taken as given); returns S float32 outputs ``[B, *stage_shapes[s]]``."""
+    """The raw network F: same arguments as ``__call__``, no preconditioning (the stage and
+    conditioning inputs are taken as given); returns S float32 outputs ``[B, *stage_shapes[s]]``."""
     cfg = self.cfg
     dtype = DTYPES[cfg.dtype]
     with jax.named_scope("patch_embed"):
@@ -465,6 +496,11 @@ class DFMDiT(nnx.Module):
         emb(patchify(s.astype(dtype), p)).astype(jnp.float32)
         for emb, s, p in zip(self.embedders, stages, self.patches)
       )
+      num_tokens = x.shape[1]
+      if cond is not None:  # appended at the same grid positions as the stage tokens
+        cond_tokens = self.cond_embedder(patchify(cond.astype(dtype), self.patches[-1]))
+        x = jnp.concatenate([x, cond_tokens.astype(jnp.float32)], axis=1)
+    repeat = x.shape[1] // num_tokens
     with jax.named_scope("conditioning"):
       c = self.label_embed(labels)
       for s, temb in enumerate(self.time_embedders):
@@ -473,11 +509,13 @@ class DFMDiT(nnx.Module):
         if stage_index is None:
           raise ValueError("this model embeds the stage index: pass stage_index")
         c = c + self.stage_embed(stage_index)
+      if cond is not None:
+        c = c + self.cond_time_embedder(cond_t)
     rope = None
     if cfg.pos_embed == "sincos":
-      x = x + self.pos[...][None]
+      x = x + jnp.tile(self.pos[...], (repeat, 1))[None]
     else:
-      rope = (self.rope_cos[...], self.rope_sin[...])
+      rope = tuple(jnp.tile(a[...], (repeat, 1)) for a in (self.rope_cos, self.rope_sin))
 
     # A plain lax.scan over the stacked parameters (not nnx.scan, which refuses a model whose
     # variables come from an enclosing trace, as in the sampler's scan).
@@ -492,6 +530,7 @@ class DFMDiT(nnx.Module):
     if cfg.remat_policy != "none":
       apply_block = jax.checkpoint(apply_block, policy=remat_policy_fn(cfg.remat_policy))
     x, _ = jax.lax.scan(apply_block, x, block_params, unroll=cfg.scan_unroll)
+    x = x[:, :num_tokens]
     out = []
     with jax.named_scope("stage_heads"):
       for head, p, shape in zip(self.heads, self.patches, cfg.stage_shapes):

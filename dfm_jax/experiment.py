@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import ml_collections
 import numpy as np
@@ -24,6 +25,7 @@ class Experiment:
   sample_shape: tuple[int, ...]  # one sample, without the batch axis: [(T,) H, W, C]
   null_label: int
   method_name: str = "dfm"
+  method_options: Any = None  # the method's own settings (Method.options)
 
   @property
   def method(self) -> methods.Method:
@@ -205,6 +207,7 @@ def from_config(
         activation_rules=tuple(config.mesh.axis_rules),
         scan_unroll=config.model.scan_unroll,
         precondition=bool(config.model.get("precondition", False)),
+        **method_cls.model_options(config),
       )
       if config.model.size == "custom":
         model_cfg = attempt(
@@ -227,6 +230,7 @@ def from_config(
     sample_shape=tuple(shape),
     null_label=int(config.data.num_classes),
     method_name=method_name,
+    method_options=method_cls.options(config),
   )
 
 

@@ -237,7 +237,7 @@ def _init_data_stats(run: Run, state: nnx.State) -> nnx.State:
     config.data, global_batch_size=config.batch_size, seed=config.seed + 1
   )
   batches = (next(it)["image"] for _ in range(int(config.decomposition.stats_batches)))
-  stats = precondition.stats_for_model(run.exp.decomposition, batches)
+  stats = run.exp.method.data_stats(batches)
   logging.info(
     "per-stage data statistics for preconditioning: mean %s, std %s",
     np.round(stats.mean, 4).tolist(),

@@ -95,6 +95,7 @@ def train_step(
   """
   ts = nnx.merge(graphdef, state)
   method = exp.method
+  step = ts.optimizer.step[...]
 
   def loss_fn(model, key, images, labels):
     return method.loss(
@@ -104,6 +105,7 @@ def train_step(
       labels,
       label_dropout=settings.label_dropout,
       stage_weights=settings.stage_weights,
+      step=step,
     )
 
   grad_fn = nnx.value_and_grad(loss_fn, has_aux=True)
@@ -135,7 +137,6 @@ def train_step(
     metrics = jax.tree.map(lambda m: m.mean(0), per_micro)
   grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-  step = ts.optimizer.step[...]
   ts.optimizer.update(ts.model, grads)
   decay = jnp.where(finite, ts.ema_decay, 1.0)  # a skipped step leaves the EMA as it is
   ema_params = nnx.state(ts.ema, nnx.Param)

@@ -1,5 +1,5 @@
-"""Every shipped config validates, and each flow-matching and Pyramidal Flow twin matches its
-DFM config's compute."""
+"""Every shipped config validates, and each flow-matching, Pyramidal Flow and cascade twin
+matches its DFM config's backbone, tokens and sampling steps."""
 
 import importlib.util
 import os
@@ -67,6 +67,20 @@ def test_fm_and_pyramidal_variants_are_exclusive():
     load("fashion_mnist.py", "fm,pyramidal")
 
 
+def test_cascade_twin_matches_backbone_tokens_and_steps(name, arg):
+  dfm = experiment.from_config(load(name, arg), num_devices=1, check_data=False)
+  twin = "cascade" if arg == "dfm" else f"{arg},cascade"
+  cas = experiment.from_config(load(name, twin), num_devices=1, check_data=False)
+  assert cas.method_name == "cascade" and cas.model.cond_image
+  assert cas.model.stage_shapes == (dfm.model.stage_shapes[0], dfm.model.stage_shapes[-1])
+  assert tokens(dfm) == tokens(cas)  # per model; the conditioned one adds as many again
+  for field in ("hidden_size", "depth", "num_heads", "mlp_ratio"):
+    assert getattr(dfm.model, field) == getattr(cas.model, field), field
+  assert sum(dfm.sampler.steps_per_stage) == sum(cas.sampler.steps_per_stage)
+  assert dfm.sample_shape == cas.sample_shape
+  assert cas.method_options.switch_step == round(0.8 * load(name, twin).total_steps)
+
+
 def test_unknown_config_argument_is_named():
   with pytest.raises(ValueError, match=r"unknown config variant\(s\) \['flow'\]"):
     load("fashion_mnist.py", "flow")
@@ -85,10 +99,11 @@ def test_unknown_config_argument_is_named():
 )
 def test_runlocal_variant_is_tiny_and_keeps_the_stages(name):
   full = experiment.from_config(load(name, "dfm"), num_devices=1, check_data=False)
-  for arg in ("runlocal", "fm,runlocal", "pyramidal,runlocal"):
+  for arg in ("runlocal", "fm,runlocal", "pyramidal,runlocal", "cascade,runlocal"):
     small = experiment.from_config(load(name, arg), num_devices=1, check_data=False)
     assert small.model.depth == 1 and small.model.hidden_size == 32
     if arg == "runlocal":
       assert small.model.stage_shapes == full.model.stage_shapes
   assert load(name, "fm,runlocal").method == "fm"
   assert load(name, "pyramidal,runlocal").method == "pyramidal_flow"
+  assert load(name, "cascade,runlocal").method == "cascade"

@@ -291,7 +291,7 @@ def test_grad_accumulation_equals_full_batch_for_a_deterministic_loss():
   config, exp, (graphdef, state), batch = _setup()
 
   class Deterministic:
-    def loss(self, model, key, data, labels, *, label_dropout, stage_weights):
+    def loss(self, model, key, data, labels, *, label_dropout, stage_weights, step=None):
       stages = exp.decomposition.split(data)
       t = jnp.full((data.shape[0], len(stages)), 0.5)
       out = model(tuple(0.5 * s for s in stages), t, labels, jnp.zeros_like(labels))

@@ -224,10 +224,15 @@ def estimate_stats(decomposition: Decomposition, batches, eps: float = 1e-6) -> 
   Uses running float64 sums, so any number of batches fits in memory.
   """
   raw = decomposition.with_stats(None)
-  split = jax.jit(raw.split)
-  sums = np.zeros(raw.num_stages)
-  sq = np.zeros(raw.num_stages)
-  counts = np.zeros(raw.num_stages)
+  return split_stats(jax.jit(raw.split), raw.num_stages, batches, eps)
+
+
+def split_stats(split, num_stages: int, batches, eps: float = 1e-6) -> StageStats:
+  """Mean and std of each of the ``num_stages`` arrays ``split(batch)`` returns, over an
+  iterable of data batches (running float64 sums)."""
+  sums = np.zeros(num_stages)
+  sq = np.zeros(num_stages)
+  counts = np.zeros(num_stages)
   for batch in batches:
     for s, st in enumerate(split(jnp.asarray(batch))):
       st = np.asarray(st, np.float64)

@@ -35,6 +35,27 @@ class Method(abc.ABC):
     del config
     return []
 
+  @classmethod
+  def options(cls, config) -> Any:
+    """The method's own settings from ``config`` (once ``check_config`` passed), kept in
+    ``Experiment.method_options``; None when it has none."""
+    del config
+    return None
+
+  @classmethod
+  def model_options(cls, config) -> dict[str, Any]:
+    """``DiTConfig`` fields the method sets (e.g. ``cond_image``)."""
+    del config
+    return {}
+
+  def data_stats(self, batches):
+    """Per-stage mean and std (``decompose.StageStats``) of what the model is fed, from data
+    batches ``[B, (T,) H, W, C]``; used for preconditioning. Default: the decomposition's
+    stages."""
+    from dfm_jax import precondition  # pylint: disable=g-import-not-at-top
+
+    return precondition.stats_for_model(self.exp.decomposition, batches)
+
   @abc.abstractmethod
   def loss(
     self,
@@ -45,6 +66,7 @@ class Method(abc.ABC):
     *,
     label_dropout: float,
     stage_weights=None,
+    step: jax.Array | None = None,
   ) -> tuple[jax.Array, dict[str, Any]]:
     """One Monte-Carlo estimate of the training loss.
 
@@ -53,6 +75,8 @@ class Method(abc.ABC):
       key: PRNG key for timesteps, noise and label dropout.
       data: a clean batch ``[B, H, W, C]`` (or ``[B, T, H, W, C]``) in the data space.
       labels: int ``[B]``.
+      step: the optimizer step being taken (int32 scalar, may be traced), for objectives that
+        change during training; the metrics must have the same keys at every step.
     Returns:
       (scalar loss, metrics dict of scalars).
     """

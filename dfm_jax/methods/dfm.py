@@ -19,7 +19,8 @@ def velocity_fn(model) -> flow.VelocityFn:
 class DecomposableFlowMatching(Method):
   """The paper's method on ``exp.decomposition``'s stages."""
 
-  def loss(self, model, key, data, labels, *, label_dropout, stage_weights=None):
+  def loss(self, model, key, data, labels, *, label_dropout, stage_weights=None, step=None):
+    del step
     exp = self.exp
     stages = exp.decomposition.split(data)
     extra = {}
