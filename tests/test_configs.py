@@ -67,6 +67,7 @@ def test_fm_and_pyramidal_variants_are_exclusive():
     load("fashion_mnist.py", "fm,pyramidal")
 
 
+@pytest.mark.parametrize("name,arg", CASES)
 def test_cascade_twin_matches_backbone_tokens_and_steps(name, arg):
   dfm = experiment.from_config(load(name, arg), num_devices=1, check_data=False)
   twin = "cascade" if arg == "dfm" else f"{arg},cascade"
