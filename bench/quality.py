@@ -41,16 +41,46 @@ import common  # bench/ helpers; also puts the repository on the import path
 
 REPO = str(common.REPO)
 
-# (name, config variant, overrides). The first two are the headline pair; the final pair gets
-# every seed of --seeds, the other rows the first seed.
+# Training FLOPs per step relative to flow matching, from XLA's count of the lowered train step
+# (bench/common.step_flops) on configs/fashion_mnist.py: FM 21.68 GFLOP, DFM 21.74, Pyramidal
+# Flow 21.68 (same 64 tokens). The cascade's step holds both models under one lax.cond; XLA
+# charges the larger (full-resolution, 64 + 64 conditioning tokens) 46.45 GFLOP; the
+# low-resolution phase (80% of steps) runs FM's 64 tokens. Charged in full:
+# (0.8 * 21.68 + 0.2 * 46.45) / 21.68 = 1.2285, so the cascade gets 1 / 1.2285 of the steps.
+CASCADE_COST = 1.2285
+
+# (name, config variant, overrides, training FLOPs per step relative to FM). The first two are
+# the headline pair and get every seed of --seeds; the other rows the first seed, the methods
+# comparison (pyramidal, cascade) every seed too.
 ROWS = [
-  ("fm", "fm", {}),
-  ("dfm_pq0.9", "dfm", {"flow.stage_probs": (0.9, 0.1)}),
-  ("dfm_pq0.7", "dfm", {"flow.stage_probs": (0.7, 0.3)}),
-  ("fm_noprecond", "fm", {"model.precondition": False}),
-  ("dfm_pq0.9_noprecond", "dfm", {"flow.stage_probs": (0.9, 0.1), "model.precondition": False}),
+  ("fm", "fm", {}, 1.0),
+  ("dfm_pq0.9", "dfm", {"flow.stage_probs": (0.9, 0.1)}, 1.0),
+  ("dfm_pq0.7", "dfm", {"flow.stage_probs": (0.7, 0.3)}, 1.0),
+  ("fm_noprecond", "fm", {"model.precondition": False}, 1.0),
+  (
+    "dfm_pq0.9_noprecond",
+    "dfm",
+    {"flow.stage_probs": (0.9, 0.1), "model.precondition": False},
+    1.0,
+  ),
+  ("pyramidal", "pyramidal", {}, 1.0),
+  ("cascade", "cascade", {}, CASCADE_COST),
 ]
 HEADLINE = ("dfm_pq0.9", "fm")
+ALL_SEEDS = HEADLINE + ("pyramidal", "cascade")
+# Fine-tuning: an FM model trained for FT_BASE of --steps, then the rest spent on plain FM
+# fine-tuning or on DFM fine-tuning (the coarse stage at the pretrained patch size, upsampled x2
+# as in the paper), both through --config.init_from.
+FT_BASE = 0.75
+FINETUNE = [
+  ("ft_base_fm", "fm", {}),
+  ("ft_fm", "fm", {"init_from": "{base}"}),
+  (
+    "ft_dfm",
+    "dfm",
+    {"flow.stage_probs": (0.9, 0.1), "model.stage_upsample": (2, 1), "init_from": "{base}"},
+  ),
+]
 METRICS = ("fid", "kid", "classifier_fd", "classifier_accuracy")
 
 
@@ -138,7 +168,7 @@ def plot(summary: list[dict], path: str) -> None:
     print("matplotlib not installed: skipping the plot", file=sys.stderr)
     return
   cfgs = sorted({e["cfg"] for e in summary})
-  names = [r[0] for r in ROWS if any(e["row"] == r[0] for e in summary)]
+  names = [r[0] for r in ROWS + FINETUNE if any(e["row"] == r[0] for e in summary)]
   metrics = [m for m in ("fid", "classifier_fd") if any(m in e for e in summary)]
   fig, axes = plt.subplots(1, len(metrics), figsize=(6 * len(metrics), 4), squeeze=False)
   width = 0.8 / len(cfgs)
@@ -176,11 +206,23 @@ def eval_flags(phase: str, workdir: str, steps: int, eval_samples: int, cfg: flo
   return flags
 
 
+def row_steps(args, name: str) -> int:
+  """Training steps of a row at equal compute (``--steps`` of flow matching)."""
+  cost = {r[0]: r[3] for r in ROWS}.get(name, 1.0)
+  if name.startswith("ft_"):
+    base = round(args.steps * FT_BASE)
+    return base if name == "ft_base_fm" else args.steps - base
+  return round(args.steps / cost)
+
+
 def run_one(args, name: str, variant: str, overrides: dict, seed: int, extra: dict) -> list[dict]:
   """Trains (row, seed) unless only scoring, then evaluates it at every cfg scale."""
   variant += ",runlocal" if args.runlocal else ""
   workdir = os.path.join(args.workdir, name, f"seed{seed}")
-  ov = dict(overrides, seed=seed, **extra)
+  base = os.path.join(args.workdir, "ft_base_fm", f"seed{seed}")
+  ov = {k: (v.format(base=base) if isinstance(v, str) else v) for k, v in overrides.items()}
+  ov = dict(ov, seed=seed, **extra)
+  steps = row_steps(args, name)
   if args.phase != "score":
     run(
       main_cmd(
@@ -188,26 +230,36 @@ def run_one(args, name: str, variant: str, overrides: dict, seed: int, extra: di
         variant,
         workdir,
         ov,
-        f"--config.total_steps={args.steps}",
-        f"--config.checkpoint_every={min(args.steps, 250)}",
-        f"--config.sample_every={args.steps}",
+        f"--config.total_steps={steps}",
+        f"--config.checkpoint_every={min(steps, 250)}",
+        f"--config.sample_every={steps}",
       )
     )
   rows = []
   for cfg in [float(v) for v in args.cfgs.split(",")]:
-    r = cached_eval(workdir, args.steps, args.eval_samples, cfg)
+    r = cached_eval(workdir, steps, args.eval_samples, cfg)
     if r is None and args.phase == "generate":
-      if glob.glob(os.path.join(workdir, "eval", f"step{args.steps}_cfg{cfg:g}_*.samples.npz")):
+      if glob.glob(os.path.join(workdir, "eval", f"step{steps}_cfg{cfg:g}_*.samples.npz")):
         continue
     if r is None:
-      flags = eval_flags(args.phase, workdir, args.steps, args.eval_samples, cfg)
+      flags = eval_flags(args.phase, workdir, steps, args.eval_samples, cfg)
       out = run(main_cmd(args.config, variant, workdir, ov, *flags))
       r = json.loads(out.strip().splitlines()[-1])
     if args.phase == "generate":
       continue
-    row = {"row": name, "seed": seed, "cfg": cfg, **{m: r.get(m) for m in METRICS}}
+    row = {"row": name, "seed": seed, "cfg": cfg, "steps": steps}
+    row.update({m: r.get(m) for m in METRICS})
     rows.append(row)
     print(json.dumps(row), flush=True)
+  return rows
+
+
+def run_finetune(args, seed: int, extra: dict) -> list[dict]:
+  """The FM base, then plain and DFM fine-tuning from it (side by side)."""
+  rows = run_one(args, *FINETUNE[0], seed, extra)
+  with concurrent.futures.ThreadPoolExecutor(2) as pool:
+    for future in [pool.submit(run_one, args, *item, seed, extra) for item in FINETUNE[1:]]:
+      rows += future.result()
   return rows
 
 
@@ -239,7 +291,11 @@ def main():
   parser.add_argument("--eval-samples", type=int, default=1000)
   parser.add_argument("--cfgs", default="1.0,1.5")
   parser.add_argument("--seeds", default="0,1")
-  parser.add_argument("--rows", default=",".join(r[0] for r in ROWS))
+  parser.add_argument(
+    "--rows",
+    default=",".join(r[0] for r in ROWS) + ",finetune",
+    help="rows to run; 'finetune' is the FM base with plain and DFM fine-tuning from it",
+  )
   parser.add_argument(
     "--phase",
     choices=("all", "generate", "score"),
@@ -264,22 +320,25 @@ def main():
   wanted = args.rows.split(",")
   plan = [
     (name, variant, overrides, seed)
-    for name, variant, overrides in ROWS
+    for name, variant, overrides, _ in ROWS
     if name in wanted
-    for seed in (seeds if name in HEADLINE else seeds[:1])
+    for seed in (seeds if name in ALL_SEEDS else seeds[:1])
   ]
-  # Seed 0 of every row before the extra seeds of the headline pair.
+  # Seed 0 of every row before the extra seeds.
   plan.sort(key=lambda p: (p[3] != seeds[0],))
+  finetune = "finetune" in wanted
   rows: list[dict] = []
   with concurrent.futures.ThreadPoolExecutor(max(1, args.jobs)) as pool:
-    futures = [pool.submit(run_one, args, *item, extra) for item in plan]
+    futures = [pool.submit(run_finetune, args, seeds[0], extra)] if finetune else []
+    futures += [pool.submit(run_one, args, *item, extra) for item in plan]
     for future in concurrent.futures.as_completed(futures):
       rows.extend(future.result())
       if rows:
         write_results(args, rows)
   if args.phase == "generate":
-    print(f"samples of {len(plan)} runs kept under {args.workdir}/<row>/seed<k>/eval/")
+    print(f"samples kept under {args.workdir}/<row>/seed<k>/eval/")
     return
+  plan += [(r[0], r[1], r[2], seeds[0]) for r in FINETUNE] if finetune else []
   order = {(p[0], p[3]): i for i, p in enumerate(plan)}
   rows.sort(key=lambda r: (order[(r["row"], r["seed"])], r["cfg"]))
   summary = write_results(args, rows)

@@ -211,9 +211,10 @@ class PyramidalFlow(Method):
     window = jax.random.categorical(key, logits, shape=(draws,)).astype(jnp.int32)
     return jnp.broadcast_to(window, (batch,))
 
-  def loss(self, model, key, data, labels, *, label_dropout, stage_weights=None):
+  def loss(self, model, key, data, labels, *, label_dropout, stage_weights=None, step=None):
     """Plain MSE of the model's level-k output against ``end - start`` of each sample's window
     k (``data [B, (T,) H, W, C]`` at the finest level); metrics per window (1-based)."""
+    del step  # one objective throughout
     num = self.num_levels
     batch = data.shape[0]
     k_win, k_r, k_noise, k_drop = jax.random.split(key, 4)
