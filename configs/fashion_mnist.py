@@ -16,6 +16,10 @@ Cascade twin (a 16x16 model for 80% of the steps, then a 32x32 model conditioned
 backbone, tokens per model and sampling steps, 20 + 20):
 
   python -m dfm_jax.main --config=configs/fashion_mnist.py:cascade --workdir=workdirs/fmnist_cas
+
+Pyramidal Flow twin (one model over two time windows, 16x16 then 32x32; 20 + 20 steps):
+
+  python -m dfm_jax.main --config=configs/fashion_mnist.py:pyramidal --workdir=workdirs/fmnist_pyr
 """
 
 from dfm_jax.config_defaults import apply_variants, base_config, parse_variants
