@@ -123,9 +123,11 @@ def cached_eval(workdir: str, step: int, eval_samples: int, cfg: float) -> dict 
 def summarise(rows: list[dict]) -> list[dict]:
   """Mean and spread (half of max - min) over seeds for each (row, cfg)."""
   out = []
-  for key in sorted({(r["row"], r["cfg"]) for r in rows}, key=lambda k: (k[1], k[0])):
+  rank = {name: i for i, name in enumerate(r[0] for r in ROWS + FINETUNE)}
+  for key in sorted({(r["row"], r["cfg"]) for r in rows}, key=lambda k: (k[1], rank.get(k[0]))):
     group = [r for r in rows if (r["row"], r["cfg"]) == key]
     entry = {"row": key[0], "cfg": key[1], "seeds": [r["seed"] for r in group]}
+    entry["steps"] = group[0].get("steps")
     for m in METRICS:
       values = [r[m] for r in group if r.get(m) is not None]
       if values:
@@ -137,8 +139,8 @@ def summarise(rows: list[dict]) -> list[dict]:
 
 def table(summary: list[dict]) -> str:
   lines = [
-    "| row | cfg | seeds | FID | KID x1e3 | classifier FD | class accuracy |",
-    "|---|---|---|---|---|---|---|",
+    "| row | steps | cfg | seeds | FID | KID x1e3 | classifier FD | class accuracy |",
+    "|---|---:|---:|---:|---:|---:|---:|---:|",
   ]
 
   def cell(e, m, scale=1.0, fmt="{:.1f}"):
@@ -151,7 +153,8 @@ def table(summary: list[dict]) -> str:
 
   for e in summary:
     lines.append(
-      f"| {e['row']} | {e['cfg']:g} | {len(e['seeds'])} | {cell(e, 'fid')} | "
+      f"| {e['row']} | {e.get('steps') or '-'} | {e['cfg']:g} | {len(e['seeds'])} | "
+      f"{cell(e, 'fid')} | "
       f"{cell(e, 'kid', 1e3, '{:.2f}')} | {cell(e, 'classifier_fd')} | "
       f"{cell(e, 'classifier_accuracy', 100, '{:.1f}')}% |"
     )
@@ -223,7 +226,7 @@ def run_one(args, name: str, variant: str, overrides: dict, seed: int, extra: di
   ov = {k: (v.format(base=base) if isinstance(v, str) else v) for k, v in overrides.items()}
   ov = dict(ov, seed=seed, **extra)
   steps = row_steps(args, name)
-  if args.phase != "score":
+  if args.phase in ("all", "generate"):
     run(
       main_cmd(
         args.config,
@@ -238,6 +241,8 @@ def run_one(args, name: str, variant: str, overrides: dict, seed: int, extra: di
   rows = []
   for cfg in [float(v) for v in args.cfgs.split(",")]:
     r = cached_eval(workdir, steps, args.eval_samples, cfg)
+    if r is None and args.phase == "report":
+      continue
     if r is None and args.phase == "generate":
       if glob.glob(os.path.join(workdir, "eval", f"step{steps}_cfg{cfg:g}_*.samples.npz")):
         continue
@@ -298,10 +303,11 @@ def main():
   )
   parser.add_argument(
     "--phase",
-    choices=("all", "generate", "score"),
+    choices=("all", "generate", "score", "report"),
     default="all",
     help="all: train, sample and score; generate: train and keep the samples (on an "
-    "accelerator); score: score the kept samples (where the metric weights are)",
+    "accelerator); score: score the kept samples (where the metric weights are); report: "
+    "tabulate the evaluations already in the workdir",
   )
   parser.add_argument("--jobs", type=int, default=1, help="(row, seed) runs in parallel")
   parser.add_argument(
@@ -344,12 +350,11 @@ def main():
   summary = write_results(args, rows)
   plot(summary, os.path.join(args.workdir, "quality.png"))
   print(table(summary))
-  head = {e["row"]: e.get("fid") for e in summary if e["cfg"] == 1.0}
-  if all(head.get(n) for n in HEADLINE):
-    print(
-      f"FID at {args.steps} steps, cfg 1.0: DFM {head[HEADLINE[0]]:.2f} vs FM "
-      f"{head[HEADLINE[1]]:.2f}, ratio {head[HEADLINE[0]] / head[HEADLINE[1]]:.3f}"
-    )
+  for cfg in sorted({e["cfg"] for e in summary}):
+    fid = {e["row"]: e.get("fid") for e in summary if e["cfg"] == cfg}
+    if fid.get("fm"):
+      ratios = ", ".join(f"{n} {v / fid['fm']:.3f}" for n, v in fid.items() if v and n != "fm")
+      print(f"FID / flow matching's at equal compute, cfg {cfg:g}: {ratios}")
 
 
 if __name__ == "__main__":
