@@ -45,7 +45,7 @@ def main():
   config = common.load_config(args.config)
   with tempfile.TemporaryDirectory() as workdir:
     run = train.setup(config, workdir, jax.devices()[:1])
-  model_state = jax.block_until_ready(train.init_state(run))["ema"]
+  model_state = run.exp.method.sampling_state(jax.block_until_ready(train.init_state(run)))
   graphdef, exp = run.ema_graphdef(), run.exp
   base = exp.sampler
   lo, hi = (float(v) for v in args.interval.split(","))

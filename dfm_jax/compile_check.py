@@ -298,10 +298,11 @@ def compile_train_step(run) -> jax.stages.Compiled:
 
 
 def compile_sampler(run, batch: int) -> jax.stages.Compiled:
-  """``make_sample_fn`` for the EMA weights, compiled for ``batch`` labels.
+  """``make_sample_fn`` for the weights the method samples with (``Method.sampling_state``: the
+  EMA weights), compiled for ``batch`` labels.
 
-  Key and labels get no sharding, as the eager arrays ``sample_images`` passes; the EMA weights
-  carry the run's shardings."""
+  Key and labels get no sharding, as the eager arrays ``sample_images`` passes; the weights carry
+  the run's shardings."""
   try:
     from dfm_jax.sampling import make_sample_fn  # pylint: disable=g-import-not-at-top
   except ImportError:  # before the sampling module replaced generate.py
@@ -310,7 +311,7 @@ def compile_sampler(run, batch: int) -> jax.stages.Compiled:
   key = jax.eval_shape(lambda: jax.random.key(0))
   labels = jax.ShapeDtypeStruct((batch,), np.int32)
   with jax.set_mesh(run.mesh):
-    return fn.lower(run.abstract_state["ema"], key, labels).compile()
+    return fn.lower(run.exp.method.sampling_state(run.abstract_state), key, labels).compile()
 
 
 def _dump(compiled, dump_dir: str | None, name: str) -> None:

@@ -250,10 +250,11 @@ def load(source: Source) -> dict:
 
 
 def apply(source: Source, run: Run, state: nnx.State) -> nnx.State:
-  """``state`` (a fresh train state) with its model and EMA set from the source's EMA."""
+  """``state`` (a fresh train state) with its model and EMA (and snapshot, when the method keeps
+  one) set from the source's EMA."""
   src = load(source)
   pure = nnx.to_pure_dict(state)
-  for which in ("model", "ema"):
+  for which in [w for w in ("model", "ema", "snapshot") if w in pure]:
     flat = flatten(pure[which])
     values = {name: source.plan[name](src, leaf) for name, leaf in flat.items()}
     pure[which] = jax.tree_util.tree_map_with_path(

@@ -181,8 +181,10 @@ def stats_for_model(decomposition: decompose.Decomposition, batches) -> decompos
 
 
 def set_stats(target, stats: decompose.StageStats) -> None:
-  """Stores ``stats`` in a model, or in a train state's ``model`` and ``ema`` (if present)."""
-  models = [getattr(target, name) for name in ("model", "ema") if hasattr(target, name)]
+  """Stores ``stats`` in a model, or in a train state's ``model``, ``ema`` and ``snapshot`` (those
+  present)."""
+  names = ("model", "ema", "snapshot")
+  models = [getattr(target, name) for name in names if hasattr(target, name)]
   for m in models or [target]:
     m.set_data_stats(stats.mean, stats.std)
 

@@ -1,7 +1,8 @@
 """Sampling from a run: the one path used by ``--mode=sample``, ``--mode=eval``, the periodic
 grids during training and the notebook.
 
-``restore_ema`` rebuilds a run from its config and checkpoint (no training data needed),
+``restore_ema`` rebuilds a run from its config and checkpoint (no training data needed) and
+returns the weights the method samples with (the EMA model; the cascade adds its snapshot),
 ``make_sample_fn`` compiles the method's sampler once per batch size, ``generate`` samples in
 batches with progress, and ``to_display`` turns samples into uint8 pictures (latents decoded by
 the config's autoencoder, or shown as a channel projection when there is none).
@@ -37,7 +38,9 @@ def make_sample_fn(
 ) -> Callable:
   """Returns jitted ``fn(model_state, key, labels [B]) -> dict`` (see ``Method.sample``).
 
-  The whole sampling loop compiles once per batch size. ``images`` come back in the data space
+  ``model_state``: what ``Method.sampling_state`` picks from a train state (the EMA model's
+  state, or a tuple of model states), each merged with ``graphdef`` (the model's, e.g.
+  ``Run.ema_graphdef()``). The whole sampling loop compiles once per batch size. ``images`` come back in the data space
   (``[-1, 1]`` for pixels, the model's latent space for latents).
   """
   cfg = sampler_cfg or exp.sampler
@@ -45,7 +48,9 @@ def make_sample_fn(
 
   @jax.jit
   def sample_fn(model_state, key, labels):
-    model = nnx.merge(graphdef, model_state)
+    model = jax.tree.map(
+      lambda s: nnx.merge(graphdef, s), model_state, is_leaf=lambda x: isinstance(x, nnx.State)
+    )
     return method.sample(model, key, labels, cfg, previews=previews)
 
   return sample_fn
@@ -80,7 +85,9 @@ def generate(
 def restore_ema(
   config: ml_collections.ConfigDict, workdir: str, step: int = -1
 ) -> tuple[Run, nnx.State, int]:
-  """``(run, ema_state, step)`` from the latest (``step = -1``) or the given checkpoint.
+  """``(run, ema_state, step)`` from the latest (``step = -1``) or the given checkpoint;
+  ``ema_state`` is what the method samples with (``Method.sampling_state``: the EMA weights, for
+  the cascade with its frozen low-resolution model).
 
   Reads no training data: the run is validated without the data block. The fields that define
   the trained model must equal those of ``workdir/config.json`` (the config the run trained
@@ -111,7 +118,7 @@ def restore_ema(
       state = ckpt.restore(step, run.abstract_state)
   finally:
     ckpt.close()
-  return run, state["ema"], step
+  return run, run.exp.method.sampling_state(state), step
 
 
 # The config fields that define what a checkpoint holds and how its samples are decoded.

@@ -377,7 +377,7 @@ def _publish_trace(trace_dir: str, workdir: str) -> None:
 def _write_samples(run: Run, sample_fn, state, labels, step: int, writer) -> None:
   key = jax.random.fold_in(jax.random.key(run.config.seed + 7), step)
   with jax.set_mesh(run.mesh):
-    out = jax.device_get(sample_fn(state["ema"], key, jnp.asarray(labels)))
+    out = jax.device_get(sample_fn(run.exp.method.sampling_state(state), key, jnp.asarray(labels)))
   if jax.process_index() != 0:
     return
   config = run.config
@@ -404,9 +404,10 @@ def _small_eval(run: Run, state, step: int, writer) -> None:
   num = int(config.eval.train_num_samples)
   sample_fn = sampling.make_sample_fn(run.ema_graphdef(), run.exp)
   labels = sampling.class_cycle_labels(num, config.data.num_classes)
+  weights = run.exp.method.sampling_state(state)
   with jax.set_mesh(run.mesh):
     samples = sampling.generate(
-      sample_fn, state["ema"], jax.random.key(config.seed + 3), labels, int(config.eval.batch_size)
+      sample_fn, weights, jax.random.key(config.seed + 3), labels, int(config.eval.batch_size)
     )
   if jax.process_index() != 0:
     return

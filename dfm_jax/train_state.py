@@ -39,19 +39,29 @@ def make_optimizer(
 
 
 class TrainState(nnx.Module):
-  """Everything a training step changes: the model, its optimizer, and the EMA model."""
+  """Everything a training step changes: the model, its optimizer, the EMA model and, for a
+  method with ``Method.snapshot`` (the cascade), a snapshot of the EMA model (not trained, not
+  averaged; the step refreshes it while ``Method.snapshot_follows``)."""
 
-  def __init__(self, model: dit.DFMDiT, tx: optax.GradientTransformation, ema_decay: float):
+  def __init__(
+    self,
+    model: dit.DFMDiT,
+    tx: optax.GradientTransformation,
+    ema_decay: float,
+    snapshot: bool = False,
+  ):
     self.model = model
     self.optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
     self.ema = nnx.clone(model)  # used for sampling; updated inside the step
+    if snapshot:
+      self.snapshot = nnx.clone(model)
     self.ema_decay = ema_decay
 
 
 def create_train_state(exp: Experiment, optim, total_steps: int, seed: int) -> TrainState:
   model = dit.DFMDiT(exp.model, rngs=nnx.Rngs(seed))
   tx, _ = make_optimizer(optim, total_steps)
-  return TrainState(model, tx, float(optim.ema_decay))
+  return TrainState(model, tx, float(optim.ema_decay), snapshot=exp.method.snapshot)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,7 +96,7 @@ def train_step(
 
   Pure: ``(state, batch, key) -> (new state, metrics)``; the caller jits it with shardings and
   donates ``state``. A step whose loss or gradient is not finite leaves the parameters, optimizer
-  moments and EMA unchanged and reports ``nonfinite = 1`` so the caller can stop with the last
+  moments, EMA (and snapshot) unchanged and reports ``nonfinite = 1`` so the caller can stop with the last
   good state intact.
 
   With ``settings.grad_accum_steps = k > 1`` the batch is split into k microbatches of ``B / k``
@@ -144,6 +154,12 @@ def train_step(
   nnx.update(
     ts.ema, jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema_params, new_params)
   )
+  if method.snapshot:
+    follow = method.snapshot_follows(step)
+    nnx.update(
+      ts.snapshot,
+      jax.tree.map(lambda s, e: jnp.where(follow, e, s), nnx.state(ts.snapshot), nnx.state(ts.ema)),
+    )
   new = nnx.state(ts)
   metrics = dict(
     metrics,

@@ -162,7 +162,7 @@ def test_conditioning_noise_levels_in_training_and_sampling():
   assert abs(eps.mean()) < 0.01 and abs(eps.std() - 1.0) < 0.01
 
   rec.seen.clear()
-  out = method.sample(rec, jax.random.key(1), labels[:3], exp.sampler, previews=True)
+  out = method.sample((rec, rec), jax.random.key(1), labels[:3], exp.sampler, previews=True)
   assert out["images"].shape == (3, 32, 32, 1) and out["previews"].shape == (2, 3, 32, 32, 1)
   assert int(out["nfe"]) == sum(exp.sampler.steps_per_stage)
   _, t_c, _ = (np.asarray(a) for a in rec.seen[0])

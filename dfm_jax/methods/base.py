@@ -13,6 +13,7 @@ import abc
 from typing import TYPE_CHECKING, Any
 
 import jax
+import jax.numpy as jnp
 
 from dfm_jax.registry import Registry
 
@@ -47,6 +48,23 @@ class Method(abc.ABC):
     """``DiTConfig`` fields the method sets (e.g. ``cond_image``)."""
     del config
     return {}
+
+  # Whether the train state carries ``snapshot``: a copy of the EMA model that the training step
+  # refreshes after each update while ``snapshot_follows(step)`` holds and keeps fixed otherwise.
+  # It is saved with the checkpoint, never trained and never averaged.
+  snapshot: bool = False
+
+  def snapshot_follows(self, step: jax.Array) -> jax.Array:
+    """Whether the snapshot takes the EMA weights after optimizer step ``step`` (the step being
+    taken, int32 scalar, may be traced); a bool scalar."""
+    del step
+    return jnp.asarray(False)
+
+  def sampling_state(self, state):
+    """What ``sample`` takes as its model, from a train state (``nnx.State``, also an abstract
+    one): a model's state or a tuple of them, each merged with the model's graphdef by
+    ``sampling.make_sample_fn``. Default: the EMA weights ``state['ema']``."""
+    return state["ema"]
 
   def data_stats(self, batches):
     """Per-stage mean and std (``decompose.StageStats``) of what the model is fed, from data
@@ -90,7 +108,8 @@ class Method(abc.ABC):
     sampler_cfg: "SamplerConfig",
     previews: bool = False,
   ) -> dict[str, Any]:
-    """Samples from noise to data; traceable (the caller jits it).
+    """Samples from noise to data; traceable (the caller jits it). ``model``: what
+    ``sampling_state`` picks, merged into models (by default the EMA model).
 
     Returns a dict with ``images`` ``[B, H, W, C]`` in the data space, ``nfe`` (int32 model
     passes) and, with ``previews``, ``previews`` ``[S, B, H, W, C]`` (coarse to fine).

@@ -4,10 +4,16 @@ full-resolution one initialised from it and conditioned on the upsampled low-res
 Time convention: ``x_t = t x1 + (1 - t) x0``, t = 0 noise, t = 1 data, target ``x1 - x0``.
 
 Resolutions: the config's 2-stage pyramid (``laplacian`` or ``dct``) fixes them: the low one is
-its coarse stage ``down(X)`` (a whole image), the high one is ``X`` itself. The model is the
+its coarse stage ``down(X)`` (a whole image), the high one is ``X`` itself. The network is the
 2-stage DFM DiT (per-resolution patchify, time embedder and head, equal token grids) with
-``cond_image`` on: one parameter tree for both models, whose backbone, label embedding and
-stage-index embedding the full-resolution model inherits from the low-resolution one.
+``cond_image`` on.
+
+Two models of that network: the trained parameters (and their EMA) are the low-resolution model
+until the switch and the full-resolution model after it, which so starts from everything the
+low-resolution one learned (backbone, label and stage-index embeddings) with its own layers new.
+The low-resolution model is the train state's ``snapshot``: a copy of the EMA weights that follows
+the EMA until the switch and is fixed from then on (saved with the checkpoint, not trained, not
+averaged), so training the full-resolution model does not change the low-resolution one.
 
 Training, one run and one step counter; the phase follows from the step alone, so a checkpoint
 at any step (also at the switch) resumes exactly, and the optimizer state carries on:
@@ -23,9 +29,10 @@ The conditioning's noise level is ``1 - t_c``: the paper's training distribution
 logit-normal(1.5, 1) is read, as DFM's earlier-stage times are, in t (mostly clean, median
 ``t_c = 0.82``), and its inference level 0.025 as ``t_c = 0.975``.
 
-Sampling: ``steps_per_stage[0]`` steps of the low-resolution model, bilinear upsampling, the
-conditioning noised to ``t_c = 1 - sample_noise``, ``steps_per_stage[1]`` steps of the
-full-resolution model; each with its stage's guidance scale and interval (``thresholds`` unused).
+Sampling: ``steps_per_stage[0]`` steps of the low-resolution model (the snapshot), bilinear
+upsampling, the conditioning noised to ``t_c = 1 - sample_noise``, ``steps_per_stage[1]`` steps of
+the full-resolution model (the EMA weights); each with its stage's guidance scale and interval
+(``thresholds`` unused). Before the switch both are the same weights.
 """
 
 from __future__ import annotations
@@ -64,6 +71,8 @@ def phase(step, switch: int):
 @METHODS.register("cascade")
 class Cascade(Method):
   """A low-resolution model, then a full-resolution model conditioned on it."""
+
+  snapshot = True  # the low-resolution model, fixed from the switch on
 
   @classmethod
   def check_config(cls, config) -> list[str]:
@@ -116,6 +125,14 @@ class Cascade(Method):
     del config
     return {"cond_image": True}
 
+  def snapshot_follows(self, step: jax.Array) -> jax.Array:
+    """The snapshot takes the EMA after every low-resolution step, then stays as it is."""
+    return phase(step, self.exp.method_options.switch_step) == 0
+
+  def sampling_state(self, state):
+    """``(low-resolution model, full-resolution model)``: the snapshot and the EMA weights."""
+    return state["snapshot"], state["ema"]
+
   def resolutions(self, data: jax.Array) -> tuple[jax.Array, jax.Array]:
     """``data [B, (T,) H, W, C]`` -> ``(down(data), data)``: the two models' samples."""
     return self.exp.decomposition.with_stats(None).split(data)[0], data
@@ -163,7 +180,15 @@ class Cascade(Method):
     return loss, {"loss": loss, "mse": mse, "cascade_phase": (p + 1).astype(jnp.float32)}
 
   def sample(self, model, key, labels, sampler_cfg, previews=False):
+    """``model``: the pair ``(low-resolution model, full-resolution model)``
+    (``sampling_state``)."""
     exp, opts = self.exp, self.exp.method_options
+    if not isinstance(model, (tuple, list)) or len(model) != 2:
+      raise TypeError(
+        "the cascade samples with two models: pass (low-resolution model, full-resolution "
+        f"model), as Cascade.sampling_state picks them; got {type(model).__name__}"
+      )
+    low_model, full_model = model
     if sampler_cfg.num_stages != 2:
       raise ValueError(f"the cascade samples in 2 phases, got {sampler_cfg.steps_per_stage}")
     low_shape, full_shape = exp.model.stage_shapes
@@ -184,7 +209,7 @@ class Cascade(Method):
       (x,) = inputs
       zeros = jnp.zeros(x.shape[:1] + full_shape, x.dtype)
       times = jnp.concatenate([t, jnp.zeros_like(t)], axis=1)
-      return (model((x, zeros), times, labels, stage_index)[0],)
+      return (low_model((x, zeros), times, labels, stage_index)[0],)
 
     noise = jax.random.normal(k_low, (b,) + low_shape, jnp.float32)
     first = sampler_lib.sample(
@@ -201,7 +226,8 @@ class Cascade(Method):
       zeros = jnp.zeros((n,) + low_shape, x.dtype)
       times = jnp.concatenate([jnp.zeros_like(t), t], axis=1)
       cond_t = jnp.full((n,), t_c, jnp.float32)
-      return (model((zeros, x), times, labels, stage_index + 1, cond=c, cond_t=cond_t)[1],)
+      out = full_model((zeros, x), times, labels, stage_index + 1, cond=c, cond_t=cond_t)
+      return (out[1],)
 
     noise = jax.random.normal(k_full, (b,) + full_shape, jnp.float32)
     second = sampler_lib.sample(
