@@ -1,5 +1,6 @@
 """The cascade baseline: conditioning tokens in the model, the phase from the step, the
-conditioning noise levels, exact resume across the switch and a CLI run of both phases."""
+conditioning noise levels, the low-resolution model fixed from the switch on (a snapshot of the
+EMA, checkpointed), exact resume across the switch and a CLI run of both phases."""
 
 import importlib.util
 import os
@@ -189,6 +190,92 @@ def test_phase_one_leaves_the_full_resolution_layers_alone():
   assert norm(low["blocks"]) > 0 and norm(full["blocks"]) > 0
 
 
+def flat(state) -> dict[str, np.ndarray]:
+  leaves = jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(state))[0]
+  return {jax.tree_util.keystr(p): np.asarray(x) for p, x in leaves}
+
+
+def assert_equal(a: dict, b: dict) -> None:
+  assert a.keys() == b.keys()
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+@pytest.fixture(scope="module")
+def trained():
+  """A runlocal cascade (switch at step 5) trained for 8 steps on random batches: its run and the
+  train states after 5 (the switch) and 8 steps, each with the snapshot and EMA after every step."""
+  from dfm_jax import run as run_lib, sharding, train  # pylint: disable=g-import-not-at-top
+
+  run = run_lib.setup(load(), None, jax.devices()[:1], check_data=False)
+  assert run.exp.method_options.switch_step == 5
+  compiled = train.compile_step(
+    run, {"image": ((8, 32, 32, 1), np.float32), "label": ((8,), np.int32)}
+  )
+  state, kept, history = run_lib.init_state(run), {}, []
+  rng = np.random.default_rng(0)
+  for done in range(1, 9):
+    batch = {
+      "image": rng.uniform(-1, 1, (8, 32, 32, 1)).astype(np.float32),
+      "label": rng.integers(0, 10, (8,)).astype(np.int32),
+    }
+    state, _ = compiled(state, sharding.global_batch(batch, run.mesh))
+    history.append((flat(state["snapshot"]), flat(state["ema"])))
+    if done in (5, 8):
+      kept[done] = jax.tree.map(jnp.copy, state)  # the next step donates ``state``
+  return run, kept, history
+
+
+def test_the_snapshot_follows_the_ema_until_the_switch_then_stays(trained):
+  _, _, history = trained
+  for snapshot, ema in history[:5]:  # the low-resolution steps 0-4
+    assert_equal(snapshot, ema)
+  at_switch = history[4][1]
+  for snapshot, ema in history[5:]:  # full-resolution steps: the EMA moves on, the snapshot not
+    assert_equal(snapshot, at_switch)
+    assert any(not np.array_equal(ema[k], at_switch[k]) for k in ema)
+
+
+def test_full_resolution_training_leaves_the_low_resolution_samples_alone(trained):
+  from dfm_jax import sampling  # pylint: disable=g-import-not-at-top
+
+  run, kept, _ = trained
+  method = run.exp.method
+  sample_fn = sampling.make_sample_fn(run.ema_graphdef(), run.exp, previews=True)
+  key, labels = jax.random.key(3), jnp.arange(4)
+  switch, later = (sample_fn(method.sampling_state(kept[s]), key, labels) for s in (5, 8))
+  at_switch_ema = kept[5]["ema"]
+  reference = sample_fn((at_switch_ema, at_switch_ema), key, labels)
+  # previews[0]: the upsampled low-resolution sample
+  np.testing.assert_array_equal(later["previews"][0], switch["previews"][0])
+  np.testing.assert_array_equal(later["previews"][0], reference["previews"][0])
+  assert not np.array_equal(later["images"], switch["images"])  # the full-resolution model trains
+  with pytest.raises(TypeError, match="two models"):
+    method.sample(nnx.merge(run.ema_graphdef(), at_switch_ema), key, labels, run.exp.sampler)
+
+
+def test_the_snapshot_is_saved_and_restored(trained, tmp_path):
+  from dfm_jax import checkpoint  # pylint: disable=g-import-not-at-top
+
+  run, kept, _ = trained
+  ckpt = checkpoint.Checkpointer(str(tmp_path / "checkpoints"), async_save=False)
+  try:
+    ckpt.save(8, kept[8])
+    restored = ckpt.restore(8, run.abstract_state)
+  finally:
+    ckpt.close()
+  assert_equal(flat(restored), flat(kept[8]))
+  assert_equal(flat(restored["snapshot"]), flat(kept[5]["ema"]))
+
+
+def test_only_the_cascade_keeps_a_snapshot():
+  from dfm_jax import run as run_lib  # pylint: disable=g-import-not-at-top
+
+  for arg, has in (("runlocal", False), ("fm,runlocal", False), ("cascade,runlocal", True)):
+    run = run_lib.setup(load(arg), None, jax.devices()[:1], check_data=False)
+    assert ("snapshot" in nnx.to_pure_dict(run.abstract_state)) == has, arg
+
+
 @pytest.mark.integration
 def test_resume_across_the_switch_is_exact(tmp_path):
   """Checkpoints every step, switch after step 3 of 6: resuming from the checkpoint before the
@@ -238,6 +325,14 @@ def test_cli_trains_both_phases_checkpoints_and_samples(tmp_path):
     np.testing.assert_array_equal(ckpt[2][k], ckpt[8][k], err_msg=k)
   assert any(not np.array_equal(ckpt[8][k], ckpt[10][k]) for k in cond)
   assert any(not np.array_equal(ckpt[2][k], ckpt[8][k]) for k in shared)
+  # the low-resolution model: the EMA until the switch, then fixed
+  ema = [k for k in ckpt[10] if k.startswith("/ema/")]
+  assert ema and all(k.replace("/ema/", "/snapshot/", 1) in ckpt[10] for k in ema)
+  for k in ema:
+    snap = k.replace("/ema/", "/snapshot/", 1)
+    np.testing.assert_array_equal(ckpt[8][snap], ckpt[8][k], err_msg=k)
+    np.testing.assert_array_equal(ckpt[10][snap], ckpt[8][k], err_msg=k)
+  assert any(not np.array_equal(ckpt[8][k], ckpt[10][k]) for k in ema)
   main("--config.total_steps=10", "--mode=sample", "--config.sampler.num_samples=6")
   data = np.load(os.path.join(workdir, "samples", "final_step10.npz"))
   assert data["images"].shape == (6, 32, 32, 1) and data["images"].dtype == np.uint8
