@@ -154,7 +154,7 @@ def train_step(
   nnx.update(
     ts.ema, jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema_params, new_params)
   )
-  if method.snapshot:
+  if hasattr(ts, "snapshot"):  # the method keeps one (Method.snapshot)
     follow = method.snapshot_follows(step)
     nnx.update(
       ts.snapshot,
