@@ -199,8 +199,10 @@ def eval_flags(phase: str, workdir: str, steps: int, eval_samples: int, cfg: flo
   samples (generate), or score the kept samples without the checkpoint (score)."""
   flags = ["--mode=eval", f"--config.eval.num_samples={eval_samples}"]
   flags.append(f"--config.sampler.cfg_scale={cfg}")
+  if phase in ("all", "generate"):  # keep the samples (a few MB): re-scoring needs no retraining
+    flags.append("--config.eval.save_samples=True")
   if phase == "generate":
-    return flags + ["--config.eval.metrics=()", "--config.eval.save_samples=True"]
+    return flags + ["--config.eval.metrics=()"]
   if phase == "score":
     saved = glob.glob(os.path.join(workdir, "eval", f"step{steps}_cfg{cfg:g}_*.samples.npz"))
     if not saved:
