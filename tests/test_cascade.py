@@ -2,7 +2,6 @@
 conditioning noise levels, the low-resolution model fixed from the switch on (a snapshot of the
 EMA, checkpointed), exact resume across the switch and a CLI run of both phases."""
 
-import importlib.util
 import os
 import shutil
 import zlib
@@ -15,24 +14,13 @@ from flax import nnx
 
 from dfm_jax import dit, experiment
 from dfm_jax.methods import cascade
-from tests.train_utils import REPO, read_checkpoint
+from tests.train_utils import REPO, config_file, read_checkpoint
 
 CONFIG = "configs/fashion_mnist.py:cascade,runlocal"
 
 
 def load(arg: str = "cascade,runlocal", **extra):
-  path = os.path.join(REPO, "configs", "fashion_mnist.py")
-  spec = importlib.util.spec_from_file_location("fashion_mnist", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config(arg)
-  for key, value in extra.items():
-    node = c
-    *parents, leaf = key.split("__")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return c
+  return config_file("fashion_mnist.py", arg, **extra)
 
 
 def tiny_model_config(**kw) -> dit.DiTConfig:

@@ -12,23 +12,14 @@ import pytest
 from flax import nnx
 
 from dfm_jax import checkpoint, init_from, run as run_lib, train
-from tests.train_utils import REPO, env, read_checkpoint
+from tests.train_utils import REPO, config_file, env, read_checkpoint
 
-sys.path.insert(0, os.path.join(REPO, "configs"))
-import fashion_mnist  # noqa: E402
 
 CONFIG = "configs/fashion_mnist.py"
 
 
 def config(variant="runlocal", **fields):
-  c = fashion_mnist.get_config(variant)
-  for key, value in fields.items():
-    node = c
-    *parents, leaf = key.split("__")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return c
+  return config_file("fashion_mnist.py", variant, **fields)
 
 
 def make_source(workdir, c, step=4):

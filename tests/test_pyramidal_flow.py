@@ -13,7 +13,7 @@ from dfm_jax import experiment
 from dfm_jax.methods import METHODS
 from dfm_jax.methods import pyramidal_flow as pf
 from dfm_jax.sampler import SamplerConfig
-from tests.test_configs import load
+from tests.train_utils import config_file
 
 
 def _method(stage_shapes, probs=None, null_label=10):
@@ -202,14 +202,8 @@ def test_sampler_shapes_nfe_guidance_and_previews():
 
 
 def _fmnist(**overrides):
-  c = load("fashion_mnist.py", "pyramidal,runlocal")
-  for key, value in overrides.items():
-    node = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return c
+  fields = {k.replace(".", "__"): v for k, v in overrides.items()}
+  return config_file("fashion_mnist.py", "pyramidal,runlocal", **fields)
 
 
 @pytest.mark.parametrize(

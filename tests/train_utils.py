@@ -1,6 +1,7 @@
 """Helpers shared by the training tests: the default config's ``runlocal`` variant (tiny sizes,
 seconds per run), the command line and checkpoint readers."""
 
+import importlib
 import os
 import subprocess
 import sys
@@ -20,19 +21,24 @@ def tiny_flags(**extra) -> list[str]:
   return [f"--config.{k.replace('__', '.')}={v}" for k, v in extra.items()]
 
 
-def tiny_config(**extra):
-  """The default config's runlocal variant as a ConfigDict (plus ``extra``), in-process."""
+def config_file(name: str, arg: str, **extra):
+  """``configs/<name>``'s ``get_config(arg)`` as a ConfigDict, plus ``extra`` fields (dots as
+  ``__``), in-process."""
   sys.path.insert(0, os.path.join(REPO, "configs"))
-  import default  # pylint: disable=g-import-not-at-top
-
-  c = default.get_config("runlocal")
-  for key, value in {k.replace("__", "."): v for k, v in extra.items()}.items():
+  module = importlib.import_module(name.removesuffix(".py"))
+  c = module.get_config(arg)
+  for key, value in extra.items():
     node = c
-    *parents, leaf = key.split(".")
+    *parents, leaf = key.split("__")
     for p in parents:
       node = node[p]
     node[leaf] = value
   return c
+
+
+def tiny_config(**extra):
+  """The default config's runlocal variant as a ConfigDict (plus ``extra``), in-process."""
+  return config_file("default.py", "runlocal", **extra)
 
 
 def main_command(workdir: str, *args: str) -> list[str]:
