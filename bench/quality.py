@@ -21,7 +21,8 @@ On an accelerator without the metric weights, ``--phase=generate`` trains and ke
 ``--jobs`` runs several (row, seed) trainings side by side (one accelerator can hold many of
 these small models).
 
-Writes ``results.json``, ``table.md`` and ``quality.png`` (needs matplotlib) into the workdir;
+Writes ``results.json``, ``table.md``, ``table3.md`` (the paper's Table 3 layout: methods x cfg) and
+``quality.png`` (needs matplotlib) into the workdir;
 the last stdout line is the headline: the DFM/FM FID ratio at cfg 1.0.
 """
 
@@ -161,6 +162,45 @@ def table(summary: list[dict]) -> str:
   return "\n".join(lines)
 
 
+# The paper's Table 3 layout: one row per method (DFM at both p_q), one column per cfg scale.
+TABLE3_ROWS = ("fm", "cascade", "pyramidal", "dfm_pq0.9", "dfm_pq0.7")
+
+
+def table3(summary: list[dict]) -> str:
+  """Methods x cfg scales, each cell 'FID / classifier FD / accuracy' (mean +- spread)."""
+  cfgs = sorted({e["cfg"] for e in summary})
+  lines = [
+    "| method | steps | seeds | " + " | ".join(f"cfg {c:g}" for c in cfgs) + " |",
+    "|---|---:|---:|" + "---|" * len(cfgs),
+  ]
+
+  def cell(e):
+    if e is None or "fid" not in e:
+      return "-"
+    parts = []
+    for m, scale, fmt in (("fid", 1, "{:.1f}"), ("classifier_fd", 1, "{:.1f}")):
+      s = fmt.format(e[m] * scale) if m in e else "-"
+      if m in e and len(e["seeds"]) > 1:
+        s += " +- " + fmt.format(e[m + "_spread"] * scale)
+      parts.append(s)
+    if "classifier_accuracy" in e:
+      parts.append(f"{100 * e['classifier_accuracy']:.1f}%")
+    return " / ".join(parts)
+
+  for name in TABLE3_ROWS:
+    entries = {e["cfg"]: e for e in summary if e["row"] == name}
+    if not entries:
+      continue
+    first = next(iter(entries.values()))
+    seeds = "/".join(str(len(entries[c]["seeds"])) if c in entries else "0" for c in cfgs)
+    lines.append(
+      f"| {name} | {first.get('steps') or '-'} | {seeds} | "
+      + " | ".join(cell(entries.get(c)) for c in cfgs)
+      + " |"
+    )
+  return "\n".join(lines)
+
+
 def plot(summary: list[dict], path: str) -> None:
   try:
     import matplotlib  # pylint: disable=g-import-not-at-top
@@ -287,6 +327,9 @@ def write_results(args, rows: list[dict]) -> list[dict]:
     )
   with open(os.path.join(args.workdir, "table.md"), "w") as f:
     f.write(table(summary) + "\n")
+  with open(os.path.join(args.workdir, "table3.md"), "w") as f:
+    f.write("FID / classifier FD / class accuracy (mean +- spread over seeds)\n\n")
+    f.write(table3(summary) + "\n")
   return summary
 
 
@@ -352,6 +395,7 @@ def main():
   summary = write_results(args, rows)
   plot(summary, os.path.join(args.workdir, "quality.png"))
   print(table(summary))
+  print(table3(summary))
   for cfg in sorted({e["cfg"] for e in summary}):
     fid = {e["row"]: e.get("fid") for e in summary if e["cfg"] == cfg}
     if fid.get("fm"):
