@@ -90,8 +90,8 @@ def pixel_data_config(config) -> ml_collections.ConfigDict:
 
 
 class _Encoder:
-  """Jit-compiled encoding of fixed-size batches of images or clips (`autoencoders.
-  encode_clips`), split over this process's devices."""
+  """Jit-compiled encoding of fixed-size batches of images, or of clips through
+  `autoencoders.encode_clips`, split over this process's devices."""
 
   def __init__(self, ae, batch_size: int):
     import jax  # pylint: disable=g-import-not-at-top

@@ -19,14 +19,14 @@ Record layout (`record_format`), little-endian, no padding::
                           bytes)
 
 ``metadata.json`` holds: ``format``, ``count`` (records), ``latent_shape`` ([h, w, c] for
-images, [T, h, w, c] for videos: T latent frames per clip),
-``dtype`` ("float16"), ``record_format``, ``channel_mean`` / ``channel_std`` (per channel over
-every stored value of the set, as stored in float16, in float64 arithmetic), ``label_range``
-[min, max], ``autoencoder`` (kind, weights, scale, shift, ...), ``source`` (the pixel data
-block), ``flip`` (True: record 2i is example i and record 2i+1 its horizontal mirror, every frame of
-a clip mirrored),
-``shard_size`` and ``shards`` ([{name, records, bytes, sha256}] in record order). It holds no
-time stamps, so an interrupted and resumed encoding writes the same bytes as one straight run.
+images, [T, h, w, c] for videos: T latent frames per clip), ``dtype`` ("float16"),
+``record_format``, ``channel_mean`` / ``channel_std`` (per channel over every stored value of
+the set, as stored in float16, in float64 arithmetic), ``label_range`` [min, max],
+``autoencoder`` (kind, weights, scale, shift, ...), ``source`` (the pixel data block), ``flip``
+(True: record 2i is example i and record 2i+1 its horizontal mirror, every frame of a clip
+mirrored), ``shard_size`` and ``shards`` ([{name, records, bytes, sha256}] in record order). It
+holds no time stamps, so an interrupted and resumed encoding writes the same bytes as one
+straight run.
 """
 
 from __future__ import annotations
@@ -193,8 +193,8 @@ def write_shard(
   out: str | os.PathLike, index: int, num_shards: int, latents: np.ndarray, labels: np.ndarray
 ) -> dict:
   """Writes shard `index` of latents [N, h, w, c] or [N, T, h, w, c] (stored as float16) and
-  labels [N], then its
-  progress marker; returns that record ({name, records, bytes, sha256, stats, labels})."""
+  labels [N], then its progress marker; returns that record ({name, records, bytes, sha256,
+  stats, labels})."""
   out = epath.Path(out)
   name = shard_name(index, num_shards)
   with np.errstate(over="ignore"):
@@ -357,8 +357,7 @@ class LatentShards:
   """Random access over every record of a shard set, in order.
 
   Element i is {'image': float32 [h, w, c] (videos [T, h, w, c]), 'label': int32 []}. Readers
-  open lazily (per
-  process, so it pickles for grain workers).
+  open lazily (per process, so it pickles for grain workers).
   """
 
   pixels = False
