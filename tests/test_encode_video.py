@@ -22,16 +22,9 @@ def digits_config(**data):
   """Moving digits: 6 clips of 4 frames at 32 px, converted to RGB for the autoencoder."""
   c = config_defaults.base_config()
   c.data.update(
-    dict(
-      source="moving_digits",
-      frames=FRAMES,
-      resolution=RES,
-      channels=3,
-      num_videos=CLIPS,
-      num_classes=10,
-      **data,
-    )
+    dict(source="moving_digits", frames=FRAMES, resolution=RES, channels=3, num_videos=CLIPS)
   )
+  c.data.update(data)
   c.autoencoder.batch_size = 8  # frames per call: 2 clips, rounded up to the 8 test devices
   return c
 
@@ -85,6 +78,11 @@ def test_clips_are_encoded_frame_by_frame(encoded, taesd):
   np.testing.assert_allclose(meta["channel_std"], all64.std(axis=(0, 1, 2, 3)), rtol=1e-12)
   with open(os.path.join(out, LS.METADATA)) as f:
     assert json.load(f) == meta
+
+
+def test_grayscale_clips_must_be_converted_to_rgb(tmp_path, taesd):
+  with pytest.raises(ValueError, match=r"data\.channels=1: .* set data\.channels=3"):
+    encode.encode_dataset(digits_config(channels=1), str(tmp_path / "o"), autoencoder=taesd)
 
 
 def test_latents_source_serves_clips(encoded):

@@ -98,7 +98,11 @@ def test_latent_video_encode_train_sample(tmp_path):
     "--config.model.patch_size=1",  # 2x2 coarse stage, 4x4 fine stage with patch 2
     *taef2,
   ]
-  _main(workdir, f"--config.data.path={latents}", *latent, "--config.total_steps=2")
+  train = ["--config.total_steps=2", "--config.sample_every=2"]
+  _main(workdir, f"--config.data.path={latents}", *latent, *train)
+  for name in ("step_0000002.gif", "step_0000002_stages.gif"):  # periodic grids
+    with Image.open(os.path.join(workdir, "samples", name)) as gif:  # decoded 32 px tiles
+      assert gif.n_frames == 4 and gif.size[1] > 32, name
   gone = "--config.data.path=/nonexistent/latents"  # sampling reads no training data
   _main(workdir, gone, *latent, "--mode=sample", "--config.sampler.num_samples=2")
   base = os.path.join(workdir, "samples", "final_step2")
