@@ -9,47 +9,85 @@ independently (a temporal patch of 1), the ImageNet training recipe (AdamW 0.9/0
 10k warm-up, EMA 0.9999, p_q = (0.9, 0.1)), 200k steps on 16 H100s. Paper numbers at cfg 1.0:
 FM FID 12.6 / FDD 370.1 / FVD 304.1, DFM 9.98 / 336.7 / 260.2.
 
+Differs from the paper: no video autoencoder ships here yet (see `dfm_jax/autoencoders` for
+the interface one would implement), so clips are encoded frame by frame through the FLUX.1
+image autoencoder (`autoencoder.kind=flux1`, your `ae.safetensors`): 16 channels and 8x spatial
+downsampling as CogVideoX, but no temporal compression, so every video frame gives one latent
+frame. The paper's numbers are therefore not expected here.
+
 Left open by the paper, chosen here (each one a config field):
-- `data.frames = 13` latent frames: CogVideoX's native 49-frame clips (4x temporal
-  compression, 1 + 48 / 4 = 13 latent frames). 13 x 32 x 32 = 13,312 tokens per clip.
+- `data.frames = 13` frames taken every 4th source frame (`encode.data.frame_stride = 4`): a
+  clip spans 49 source frames as CogVideoX's native clips, and 13 latent frames as CogVideoX
+  makes of them (1 + 48 / 4), so the model size is the paper's: 13 x 32 x 32 = 13,312 tokens per
+  clip. The decoded samples are 13-frame clips at a quarter of the source frame rate.
 - `decomposition.halve_time = False`: the pyramid halves space only, so every stage has all
   frames and "frames patchified independently" holds for every stage. The re-implementation's
   3D decomposer also halves time; the `halve_time` variant switches to that (it needs an even
-  frame count, so it also sets 12 latent frames; the fine stage then gets a temporal patch of 2
-  and the token count becomes 6 x 32 x 32 = 6,144).
+  frame count, so it encodes 12 frames; the fine stage then gets a temporal patch of 2 and the
+  token count becomes 6 x 32 x 32 = 6,144).
 - batch 256 as for ImageNet; sampling 30 + 10 Euler steps with tau = 0.7 (the 512 px setting).
 
-Data: `data.path` must hold precomputed video latents [N, T, 64, 64, 16] (there is no video
-latent source or CogVideoX encoder in this project yet, so this config validates and sizes the
-model but cannot train as shipped); evaluation decodes through `autoencoder` and compares
-against `eval.reference`, a `video_folder` of Kinetics-700 clips (FVD needs
-`eval.i3d_weights=i3d_pretrained_400.pt`).
+Data: encode a `video_folder` of Kinetics-700 clips (one subfolder per class, PyAV; `encode.data`)
+once into latent shards: every file is cut into non-overlapping 49-frame clips, each stored as
+13 x 64 x 64 x 16 float16 values (1.7 MB); files that cannot be decoded are skipped
+(`skip_corrupt`):
 
-  python -m dfm_jax.main --config=configs/kinetics700.py --workdir=gs://BUCKET/k700 \\
-      --config.data.path=/data/k700_latents --config.distributed.initialize=True
+  python -m dfm_jax.encode --config=configs/kinetics700.py --out=gs://BUCKET/k700_latents \
+      --config.encode.data.path=/data/kinetics700/train \
+      --config.autoencoder.weights=/data/flux1/ae.safetensors
+
+then train on the shards (`data.path`: the encode command's --out):
+
+  python -m dfm_jax.main --config=configs/kinetics700.py --workdir=gs://BUCKET/k700 \
+      --config.data.path=gs://BUCKET/k700_latents --config.distributed.initialize=True
+
+Evaluation decodes the samples frame by frame through `autoencoder` and compares them against
+`eval.reference`, the validation clips taken the same way (13 frames every 4th source frame);
+FVD (`eval.i3d_weights=i3d_pretrained_400.pt`) repeats frames to reach I3D's 16, so its values
+compare only among runs of this setting.
 
 Flow-matching twin (one stage, patch 2 on the 64x64 latents, same tokens and steps):
 
   python -m dfm_jax.main --config=configs/kinetics700.py:fm --workdir=gs://BUCKET/k700_fm
 """
 
+import ml_collections
+
 from dfm_jax.config_defaults import apply_variants, parse_variants, paper_imagenet_config
+from dfm_jax.data import default_data_config
+
+
+def kinetics_clips(path: str, frames: int):
+  """The pixel clips encoded (train) and evaluated against (val): 512 px, `frames` frames
+  every 4th source frame."""
+  d = default_data_config()
+  d.source = "video_folder"
+  d.path = path
+  d.resolution = 512
+  d.channels = 3
+  d.frames = frames
+  d.frame_stride = 4
+  d.num_classes = 700
+  d.skip_corrupt = True  # Kinetics downloads hold some undecodable files
+  d.num_workers = 8
+  return d
 
 
 def get_config(arg: str = "dfm"):
   variants = parse_variants(arg, ("fm", "runlocal", "halve_time"))
-  c = paper_imagenet_config()
+  frames = 12 if "halve_time" in variants else 13
+  c = paper_imagenet_config()  # autoencoder: FLUX.1, 16 channels, coding frame by frame
   c.total_steps = 200_000
-  c.data.source = "latents"
-  c.data.path = "/data/kinetics700_512_cogvideox_latents"
+  c.encode = ml_collections.ConfigDict({"data": kinetics_clips("/data/kinetics700/train", frames)})
+  c.data.path = "gs://BUCKET/k700_latents"  # the encode command's --out
   c.data.num_classes = 700
   c.data.resolution = 64  # 512 px through the 8x autoencoder
   c.data.channels = 16
-  c.data.frames = 13  # latent frames (49 video frames)
+  c.data.frames = frames  # latent frames = video frames (no temporal compression)
 
   c.decomposition.kind = "laplacian"
   c.decomposition.num_stages = 2
-  c.decomposition.halve_time = False
+  c.decomposition.halve_time = "halve_time" in variants
   c.decomposition.standardize = True  # per-stage unit std: on for video in the paper
 
   c.model.patch_size = 1  # 32x32 stage: patch 1; 64x64 stage: patch 2 (per frame)
@@ -66,13 +104,5 @@ def get_config(arg: str = "dfm"):
   c.eval.frame_fid_frames = 4
   c.eval.i3d_weights = ""  # i3d_pretrained_400.pt
   c.eval.i3d_batch = 8
-  c.eval.reference.source = "video_folder"
-  c.eval.reference.path = "/data/kinetics700/val"
-  c.eval.reference.resolution = 512
-  c.eval.reference.channels = 3
-  c.eval.reference.frames = 49
-  c.eval.reference.num_classes = 700
-  if "halve_time" in variants:
-    c.decomposition.halve_time = True
-    c.data.frames = 12
+  c.eval.reference = kinetics_clips("/data/kinetics700/val", frames)
   return apply_variants(c, variants - {"halve_time"})

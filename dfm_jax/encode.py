@@ -12,11 +12,17 @@ source. A latent training config (``data.source='latents'``) therefore either ca
 autoencoder's 8x downsampling. Which autoencoder: the ``autoencoder`` block (``kind``,
 ``weights``, ``scale``, ``shift``, ``batch_size`` = images per encoder call).
 
+Videos: a video source (``moving_digits``, ``video_folder``; ``data.frames`` = T frames per
+clip) is encoded clip by clip through `autoencoders.encode_clips`: an image autoencoder codes
+every frame on its own (T latent frames), a video autoencoder the whole clip (T' latent frames,
+as it compresses time). A record then holds [T', h, w, c] and ``autoencoder.batch_size`` counts
+frames (``batch_size // T`` clips per call, at least one).
+
 Output (see `dfm_jax.data.latent_shards`): ``shard-XXXXX-of-YYYYY.array_record`` files of
-``--shard_size`` records each, in the source's order (with ``--flip``: record 2i is image i,
-record 2i+1 its horizontal mirror), and ``metadata.json`` with per-channel mean/std. Train on it
-with ``--config.data.source=latents --config.data.path=DIR --config.data.resolution=H/8
---config.data.channels=C``.
+``--shard_size`` records each, in the source's order (with ``--flip``: record 2i is image or
+clip i, record 2i+1 its horizontal mirror), and ``metadata.json`` with per-channel mean/std over
+every stored value. Train on it with ``--config.data.source=latents --config.data.path=DIR
+--config.data.resolution=H/8 --config.data.channels=C`` (videos: ``--config.data.frames=T'``).
 
 Resuming: a shard is written under ``NAME.tmp`` and renamed when complete, then marked done in
 ``DIR/.progress``; running the same command again skips completed shards and redoes the rest,
@@ -48,6 +54,7 @@ FLAGS = flags.FLAGS
 EXIT_ERROR = 1
 EXIT_INTERRUPTED = 130
 _READ_THREADS = 8
+_VIDEO_FIELDS = ("frames", "frame_stride", "num_videos", "num_digits")
 _SOURCE_FIELDS = (
   "source",
   "path",
@@ -83,12 +90,13 @@ def pixel_data_config(config) -> ml_collections.ConfigDict:
 
 
 class _Encoder:
-  """Jit-compiled encoding of fixed-size uint8 batches, split over this process's devices."""
+  """Jit-compiled encoding of fixed-size batches of images, or of clips through
+  `autoencoders.encode_clips`, split over this process's devices."""
 
   def __init__(self, ae, batch_size: int):
     import jax  # pylint: disable=g-import-not-at-top
     from flax import nnx  # pylint: disable=g-import-not-at-top
-    from dfm_jax import sharding  # pylint: disable=g-import-not-at-top
+    from dfm_jax import autoencoders, sharding  # pylint: disable=g-import-not-at-top
 
     devices = jax.local_devices()
     self.mesh = sharding.make_mesh((len(devices), 1, 1), devices=devices)
@@ -97,14 +105,21 @@ class _Encoder:
     graphdef, state = nnx.split(ae)
     self._state = jax.device_put(state, sharding.replicated(self.mesh))
 
-    def encode(state, images):
-      return nnx.merge(graphdef, state).encode_traced(images)
+    def encode(state, x):
+      ae = nnx.merge(graphdef, state)
+      return autoencoders.encode_clips(ae, x) if x.ndim == 5 else ae.encode_traced(x)
 
     self._fn = jax.jit(encode, out_shardings=self._in_sharding)
     self._jax = jax
 
+  def latent_shape(self, sample_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """[h, w, C] of an image [H, W, 3], [T', h, w, C] of a clip [T, H, W, 3] (traced, not run)."""
+    spec = self._jax.ShapeDtypeStruct((self.batch_size,) + tuple(sample_shape), np.float32)
+    return tuple(int(v) for v in self._jax.eval_shape(self._fn, self._state, spec).shape[1:])
+
   def __call__(self, images: np.ndarray) -> np.ndarray:
-    """images float32 [n <= batch_size, H, W, 3] in [-1, 1] -> latents float32 [n, h, w, C]."""
+    """images float32 [n <= batch_size, H, W, 3] in [-1, 1] (clips [n, T, H, W, 3]) -> latents
+    float32 [n, h, w, C] ([n, T', h, w, C])."""
     n = len(images)
     if n < self.batch_size:  # one compiled shape: pad, then drop the padding
       pad = np.zeros((self.batch_size - n,) + images.shape[1:], images.dtype)
@@ -113,15 +128,15 @@ class _Encoder:
     return np.asarray(self._fn(self._state, x))[:n]
 
 
-def _source_description(data) -> dict:
+def _source_description(data, video: bool) -> dict:
   from dfm_jax.data.config import get  # pylint: disable=g-import-not-at-top
 
-  return {k: get(data, k) for k in _SOURCE_FIELDS}
+  return {k: get(data, k) for k in _SOURCE_FIELDS + (_VIDEO_FIELDS if video else ())}
 
 
 def _read_batch(source, records: np.ndarray, flip: bool, pool) -> tuple[np.ndarray, np.ndarray]:
-  """Pixels float32 [n, R, R, 3] in [-1, 1] and labels int32 [n] of records (with `flip`,
-  record k is source image k // 2, mirrored when k is odd)."""
+  """Pixels float32 [n, R, R, 3] (clips [n, T, R, R, 3]) in [-1, 1] and labels int32 [n] of
+  records (with `flip`, record k is source element k // 2, mirrored when k is odd)."""
   from dfm_jax.data.transforms import to_unit_range  # pylint: disable=g-import-not-at-top
 
   index = records // 2 if flip else records
@@ -135,7 +150,7 @@ def _read_batch(source, records: np.ndarray, flip: bool, pool) -> tuple[np.ndarr
   images = to_unit_range(images)
   if flip:
     odd = records % 2 == 1
-    images[odd] = images[odd, :, ::-1]
+    images[odd] = images[odd, ..., ::-1, :]  # the width axis, of every frame of a clip
   return images, np.asarray(labels, np.int32)
 
 
@@ -154,11 +169,12 @@ def encode_dataset(
   Args:
     config: a full config (``data`` or ``encode.data``, ``autoencoder``).
     out: the shard folder, local or ``gs://``.
-    flip: also store each image's horizontal mirror (right after it).
+    flip: also store each image's (clip's) horizontal mirror (right after it).
     shard_size: records per shard.
-    num_examples: encode only the first this many source images (0: all).
+    num_examples: encode only the first this many source images or clips (0: all).
     autoencoder: an autoencoder object to use instead of building ``config.autoencoder``
-      (``encode_traced`` [B, H, W, 3] -> [B, h, w, C]; tests pass small stand-ins).
+      (``encode_traced`` [B, H, W, 3] -> [B, h, w, C], and for clips optionally
+      ``encode_video_traced``, see `autoencoders.encode_clips`; tests pass small stand-ins).
     stream: where progress lines go (default stderr).
 
   Returns:
@@ -181,8 +197,10 @@ def encode_dataset(
   if channels != 3:
     raise ValueError(
       f"data.channels={channels}: the autoencoder encodes RGB images; set "
-      "data.channels=3 (grayscale images are then converted to RGB)"
+      "data.channels=3 (grayscale images and videos are then converted to RGB)"
     )
+  video = bool(getattr(data_lib.source_class(data), "video", False))
+  frames = int(data.frames) if video else 0  # validated: video sources need data.frames
   from dfm_jax import autoencoders  # pylint: disable=g-import-not-at-top
 
   ae = autoencoder if autoencoder is not None else autoencoders.from_config(config.autoencoder)
@@ -194,6 +212,8 @@ def encode_dataset(
   batch_size = int(config.autoencoder.get("batch_size", 32))
   if batch_size < 1:
     raise ValueError(f"autoencoder.batch_size must be >= 1, got {batch_size}")
+  encoder = _Encoder(ae, max(1, batch_size // frames) if video else batch_size)
+  sample_shape = ((frames,) if video else ()) + (resolution, resolution, 3)
 
   if not isinstance(num_examples, int) or num_examples < 0:
     raise ValueError(f"--num_examples must be an int >= 0, got {num_examples!r}")
@@ -203,14 +223,13 @@ def encode_dataset(
     raise ValueError("the pixel source holds no images")
   total = examples * (2 if flip else 1)
   num_shards = math.ceil(total / shard_size)
-  h = w = resolution // down
   plan = {
     "count": total,
     "source_examples": examples,
     "flip": bool(flip),
     "shard_size": shard_size,
     "num_shards": num_shards,
-    "latent_shape": [h, w, int(ae.latent_channels)],
+    "latent_shape": list(encoder.latent_shape(sample_shape)),
     "autoencoder": {
       "kind": config.autoencoder.get("kind", "") or getattr(ae, "name", ""),
       "weights": os.fspath(config.autoencoder.get("weights", "")),
@@ -218,7 +237,7 @@ def encode_dataset(
       "shift": float(getattr(ae, "shift", 0.0)),
       "downsample": down,
     },
-    "source": _source_description(data),
+    "source": _source_description(data, video),
   }
   pi, pc = jax.process_index(), jax.process_count()
   if pi == 0:
@@ -231,8 +250,7 @@ def encode_dataset(
   if done:
     logging.info("resuming: %d of %d shards already complete", len(done), num_shards)
   todo = sum(min(total, (s + 1) * shard_size) - s * shard_size for s in mine)
-  encoder = _Encoder(ae, batch_size) if mine else None
-  progress = Progress(todo, "encoding", unit="img", stream=stream)
+  progress = Progress(todo, "encoding", unit="clip" if video else "img", stream=stream)
   with concurrent.futures.ThreadPoolExecutor(_READ_THREADS) as pool:
     for s in mine:
       lo, hi = s * shard_size, min(total, (s + 1) * shard_size)
@@ -272,9 +290,9 @@ def define_flags() -> None:
   both modules can be imported in one process, e.g. by the tests)."""
   config_flags.DEFINE_config_file("config", None, "Path to a config file.", lock_config=True)
   flags.DEFINE_string("out", None, "Shard folder (local or gs://) to write.")
-  flags.DEFINE_bool("flip", False, "Also store each image's horizontal mirror.")
+  flags.DEFINE_bool("flip", False, "Also store each image's (clip's) horizontal mirror.")
   flags.DEFINE_integer("shard_size", 10_000, "Records per shard.")
-  flags.DEFINE_integer("num_examples", 0, "Encode only the first N source images (0: all).")
+  flags.DEFINE_integer("num_examples", 0, "Encode only the first N images or clips (0: all).")
   flags.DEFINE_bool("debug", False, "Show tracebacks of errors (also: DFM_JAX_DEBUG=1).")
   flags.mark_flags_as_required(["config", "out"])
 

@@ -57,12 +57,10 @@ def _sample_shape(config, check_data: bool) -> tuple[int, ...]:
   if d.source == "latents" and check_data:
     from dfm_jax.data import latent_shards  # pylint: disable=g-import-not-at-top
 
-    found = tuple(int(v) for v in latent_shards.latent_shape(d.path))
-    if found != shape:
-      raise ValueError(
-        f"data.path {d.path} holds latents of shape {found}, but the config says "
-        f"resolution {d.resolution} and channels {d.channels} ({shape})"
-      )
+    if not latent_shards.is_shard_set(d.path):  # shard sets: checked with the data block
+      found = latent_shards.latent_shape(d.path)
+      where = f"data.path: latents in {d.path!r}"
+      latent_shards.check_latent_shape(where, found, d.resolution, d.channels, frames)
   return shape
 
 

@@ -222,17 +222,15 @@ def channel_projection(latents: np.ndarray) -> np.ndarray:
 def to_display(samples: np.ndarray, config) -> np.ndarray:
   """Samples in the data space -> uint8 pictures ``[N, H, W, C]`` (videos ``[N, T, H, W, C]``).
 
-  Pixels in [-1, 1] are quantised; latents are decoded by ``config.autoencoder`` when the config
-  names one, otherwise shown through :func:`channel_projection` (video latents frame by frame).
+  Pixels in [-1, 1] are quantised; latents (images or clips) are decoded by
+  ``config.autoencoder`` when the config names one (`autoencoders.decode_batched`), otherwise
+  shown through :func:`channel_projection` (video latents frame by frame).
   """
   from dfm_jax import data as data_lib  # pylint: disable=g-import-not-at-top
 
   if data_lib.source_class(config.data).pixels:
     return reporting.to_uint8(samples)
   samples = np.asarray(samples)
-  if samples.ndim == 5:  # video latents: frame by frame
-    frames = to_display(samples.reshape((-1,) + samples.shape[2:]), config)
-    return frames.reshape(samples.shape[:2] + frames.shape[1:])
   autoencoder = config.get("autoencoder", None)
   if autoencoder is not None and autoencoder.get("kind", ""):
     from dfm_jax import autoencoders  # pylint: disable=g-import-not-at-top
@@ -241,6 +239,9 @@ def to_display(samples: np.ndarray, config) -> np.ndarray:
     return reporting.to_uint8(
       autoencoders.decode_batched(ae, samples, int(config.autoencoder.batch_size))
     )
+  if samples.ndim == 5:  # video latents: frame by frame
+    frames = channel_projection(samples.reshape((-1,) + samples.shape[2:]))
+    return frames.reshape(samples.shape[:2] + frames.shape[1:])
   return channel_projection(samples)
 
 

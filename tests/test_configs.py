@@ -7,6 +7,7 @@ import os
 import pytest
 
 from dfm_jax import dit, experiment
+from dfm_jax.autoencoders import kl
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs")
 CASES = [
@@ -108,3 +109,18 @@ def test_runlocal_variant_is_tiny_and_keeps_the_stages(name):
   assert load(name, "fm,runlocal").method == "fm"
   assert load(name, "pyramidal,runlocal").method == "pyramidal_flow"
   assert load(name, "cascade,runlocal").method == "cascade"
+
+
+@pytest.mark.parametrize("arg", ["dfm", "halve_time", "fm"])
+def test_kinetics700_trains_on_what_its_encode_block_makes(arg):
+  """Frame-by-frame encoding keeps the frame count and divides the resolution by 8, and the
+  evaluation reference clips are taken like the encoded ones."""
+  c = load("kinetics700.py", arg)
+  pixels, ref = c.encode.data, c.eval.reference
+  assert pixels.source == "video_folder" and c.data.source == "latents"
+  assert pixels.frames == c.data.frames == ref.frames
+  assert pixels.frame_stride == ref.frame_stride
+  assert pixels.resolution // 8 == c.data.resolution and pixels.resolution == ref.resolution
+  assert kl.PRESETS[c.autoencoder.kind].latent_channels == c.data.channels
+  exp = experiment.from_config(c, num_devices=1, check_data=False)
+  assert exp.sample_shape == (c.data.frames, 64, 64, 16)

@@ -1,4 +1,4 @@
-"""Image autoencoders for latent-space training, chosen by name.
+"""Autoencoders for latent-space training, chosen by name.
 
 Common interface (`Autoencoder`, an `nnx.Module`)::
 
@@ -26,6 +26,13 @@ Options of every builder: ``scale=``, ``shift=`` (override the latent scaling); 
 also take architecture overrides (``block_out_channels=``, ``norm_groups=``, ...), see
 `kl.build_kl`. ``weights_path=None`` keeps random weights (shape tests only).
 
+Videos: `encode_clips(ae, clips)` (traceable; clips [B, T, H, W, 3] -> [B, T', h, w, C]) and
+`decode_clips` are the one way to code clips. An autoencoder that codes clips itself (a video
+autoencoder, e.g. one that also compresses time) defines ``encode_video_traced(clips [B, T, H,
+W, 3]) -> [B, T', h, w, C]`` and ``decode_video_traced([B, T', h, w, C]) -> [B, T, H, W, 3]``
+and these helpers use them; every other autoencoder codes the frames one by one (T' = T).
+`decode_batched` decodes images and clips alike. No video autoencoder is registered yet.
+
 Loading never executes code from the file; a file of another architecture raises one
 ValueError naming the first mismatched tensor with both shapes and the missing / unexpected
 keys.
@@ -35,11 +42,23 @@ from __future__ import annotations
 
 import os
 
+from flax import nnx
+
 from dfm_jax.autoencoders.base import AUTOENCODERS, Autoencoder
+from dfm_jax.autoencoders.base import decode_clips, encode_clips, encodes_clips
 from dfm_jax.autoencoders import kl as kl  # noqa: F401  (registers the KL family)
 from dfm_jax.autoencoders import taesd as taesd  # noqa: F401  (registers the TAESD family)
 
-__all__ = ["AUTOENCODERS", "Autoencoder", "build", "decode_batched", "from_config"]
+__all__ = [
+  "AUTOENCODERS",
+  "Autoencoder",
+  "build",
+  "decode_batched",
+  "decode_clips",
+  "encode_clips",
+  "encodes_clips",
+  "from_config",
+]
 
 
 def build(kind: str, weights_path: str | os.PathLike | None, **options) -> Autoencoder:
@@ -75,17 +94,29 @@ def from_config(ae_config) -> Autoencoder:
   return build(kind, weights, **options)
 
 
+_jit_decode_clips = nnx.jit(decode_clips)
+
+
 def decode_batched(ae: Autoencoder, latents, batch_size: int = 32):
-  """Model-space latents ``[N, h, w, C]`` -> float32 numpy images ``[N, H, W, 3]`` in [-1, 1],
-  decoded ``batch_size`` at a time (the last batch padded, so one program serves all)."""
+  """Model-space latents -> float32 numpy pixels in [-1, 1], decoded in batches of about
+  ``batch_size`` images (the last batch padded, so one program serves all).
+
+  Images ``[N, h, w, C]`` -> ``[N, H, W, 3]``; clips ``[N, T', h, w, C]`` -> ``[N, T, H, W,
+  3]`` through `decode_clips`, ``max(1, batch_size // T')`` clips per call.
+  """
   import numpy as np  # pylint: disable=g-import-not-at-top
 
   latents = np.asarray(latents, np.float32)
+  if latents.ndim == 5:  # clips
+    decode = lambda z: _jit_decode_clips(ae, z)
+    batch_size = max(1, batch_size // latents.shape[1])
+  else:
+    decode = ae.decode
   out = []
   for start in range(0, len(latents), batch_size):
     chunk = latents[start : start + batch_size]
     pad = batch_size - len(chunk)
     if pad:
       chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], np.float32)])
-    out.append(np.asarray(ae.decode(chunk))[: batch_size - pad])
+    out.append(np.asarray(decode(chunk))[: batch_size - pad])
   return np.concatenate(out)

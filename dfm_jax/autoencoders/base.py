@@ -40,6 +40,10 @@ class Autoencoder(nnx.Module):
   inside your own `nnx.jit` / `jax.jit` call `encode_traced` / `decode_traced`, e.g.
   ``graphdef, state = nnx.split(ae)`` and
   ``jax.jit(lambda s, x: nnx.merge(graphdef, s).encode_traced(x))``.
+
+  A video autoencoder also defines ``encode_video_traced`` (clips [B, T, H, W, 3] in [-1, 1]
+  -> model latents [B, T', h, w, C]) and ``decode_video_traced`` (the inverse); `encode_clips`
+  / `decode_clips` use them, and code clips frame by frame through an image autoencoder.
   """
 
   name: str = ""
@@ -93,6 +97,41 @@ def _jit_encode(ae: Autoencoder, images: jax.Array) -> jax.Array:
 @nnx.jit
 def _jit_decode(ae: Autoencoder, latents: jax.Array) -> jax.Array:
   return ae.decode_traced(latents)
+
+
+# ----------------------------------------------------------------------------------------------
+# Clips: a video autoencoder encodes them itself, an image autoencoder frame by frame.
+
+
+def encodes_clips(ae) -> bool:
+  """Whether `ae` is a video autoencoder (has ``encode_video_traced`` / ``decode_video_traced``)."""
+  return hasattr(ae, "encode_video_traced")
+
+
+def _per_frame(fn, x: jax.Array) -> jax.Array:
+  """`fn` on [B * T, ...] with the frames of x [B, T, ...] folded into the batch."""
+  b, t = x.shape[:2]
+  y = fn(x.reshape((b * t,) + x.shape[2:]))
+  return y.reshape((b, t) + y.shape[1:])
+
+
+def encode_clips(ae, clips: jax.Array) -> jax.Array:
+  """Traceable: clips float [B, T, H, W, 3] in [-1, 1] -> model latents [B, T', h, w, C].
+
+  A video autoencoder's ``encode_video_traced`` (T' as it compresses time), else the image
+  autoencoder's ``encode_traced`` on every frame (T' = T).
+  """
+  if encodes_clips(ae):
+    return ae.encode_video_traced(clips)
+  return _per_frame(ae.encode_traced, clips)
+
+
+def decode_clips(ae, latents: jax.Array) -> jax.Array:
+  """Traceable: model latents [B, T', h, w, C] -> clips float32 [B, T, H, W, 3] in [-1, 1]
+  (``decode_video_traced``, else ``decode_traced`` on every frame: T = T')."""
+  if encodes_clips(ae):
+    return ae.decode_video_traced(latents)
+  return _per_frame(ae.decode_traced, latents)
 
 
 # ----------------------------------------------------------------------------------------------

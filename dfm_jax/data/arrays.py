@@ -191,7 +191,8 @@ def npz_memmap(path: str, name: str) -> np.ndarray | None:
 
 @functools.lru_cache(maxsize=2)
 def load_latents(path: str) -> tuple[np.ndarray, np.ndarray]:
-  """`latents` [N, h, w, c] (any float dtype, as stored) and `labels` int32 [N] of an .npz.
+  """`latents` [N, h, w, c] or [N, T, h, w, c] (any float dtype, as stored) and `labels` int32
+  [N] of an .npz.
 
   Latents saved with `np.savez` (uncompressed) are memory-mapped, so ImageNet-sized files are
   read page by page as batches need them; `np.savez_compressed` files are loaded whole.
@@ -209,9 +210,10 @@ def load_latents(path: str) -> tuple[np.ndarray, np.ndarray]:
         path,
       )
       latents = npz["latents"]
-  if latents.ndim != 4 or labels.shape != (len(latents),):
+  if latents.ndim not in (4, 5) or labels.shape != (len(latents),):
     raise ValueError(
-      f"{path}: need latents [N,h,w,c] and labels [N], got {latents.shape} and {labels.shape}"
+      f"{path}: need latents [N,h,w,c] (videos [N,T,h,w,c]) and labels [N], got "
+      f"{latents.shape} and {labels.shape}"
     )
   latents.setflags(write=False)
   labels.setflags(write=False)

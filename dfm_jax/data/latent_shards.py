@@ -12,18 +12,21 @@ Layout of a shard set ``DIR``::
   DIR/.progress/shard-00000-of-000NN.json      one per completed shard: records, bytes, sha256,
                                                per-channel statistics (the resume markers)
 
-Record layout (`RECORD_FORMAT`), little-endian, no padding::
+Record layout (`record_format`), little-endian, no padding::
 
   bytes [0, 4)            label, int32
-  bytes [4, 4 + 2*h*w*c)  latents, float16, C order [h, w, c]
+  bytes [4, 4 + 2*h*w*c)  latents, float16, C order [h, w, c] (videos: [T, h, w, c], 2*T*h*w*c
+                          bytes)
 
-``metadata.json`` holds: ``format``, ``count`` (records), ``latent_shape`` [h, w, c],
-``dtype`` ("float16"), ``record_format``, ``channel_mean`` / ``channel_std`` (per channel over
-every stored value of the set, as stored in float16, in float64 arithmetic), ``label_range``
-[min, max], ``autoencoder`` (kind, weights, scale, shift, ...), ``source`` (the pixel data
-block), ``flip`` (True: record 2i is example i and record 2i+1 its horizontal mirror),
-``shard_size`` and ``shards`` ([{name, records, bytes, sha256}] in record order). It holds no
-time stamps, so an interrupted and resumed encoding writes the same bytes as one straight run.
+``metadata.json`` holds: ``format``, ``count`` (records), ``latent_shape`` ([h, w, c] for
+images, [T, h, w, c] for videos: T latent frames per clip), ``dtype`` ("float16"),
+``record_format``, ``channel_mean`` / ``channel_std`` (per channel over every stored value of
+the set, as stored in float16, in float64 arithmetic), ``label_range`` [min, max],
+``autoencoder`` (kind, weights, scale, shift, ...), ``source`` (the pixel data block), ``flip``
+(True: record 2i is example i and record 2i+1 its horizontal mirror, every frame of a clip
+mirrored), ``shard_size`` and ``shards`` ([{name, records, bytes, sha256}] in record order). It
+holds no time stamps, so an interrupted and resumed encoding writes the same bytes as one
+straight run.
 """
 
 from __future__ import annotations
@@ -46,8 +49,13 @@ PROGRESS_DIR = ".progress"
 PLAN = "plan.json"
 DTYPE = np.dtype("<f2")
 LABEL_DTYPE = np.dtype("<i4")
-RECORD_FORMAT = "label int32 LE (4 bytes), then latents float16 LE [h, w, c] C order"
 _WRITER_OPTIONS = "group_size:1,uncompressed"  # float16 latents barely compress
+
+
+def record_format(shape) -> str:
+  """The record layout of latents of `shape` ([h, w, c] or [T, h, w, c]), for metadata.json."""
+  axes = "[h, w, c]" if len(shape) == 3 else "[T, h, w, c]"
+  return f"label int32 LE (4 bytes), then latents float16 LE {axes} C order"
 
 
 def shard_name(index: int, num_shards: int) -> str:
@@ -56,12 +64,12 @@ def shard_name(index: int, num_shards: int) -> str:
 
 
 def pack_record(latent: np.ndarray, label: int) -> bytes:
-  """One record from latents [h, w, c] (stored as float16) and an int label."""
+  """One record from latents [h, w, c] or [T, h, w, c] (stored as float16) and an int label."""
   return np.asarray(label, LABEL_DTYPE).tobytes() + np.ascontiguousarray(latent, DTYPE).tobytes()
 
 
 def unpack_record(raw: bytes, shape) -> tuple[np.ndarray, np.int32]:
-  """(latents float16 [h, w, c], label int32) of one record; raises ValueError on a bad size."""
+  """(latents float16 of `shape`, label int32) of one record; raises ValueError on a bad size."""
   size = LABEL_DTYPE.itemsize + DTYPE.itemsize * math.prod(shape)
   if len(raw) != size:
     raise ValueError(f"latent record of {len(raw)} bytes, expected {size} for shape {list(shape)}")
@@ -74,7 +82,7 @@ def unpack_record(raw: bytes, shape) -> tuple[np.ndarray, np.int32]:
 
 
 def channel_stats(latents: np.ndarray) -> dict:
-  """{'count', 'mean' [c], 'm2' [c]} over every value of latents [N, h, w, c], in float64."""
+  """{'count', 'mean' [c], 'm2' [c]} over every value of latents [N, ..., c], in float64."""
   x = np.asarray(latents, np.float64).reshape(-1, latents.shape[-1])
   mean = x.mean(axis=0) if len(x) else np.zeros(x.shape[-1])
   return {
@@ -184,8 +192,9 @@ def completed_shards(out: str | os.PathLike, num_shards: int) -> dict[int, dict]
 def write_shard(
   out: str | os.PathLike, index: int, num_shards: int, latents: np.ndarray, labels: np.ndarray
 ) -> dict:
-  """Writes shard `index` of latents [N, h, w, c] (stored as float16) and labels [N], then its
-  progress marker; returns that record ({name, records, bytes, sha256, stats, labels})."""
+  """Writes shard `index` of latents [N, h, w, c] or [N, T, h, w, c] (stored as float16) and
+  labels [N], then its progress marker; returns that record ({name, records, bytes, sha256,
+  stats, labels})."""
   out = epath.Path(out)
   name = shard_name(index, num_shards)
   with np.errstate(over="ignore"):
@@ -239,7 +248,7 @@ def finalize(out: str | os.PathLike, plan: dict) -> dict:
     "format": FORMAT,
     "count": int(sum(i["records"] for i in infos)),
     "dtype": "float16",
-    "record_format": RECORD_FORMAT,
+    "record_format": record_format(plan["latent_shape"]),
     "channel_mean": mean.tolist(),
     "channel_std": std.tolist(),
     "label_range": [min(lows), max(highs)],
@@ -279,8 +288,9 @@ def read_metadata(path: str | os.PathLike) -> dict:
   return meta
 
 
-def latent_shape(path: str | os.PathLike) -> tuple[int, int, int]:
-  """[h, w, c] of the stored latents of an .npz file or a shard folder (headers only)."""
+def latent_shape(path: str | os.PathLike) -> tuple[int, ...]:
+  """[h, w, c] (videos: [T, h, w, c]) of the stored latents of an .npz file or a shard folder
+  (headers only)."""
   if os.fspath(path).endswith(".npz") or epath.Path(path).is_file():
     from dfm_jax.data import arrays  # pylint: disable=g-import-not-at-top
 
@@ -288,21 +298,45 @@ def latent_shape(path: str | os.PathLike) -> tuple[int, int, int]:
   return tuple(int(v) for v in read_metadata(path)["latent_shape"])
 
 
-def check_shard_set(
-  path: str | os.PathLike, resolution: int, channels: int, num_classes: int
-) -> dict:
-  """Checks a shard set against the config (latent h = w = `resolution`, c = `channels`,
-  labels < `num_classes`, every shard present); returns its metadata. One ValueError per
-  problem, without the ``data.<field>:`` prefix."""
-  meta = read_metadata(path)
-  h, w, c = meta["latent_shape"]
+def check_latent_shape(where: str, shape, resolution: int, channels: int, frames: int) -> None:
+  """Checks stored latents of `shape` ([h, w, c], videos [T, h, w, c]) against the config:
+  T = `frames` (0 for images), h = w = `resolution`, c = `channels`. One ValueError starting
+  with `where` (e.g. "latent shards in '/data/set'") and naming the fields to set, without
+  the ``data.<field>:`` prefix."""
+  if len(shape) == 4 and not frames:
+    raise ValueError(
+      f"{where} are clips of {shape[0]} frames [T, h, w, c] = {list(shape)}, but data.frames=0 "
+      f"(images); set data.frames={shape[0]}"
+    )
+  if len(shape) == 3 and frames:
+    raise ValueError(
+      f"{where} are images [h, w, c] = {list(shape)}, but data.frames={frames} (videos); set "
+      "data.frames=0, or encode a video source"
+    )
+  if len(shape) == 4 and shape[0] != frames:
+    raise ValueError(
+      f"{where} are clips of {shape[0]} latent frames, but data.frames={frames}; set "
+      f"data.frames={shape[0]} (or encode clips of {frames} frames)"
+    )
+  h, w, c = shape[-3:]
   if (h, w, c) != (resolution, resolution, channels):
     raise ValueError(
-      f"latent shards in {os.fspath(path)!r} are [h, w, c] = [{h}, {w}, {c}], but the config "
-      f"says data.resolution={resolution} and data.channels={channels} ([{resolution}, "
-      f"{resolution}, {channels}]); set data.resolution={h} and data.channels={c} "
-      "(latent grid and channels), or encode at another resolution"
+      f"{where} are [h, w, c] = [{h}, {w}, {c}], but the config says data.resolution="
+      f"{resolution} and data.channels={channels} ([{resolution}, {resolution}, {channels}]); "
+      f"set data.resolution={h} and data.channels={c} (latent grid and channels), or encode at "
+      "another resolution"
     )
+
+
+def check_shard_set(
+  path: str | os.PathLike, resolution: int, channels: int, frames: int, num_classes: int
+) -> dict:
+  """Checks a shard set against the config (`check_latent_shape`, labels < `num_classes`,
+  every shard present); returns its metadata. One ValueError per problem, without the
+  ``data.<field>:`` prefix."""
+  meta = read_metadata(path)
+  where = f"latent shards in {os.fspath(path)!r}"
+  check_latent_shape(where, meta["latent_shape"], resolution, channels, frames)
   low, high = meta["label_range"]
   if meta["count"] and (low < 0 or high >= num_classes):
     raise ValueError(
@@ -322,8 +356,8 @@ def check_shard_set(
 class LatentShards:
   """Random access over every record of a shard set, in order.
 
-  Element i is {'image': float32 [h, w, c], 'label': int32 []}. Readers open lazily (per
-  process, so it pickles for grain workers).
+  Element i is {'image': float32 [h, w, c] (videos [T, h, w, c]), 'label': int32 []}. Readers
+  open lazily (per process, so it pickles for grain workers).
   """
 
   pixels = False
@@ -366,7 +400,8 @@ class LatentShards:
     return [self._element(r) for r in self._records().__getitems__([int(i) for i in indices])]
 
   def arrays(self) -> tuple[np.ndarray, np.ndarray]:
-    """(latents float16 [N, h, w, c], labels int32 [N]) of the whole set, read in order."""
+    """(latents float16 [N, h, w, c] (videos [N, T, h, w, c]), labels int32 [N]) of the whole
+    set, read in order."""
     out = np.empty((len(self),) + self._shape, DTYPE)
     labels = np.empty((len(self),), np.int32)
     for i in range(len(self)):

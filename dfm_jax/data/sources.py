@@ -2,8 +2,8 @@
 
 A source class validates its own config fields cheaply (headers and listings only, before any
 heavy work) and opens a random-access source (grain `RandomAccessDataSource` protocol) whose
-element `i` is {'image': uint8 [R, R, C] at the training resolution (float32 [h, w, c] for
-latents), 'label': int32 []}.
+element `i` is {'image': uint8 [R, R, C] at the training resolution (videos [T, R, R, C]; float32
+[h, w, c] or [T, h, w, c] for latents), 'label': int32 []}.
 
 In-memory sources drop their arrays when pickled: `mp_prefetch` workers reload them on first
 access instead of receiving a copy.
@@ -114,7 +114,8 @@ class ArraySource:
 
 
 class LatentSource:
-  """Precomputed latents from an .npz: `latents` [N, h, w, c], `labels` [N]."""
+  """Precomputed latents from an .npz: `latents` [N, h, w, c] (videos [N, T, h, w, c]),
+  `labels` [N]."""
 
   pixels = False
 
@@ -319,7 +320,8 @@ class LatentsNpz(DataSource):
   """Precomputed latents: one .npz (`latents` [N, h, w, c], `labels` [N]), or a latent shard
   folder written by `python -m dfm_jax.encode` (local or gs://, holding `metadata.json`; see
   `latent_shards.py`), whose latent grid must be data.resolution x data.resolution with
-  data.channels channels."""
+  data.channels channels. Video latents ([N, T, h, w, c]; shard sets with a 4-dim
+  latent_shape) need data.frames = T, image latents data.frames = 0."""
 
   pixels = False
 
@@ -338,7 +340,11 @@ class LatentsNpz(DataSource):
       return
     try:
       latent_shards.check_shard_set(
-        path, get(data, "resolution"), get(data, "channels"), get(data, "num_classes")
+        path,
+        get(data, "resolution"),
+        get(data, "channels"),
+        get(data, "frames"),
+        get(data, "num_classes"),
       )
     except (OSError, ValueError) as err:
       fail("path", str(err))
@@ -680,7 +686,11 @@ def _validate_latents(data):
   if missing:
     fail("path", f"npz {path!r} lacks required array(s) {sorted(missing)}; it has {sorted(specs)}")
   (lat_shape, lat_dtype), (lab_shape, lab_dtype) = specs["latents"], specs["labels"]
-  if len(lat_shape) != 4 or lat_dtype.kind != "f":
-    fail("path", f"npz {path!r}: latents must be float [N,h,w,c], got {lat_dtype} {lat_shape}")
+  if len(lat_shape) not in (4, 5) or lat_dtype.kind != "f":
+    fail(
+      "path",
+      f"npz {path!r}: latents must be float [N,h,w,c] (videos [N,T,h,w,c]), got {lat_dtype} "
+      f"{lat_shape}",
+    )
   if lab_shape != lat_shape[:1] or lab_dtype.kind not in "iu":
     fail("path", f"npz {path!r}: labels must be int [{lat_shape[0]}], got {lab_dtype} {lab_shape}")
