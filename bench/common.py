@@ -185,17 +185,23 @@ def load_config(name: str, arg: str = "dfm") -> ml_collections.ConfigDict:
 
 
 def latent_config(
-  base: ml_collections.ConfigDict, workdir: str, resolution: int, channels: int, num: int = 8
+  base: ml_collections.ConfigDict,
+  workdir: str,
+  resolution: int,
+  channels: int,
+  num: int = 8,
+  frames: int = 0,
 ) -> ml_collections.ConfigDict:
-  """``base`` reading ``num`` random latents ``[resolution, resolution, channels]`` that are
-  written to ``workdir`` (the configs validate their data even when the benchmark feeds its own
-  batches)."""
-  path = os.path.join(workdir, f"latents_{resolution}x{channels}.npz")
+  """``base`` reading ``num`` random latents ``[resolution, resolution, channels]`` (video
+  latents ``[frames, resolution, resolution, channels]`` when ``frames`` > 0) that are written to
+  ``workdir`` (the configs validate their data even when the benchmark feeds its own batches)."""
+  clip = (frames,) if frames else ()
+  path = os.path.join(workdir, f"latents_{frames}x{resolution}x{channels}.npz")
   if not os.path.exists(path):
     rng = np.random.default_rng(0)
     np.savez(
       path,
-      latents=rng.standard_normal((num, resolution, resolution, channels), np.float32),
+      latents=rng.standard_normal((num, *clip, resolution, resolution, channels), np.float32),
       labels=rng.integers(0, 10, num).astype(np.int32),
     )
   c = ml_collections.ConfigDict(base.to_dict())
@@ -204,14 +210,18 @@ def latent_config(
   c.data.resolution = resolution
   c.data.channels = channels
   c.data.num_classes = 10
+  if frames:
+    c.data.frames = frames
   return c
 
 
 def random_batch(config, seed: int = 0) -> dict[str, np.ndarray]:
-  """A global batch of standard-normal images and random labels for ``config``."""
+  """A global batch of standard-normal images (or clips, when ``data.frames`` is set) and random
+  labels for ``config``."""
   d = config.data
   rng = np.random.default_rng(seed)
-  shape = (config.batch_size, d.resolution, d.resolution, d.channels)
+  clip = (d.frames,) if d.get("frames") else ()
+  shape = (config.batch_size, *clip, d.resolution, d.resolution, d.channels)
   return {
     "image": rng.standard_normal(shape, np.float32),
     "label": rng.integers(0, d.num_classes, config.batch_size).astype(np.int32),

@@ -3,11 +3,14 @@
   python bench/train_step_overhead.py                       # DiT-S and DiT-B, defaults below
   python bench/train_step_overhead.py --sizes B --resolution 64 --patch 2 --batch 16 --rounds 10
   python bench/train_step_overhead.py --breakdown   # also the model's forward and backward alone
+  python bench/train_step_overhead.py --frames 8 --resolution 16 --patch 1 --sizes S  # video
 
 Data: random "latent-like" [resolution, resolution, channels] arrays (default 32x32x4). DFM is a
 2-stage Laplacian pyramid (resolution/2 with patch `--patch`, then resolution with twice that);
 the twin (``config_defaults.flow_matching_twin``) is one stage with patch 2 x `--patch`, so both
-see (resolution / (2 * patch))^2 tokens. Measured, per size: seconds per compiled train step
+see (resolution / (2 * patch))^2 tokens. With ``--frames T`` the data are latent clips
+[T, resolution, resolution, channels], the pyramid halves space only and frames are patchified
+independently with 3D RoPE (as configs/kinetics700.py): T times the tokens. Measured, per size: seconds per compiled train step
 (``dfm_jax.train.compile_step``: forward, backward, AdamW, EMA), DFM and FM run alternately for
 `--rounds` rounds and compared by the median of the per-round ratios; FLOPs per step from XLA's
 cost analysis of each step lowered with its blocks unrolled (``common.step_flops``); parameter
@@ -39,7 +42,10 @@ def make_configs(size: str, workdir: str, args) -> tuple:
   c.sampler.steps_per_stage = (30, 10)
   c.sampler.thresholds = (0.7,)
   c.optim.warmup_steps = 10
-  dfm = common.latent_config(c, workdir, args.resolution, args.channels)
+  if args.frames:
+    c.decomposition.halve_time = False
+    c.model.pos_embed = "rope"
+  dfm = common.latent_config(c, workdir, args.resolution, args.channels, frames=args.frames)
   return dfm, flow_matching_twin(dfm)
 
 
@@ -80,6 +86,7 @@ def main():
   parser.add_argument("--channels", type=int, default=4)
   parser.add_argument("--patch", type=int, default=2, help="patch of DFM's coarse stage")
   parser.add_argument("--batch", type=int, default=8)
+  parser.add_argument("--frames", type=int, default=0, help="video clips of this many frames")
   parser.add_argument("--rounds", type=int, default=4, help="timed DFM/FM pairs per size")
   parser.add_argument(
     "--breakdown",
@@ -89,9 +96,10 @@ def main():
   args = parser.parse_args()
 
   print(common.machine_summary())
-  tokens = (args.resolution // (2 * args.patch)) ** 2
+  tokens = (args.resolution // (2 * args.patch)) ** 2 * max(1, args.frames)
+  clip = f"{args.frames}x" if args.frames else ""
   print(
-    f"data {args.resolution}x{args.resolution}x{args.channels}, batch {args.batch}, "
+    f"data {clip}{args.resolution}x{args.resolution}x{args.channels}, batch {args.batch}, "
     f"{tokens} tokens, {args.rounds} interleaved rounds after one warm-up step each"
   )
   rows, ratio_by_size, parts_rows = [], {}, []
