@@ -6,11 +6,13 @@ the fly, deterministic per index). 40 px rather than 32 px leaves the digit 12 p
 move (at 32 px it could only wiggle by 4 px). Two Laplacian stages halve space only
 (`decomposition.halve_time=False`): 8x20x20 -> 8x40x40. Frames are patchified independently
 with 3D RoPE: patch 5 on the coarse stage, 10 on the fine one, so 8 frames x 4 x 4 = 128 tokens.
-The model is 128 wide and 4 deep (1.4M parameters); sized for a 2-core CPU. Measured on 2 cores
-shared with other jobs: about 2.5-2.8 s per step of 32 clips, so 300 steps take about 15
-minutes. At 300 steps the samples are digit-sized blobs, not yet readable digits or smooth
-motion (frame FID about 300, per-frame digit accuracy about 0.1), so the default trains 600
-steps; readable digits need more (`--config.total_steps=N`; how many was not measured).
+The model is 128 wide and 4 deep (1.4M parameters); sized for a 2-core CPU: 1.8-2.2 steps/s of 32
+clips on 2 cores shared with light jobs, so the default 1,600 steps take 12-15 minutes (plus a
+minute of compiling and grids). What that buys (docs/benchmarks.md, "Video"): at cfg 3.0 (the paper's
+value for qualitative samples, used for the grids) the digits move and a "1" or "7" reads in most
+clips, but other digits still change shape from frame to frame; an MNIST classifier reads the
+conditioning digit in 31% of the generated frames (98% of real frames). More steps help
+(`--config.total_steps=N`).
 
 Train (periodic GIF/contact-sheet grids in workdir/samples, TensorBoard in workdir/tb):
 
@@ -39,11 +41,11 @@ from dfm_jax.config_defaults import apply_variants, base_config, parse_variants
 def get_config(arg: str = "dfm"):
   variants = parse_variants(arg, ("fm", "runlocal"))
   c = base_config()
-  c.total_steps = 600
+  c.total_steps = 1600
   c.batch_size = 32
   c.log_every = 25
-  c.checkpoint_every = 200
-  c.sample_every = 200
+  c.checkpoint_every = 400
+  c.sample_every = 400
   c.num_grid_samples = 10  # one clip per class in the periodic GIF grid
 
   c.data.source = "moving_digits"
@@ -72,6 +74,7 @@ def get_config(arg: str = "dfm"):
   c.optim.weight_decay = 0.0
   c.optim.ema_decay = 0.99
 
+  c.sampler.cfg_scale = 3.0  # the paper's value for qualitative samples; compare at 1.0
   c.sampler.steps_per_stage = (20, 10)
   c.sampler.thresholds = (0.7,)
   c.sampler.num_samples = 40
