@@ -17,7 +17,7 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
-from dfm_jax import checkpoint
+from dfm_jax import checkpoint, checksums
 from dfm_jax.checkpoint import (
   Checkpointer,
   CheckpointCorruptError,
@@ -336,16 +336,16 @@ def test_synchronous_save_failure_names_the_step(tmp_path, monkeypatch):
 @pytest.mark.parametrize("rows", [64, 64 * 256])  # host (numpy) and device (XLA) paths
 def test_checksums_ignore_sharding_and_see_one_changed_element(rows):
   values = np.arange(rows * 8, dtype=np.float32).reshape(rows, 8)
-  sharded = checkpoint.array_checksums({"a": jax.device_put(values, sharding())})
-  single = checkpoint.array_checksums({"a": jax.device_put(values, jax.devices()[3])})
+  sharded = checksums.array_checksums({"a": jax.device_put(values, sharding())})
+  single = checksums.array_checksums({"a": jax.device_put(values, jax.devices()[3])})
   assert sharded == single
   changed = values.copy()
   changed[17, 3] = np.nextafter(changed[17, 3], np.float32(np.inf))
-  assert checkpoint.array_checksums({"a": jnp.asarray(changed)}) != single
+  assert checksums.array_checksums({"a": jnp.asarray(changed)}) != single
   swapped = values.copy()
   swapped[[0, 1]] = swapped[[1, 0]]
-  assert checkpoint.array_checksums({"a": jnp.asarray(swapped)}) != single
-  same_bits = checkpoint.array_checksums({"a": jnp.asarray(values.view(np.int32))})
+  assert checksums.array_checksums({"a": jnp.asarray(swapped)}) != single
+  same_bits = checksums.array_checksums({"a": jnp.asarray(values.view(np.int32))})
   assert same_bits["a"]["checksum"] == single["a"]["checksum"]  # the bits, with the dtype beside
   assert same_bits["a"]["dtype"] == "int32"
 
@@ -355,8 +355,8 @@ def test_checksums_cover_small_dtypes(dtype):
   base = np.zeros((4, 6), dtype)
   flipped = base.copy()
   flipped[2, 5] = np.ones((), dtype)
-  a = checkpoint.array_checksums({"x": jnp.asarray(base)})["x"]["checksum"]
-  b = checkpoint.array_checksums({"x": jnp.asarray(flipped)})["x"]["checksum"]
+  a = checksums.array_checksums({"x": jnp.asarray(base)})["x"]["checksum"]
+  b = checksums.array_checksums({"x": jnp.asarray(flipped)})["x"]["checksum"]
   assert a != b
 
 
@@ -369,9 +369,9 @@ def test_checksum_cost_on_a_100mb_state(tmp_path):
       for i in range(50)
     }
   )
-  checkpoint.array_checksums(nnx.to_pure_dict(state))  # compile
+  checksums.array_checksums(nnx.to_pure_dict(state))  # compile
   t = time.perf_counter()
-  checkpoint.array_checksums(nnx.to_pure_dict(state))
+  checksums.array_checksums(nnx.to_pure_dict(state))
   checksum_s = time.perf_counter() - t
   ckpt = Checkpointer(str(tmp_path / "checkpoints"))
   ckpt.save(1, state)
@@ -400,6 +400,6 @@ def test_host_and_device_checksums_agree(dtype, spec):
     value = jax.device_put(
       value, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
     )
-  host = checkpoint._checksum_on_host(value)  # pylint: disable=protected-access
-  device = np.asarray(checkpoint._checksum_leaf(value))  # pylint: disable=protected-access
+  host = checksums._checksum_on_host(value)  # pylint: disable=protected-access
+  device = np.asarray(checksums._checksum_leaf(value))  # pylint: disable=protected-access
   np.testing.assert_array_equal(host, device)
