@@ -66,6 +66,15 @@ ROWS = [
   ),
   ("pyramidal", "pyramidal", {}, 1.0),
   ("cascade", "cascade", {}, CASCADE_COST),
+  # Feeding the fine stage at small budgets: a p_q schedule (0.9 -> 0.5 over training), and
+  # twice the fine stage's loss weight at the paper's p_q.
+  (
+    "dfm_pq0.9to0.5",
+    "dfm",
+    {"flow.stage_probs": (0.9, 0.1), "flow.final_stage_probs": (0.5, 0.5)},
+    1.0,
+  ),
+  ("dfm_pq0.9_w2", "dfm", {"flow.stage_probs": (0.9, 0.1), "flow.stage_weights": (1.0, 2.0)}, 1.0),
 ]
 HEADLINE = ("dfm_pq0.9", "fm")
 ALL_SEEDS = HEADLINE + ("pyramidal", "cascade")

@@ -87,6 +87,8 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.flow = ml_collections.ConfigDict()
   c.flow.stage_probs = (0.9, 0.1)  # p_q
+  # A p_q schedule: p_q moves linearly from stage_probs at step 0 to these at total_steps.
+  c.flow.final_stage_probs = ml_collections.config_dict.placeholder(tuple)  # None: constant
   c.flow.main_loc = 0.0
   c.flow.main_scale = 1.0
   c.flow.early_loc = 1.5  # the re-implementation: 2.0
@@ -245,6 +247,7 @@ def flow_matching_twin(c: ml_collections.ConfigDict) -> ml_collections.ConfigDic
   c.model.stage_upsample = ()
   c.flow.stage_probs = (1.0,)
   c.flow.stage_weights = None
+  c.flow.final_stage_probs = None
   c.sampler.steps_per_stage = (sum(c.sampler.steps_per_stage),)
   c.sampler.thresholds = ()
   return c
@@ -265,6 +268,7 @@ def cascade_twin(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.decomposition.standardize = False  # whole images; model.precondition scales them
   c.flow.stage_probs = (1.0, 0.0)  # unused by the cascade
   c.flow.stage_weights = None
+  c.flow.final_stage_probs = None
   total = sum(c.sampler.steps_per_stage)
   c.sampler.steps_per_stage = (total // 2, total - total // 2)  # the paper: 20 + 20
   c.sampler.thresholds = c.sampler.thresholds[:1] or (0.5,)  # unused by the cascade
@@ -326,6 +330,7 @@ def pyramidal_twin(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.decomposition.standardize = False
   c.flow.stage_probs = (1.0 / stages,) * stages
   c.flow.stage_weights = None
+  c.flow.final_stage_probs = None
   total = sum(c.sampler.steps_per_stage)
   c.sampler.steps_per_stage = tuple(total // stages + (k < total % stages) for k in range(stages))
   c.sampler.thresholds = tuple((k + 1) / stages for k in range(stages - 1))

@@ -145,9 +145,13 @@ def from_config(
     problems.append(
       f"flow.stage_probs has {len(config.flow.stage_probs)} entries for {stages} stages"
     )
+  final_probs = config.flow.get("final_stage_probs")
+  final_probs = tuple(final_probs) if final_probs is not None else None
   timesteps = attempt(
     lambda: flow.TimestepConfig(
       stage_probs=tuple(config.flow.stage_probs),
+      final_stage_probs=final_probs,
+      schedule_steps=int(config.total_steps) if final_probs is not None else 0,
       main_loc=config.flow.main_loc,
       main_scale=config.flow.main_scale,
       early_loc=config.flow.early_loc,

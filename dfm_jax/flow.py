@@ -24,6 +24,10 @@ class TimestepConfig:
   """Training timestep distribution (defaults: the paper's values)."""
 
   stage_probs: tuple[float, ...] = (1.0,)  # p_q over stages, coarse to fine
+  # A p_q schedule: p_q moves linearly from stage_probs at step 0 to final_stage_probs at step
+  # schedule_steps and stays there (None: p_q is constant).
+  final_stage_probs: tuple[float, ...] | None = None
+  schedule_steps: int = 0
   main_loc: float = 0.0
   main_scale: float = 1.0
   early_loc: float = 1.5  # the re-implementation uses 2.0
@@ -32,6 +36,15 @@ class TimestepConfig:
 
   def __post_init__(self):
     validate_stage_probs(self.stage_probs)
+    if self.final_stage_probs is not None:
+      validate_stage_probs(self.final_stage_probs)
+      if len(self.final_stage_probs) != len(self.stage_probs):
+        raise ValueError(
+          f"final_stage_probs has {len(self.final_stage_probs)} entries for "
+          f"{len(self.stage_probs)} stages"
+        )
+      if self.schedule_steps < 1:
+        raise ValueError(f"a p_q schedule needs schedule_steps >= 1, got {self.schedule_steps}")
     if self.main_scale <= 0 or self.early_scale <= 0:
       raise ValueError(
         "logit-normal scales must be > 0, got "
@@ -57,10 +70,22 @@ def logit_normal(key: jax.Array, shape: Sequence[int], loc: float, scale: float)
   return jax.nn.sigmoid(loc + scale * jax.random.normal(key, shape, jnp.float32))
 
 
+def stage_probs_at(cfg: TimestepConfig, step: jax.Array | int | None = None) -> jax.Array:
+  """float32 ``[S]``: p_q at training step ``step`` (``cfg.stage_probs`` when there is no
+  schedule or no step; otherwise linear from ``stage_probs`` at step 0 to ``final_stage_probs``
+  at ``schedule_steps``, constant after)."""
+  start = jnp.asarray(cfg.stage_probs, jnp.float32)
+  if cfg.final_stage_probs is None or step is None:
+    return start
+  frac = jnp.clip(jnp.asarray(step, jnp.float32) / cfg.schedule_steps, 0.0, 1.0)
+  return start + frac * (jnp.asarray(cfg.final_stage_probs, jnp.float32) - start)
+
+
 def sample_stage_times(
-  key: jax.Array, batch_size: int, cfg: TimestepConfig
+  key: jax.Array, batch_size: int, cfg: TimestepConfig, step: jax.Array | int | None = None
 ) -> tuple[jax.Array, jax.Array]:
-  """Draws the main stage and per-stage timesteps.
+  """Draws the main stage and per-stage timesteps (p_q at training step ``step`` when
+  ``cfg`` has a p_q schedule, see :func:`stage_probs_at`).
 
   Returns:
     main_stage: int32 ``[B]`` in ``0..S-1`` (0 = coarsest).
@@ -68,7 +93,7 @@ def sample_stage_times(
   """
   num_stages = cfg.num_stages
   k_stage, k_main, k_early = jax.random.split(key, 3)
-  logits = jnp.log(jnp.asarray(cfg.stage_probs, jnp.float32))
+  logits = jnp.log(stage_probs_at(cfg, step))
   draws = 1 if not cfg.per_sample_stage else batch_size
   main_stage = jax.random.categorical(k_stage, logits, shape=(draws,)).astype(jnp.int32)
   main_stage = jnp.broadcast_to(main_stage, (batch_size,))
@@ -175,6 +200,7 @@ def dfm_training_loss(
   label_dropout: float = 0.1,
   stage_weights: Sequence[float] | None = None,
   loss_weight_fn: Callable[[jax.Array], jax.Array] | None = None,
+  step: jax.Array | int | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """One Monte-Carlo estimate of the DFM loss.
 
@@ -190,6 +216,7 @@ def dfm_training_loss(
     loss_weight_fn: optional ``t [B, S] -> [B, S]`` weights of each sample's per-stage error;
       pass ``model.loss_weights`` of a preconditioned ``DFMDiT`` (``1 / c_out(t)^2``).
       Inactive stages stay masked whatever their weight.
+    step: the training step, for a p_q schedule (``cfg.final_stage_probs``).
   Returns:
     (scalar loss, metrics dict).
   """
@@ -197,7 +224,7 @@ def dfm_training_loss(
     raise ValueError(f"timestep config has {cfg.num_stages} stages, data has {len(stages)}")
   batch = stages[0].shape[0]
   k_t, k_noise, k_drop = jax.random.split(key, 3)
-  main_stage, t = sample_stage_times(k_t, batch, cfg)
+  main_stage, t = sample_stage_times(k_t, batch, cfg, step)
   active = active_mask(main_stage, cfg.num_stages)
   noise_keys = jax.random.split(k_noise, len(stages))
   noise = [jax.random.normal(k, x.shape, x.dtype) for k, x in zip(noise_keys, stages)]

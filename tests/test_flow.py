@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 from scipy import special, stats
 
-from dfm_jax import flow
+from dfm_jax import experiment, flow
+
+from tests.train_utils import config_file
 
 
 def _logit_normal_cdf(loc, scale):
@@ -171,3 +173,51 @@ def test_loss_weight_fn_sees_the_drawn_times():
   plain, _ = flow.dfm_training_loss(*args, null_label=10)
   np.testing.assert_array_equal(seen["t"], seen["wt"])
   assert float(weighted) > float(plain)
+
+
+def test_p_q_schedule_moves_linearly_from_start_to_final_probs():
+  cfg = flow.TimestepConfig(
+    stage_probs=(0.9, 0.1), final_stage_probs=(0.5, 0.5), schedule_steps=1000
+  )
+  n = 40000
+  for step, p_fine in ((0, 0.1), (500, 0.3), (1000, 0.5), (5000, 0.5)):
+    q, _ = flow.sample_stage_times(jax.random.key(step), n, cfg, step=jnp.int32(step))
+    freq = float(np.mean(np.asarray(q) == 1))
+    assert abs(freq - p_fine) < 4 * np.sqrt(p_fine * (1 - p_fine) / n), (step, freq)
+  # Without a step (sampling-time callers) or without a schedule, p_q is stage_probs.
+  np.testing.assert_allclose(flow.stage_probs_at(cfg), [0.9, 0.1])
+  plain = flow.TimestepConfig(stage_probs=(0.9, 0.1))
+  np.testing.assert_allclose(flow.stage_probs_at(plain, 700), [0.9, 0.1])
+
+
+def test_p_q_schedule_is_checked():
+  with pytest.raises(ValueError, match="final_stage_probs has 3 entries for 2 stages"):
+    flow.TimestepConfig(stage_probs=(0.9, 0.1), final_stage_probs=(0.5, 0.3, 0.2), schedule_steps=9)
+  with pytest.raises(ValueError, match="probability distribution"):
+    flow.TimestepConfig(stage_probs=(0.9, 0.1), final_stage_probs=(0.5, 0.6), schedule_steps=9)
+  with pytest.raises(ValueError, match="schedule_steps >= 1"):
+    flow.TimestepConfig(stage_probs=(0.9, 0.1), final_stage_probs=(0.5, 0.5))
+
+
+def test_config_p_q_schedule_reaches_the_dfm_loss_through_the_train_step_counter():
+  c = config_file(
+    "default.py",
+    "runlocal",
+    flow__stage_probs=(1.0, 0.0, 0.0),
+    flow__final_stage_probs=(0.0, 0.0, 1.0),
+    total_steps=100,
+  )
+  exp = experiment.from_config(c, check_data=False)
+  zeros = lambda stages, t, labels, stage_index: tuple(jnp.zeros_like(s) for s in stages)
+  r, ch = c.data.resolution, c.data.channels
+  data, labels = jnp.zeros((256, r, r, ch)), jnp.zeros((256,), jnp.int32)
+  fn = jax.jit(
+    lambda step: exp.method.loss(
+      zeros, jax.random.key(0), data, labels, label_dropout=0.0, step=step
+    )
+  )
+  assert float(fn(jnp.int32(0))[1]["frac_main_stage1"]) == 1.0
+  assert float(fn(jnp.int32(100))[1]["frac_main_stage3"]) == 1.0
+  middle = fn(jnp.int32(50))[1]
+  assert 0.35 < float(middle["frac_main_stage1"]) < 0.65
+  assert 0.35 < float(middle["frac_main_stage3"]) < 0.65

@@ -20,7 +20,6 @@ class DecomposableFlowMatching(Method):
   """The paper's method on ``exp.decomposition``'s stages."""
 
   def loss(self, model, key, data, labels, *, label_dropout, stage_weights=None, step=None):
-    del step
     exp = self.exp
     stages = exp.decomposition.split(data)
     extra = {}
@@ -35,6 +34,7 @@ class DecomposableFlowMatching(Method):
       null_label=exp.null_label,
       label_dropout=label_dropout,
       stage_weights=stage_weights,
+      step=step,
       **extra,
     )
 
