@@ -37,7 +37,7 @@ class TimestepConfig:
   def __post_init__(self):
     validate_stage_probs(self.stage_probs)
     if self.final_stage_probs is not None:
-      validate_stage_probs(self.final_stage_probs)
+      validate_stage_probs(self.final_stage_probs, "final_stage_probs")
       if len(self.final_stage_probs) != len(self.stage_probs):
         raise ValueError(
           f"final_stage_probs has {len(self.final_stage_probs)} entries for "
@@ -56,11 +56,11 @@ class TimestepConfig:
     return len(self.stage_probs)
 
 
-def validate_stage_probs(probs: Sequence[float]) -> None:
+def validate_stage_probs(probs: Sequence[float], name: str = "stage_probs") -> None:
   p = np.asarray(probs, dtype=np.float64)
   if p.ndim != 1 or p.size == 0 or (p < 0).any() or abs(p.sum() - 1.0) > 1e-6:
     raise ValueError(
-      f"stage_probs (p_q) must be a probability distribution over the stages "
+      f"{name} (p_q) must be a probability distribution over the stages "
       f"(non-negative, summing to 1), got {tuple(probs)}"
     )
 

@@ -193,7 +193,9 @@ def test_p_q_schedule_moves_linearly_from_start_to_final_probs():
 def test_p_q_schedule_is_checked():
   with pytest.raises(ValueError, match="final_stage_probs has 3 entries for 2 stages"):
     flow.TimestepConfig(stage_probs=(0.9, 0.1), final_stage_probs=(0.5, 0.3, 0.2), schedule_steps=9)
-  with pytest.raises(ValueError, match="probability distribution"):
+  with pytest.raises(
+    ValueError, match="final_stage_probs .p_q. must be a probability distribution"
+  ):
     flow.TimestepConfig(stage_probs=(0.9, 0.1), final_stage_probs=(0.5, 0.6), schedule_steps=9)
   with pytest.raises(ValueError, match="schedule_steps >= 1"):
     flow.TimestepConfig(stage_probs=(0.9, 0.1), final_stage_probs=(0.5, 0.5))
