@@ -222,6 +222,8 @@ def plot(summary: list[dict], path: str) -> None:
   cfgs = sorted({e["cfg"] for e in summary})
   names = [r[0] for r in ROWS + FINETUNE if any(e["row"] == r[0] for e in summary)]
   metrics = [m for m in ("fid", "classifier_fd") if any(m in e for e in summary)]
+  if not metrics:  # nothing scored yet
+    return
   fig, axes = plt.subplots(1, len(metrics), figsize=(6 * len(metrics), 4), squeeze=False)
   width = 0.8 / len(cfgs)
   for ax, m in zip(axes[0], metrics):
