@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import os
 import platform
 import re
@@ -256,6 +257,7 @@ def build_train_steps(
   devices=None,
   initialize: bool = True,
   batches: dict[str, dict] | None = None,
+  count_flops: bool = True,
 ) -> dict[str, TrainStep]:
   """Sets up each config and compiles its train step through ``dfm_jax.train``'s own path.
 
@@ -263,7 +265,8 @@ def build_train_steps(
   devices). The variants compile concurrently on two threads (XLA compiles mostly on one core).
   Batches
   default to :func:`random_batch`. With ``initialize=False`` no state is created (for
-  compile-only figures) and the steps cannot be called.
+  compile-only figures) and the steps cannot be called. With ``count_flops=False`` the
+  unrolled step is not lowered for :func:`step_flops` (``flops`` is nan).
   """
   from dfm_jax import sharding, train  # pylint: disable=g-import-not-at-top
 
@@ -275,7 +278,9 @@ def build_train_steps(
       run = train.setup(config, workdir, own_devices)
     shapes = {k: (v.shape, v.dtype) for k, v in batch.items()}
     compiled = train.compile_step(run, shapes)
-    flops = step_flops(config, run.exp.model.depth, shapes, own_devices)
+    flops = (
+      step_flops(config, run.exp.model.depth, shapes, own_devices) if count_flops else math.nan
+    )
     state = jax.block_until_ready(train.init_state(run)) if initialize else None
     return TrainStep(run, compiled, state, sharding.global_batch(batch, run.mesh), flops)
 

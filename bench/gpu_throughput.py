@@ -25,6 +25,7 @@ import argparse
 import gc
 import json
 import math
+import os
 import tempfile
 
 import jax
@@ -32,6 +33,7 @@ import numpy as np
 
 import common
 from dfm_jax.config_defaults import base_config, flow_matching_twin
+from dfm_jax.dit import REMAT_POLICIES
 
 TINY = (64, 2, 2)  # hidden, depth, heads of the --quick model
 
@@ -49,14 +51,16 @@ def make_configs(size: str, tokens: int, batch: int, workdir: str, args) -> dict
     c.model.size = size
   c.model.patch_size = 1
   c.model.dtype = args.dtype
-  c.model.remat = args.remat
+  c.model.residual_dtype = args.residual_dtype
+  c.model.remat_policy = "full" if args.remat and args.remat_policy == "none" else args.remat_policy
   c.decomposition.num_stages = 2
   c.flow.stage_probs = (0.9, 0.1)
   c.sampler.steps_per_stage = (30, 10)
   c.sampler.thresholds = (0.7,)
   dfm = common.latent_config(c, workdir, side, args.channels)
   dfm.data.num_classes = 1000
-  return {"DFM": dfm, "FM": flow_matching_twin(dfm)}
+  both = {"DFM": dfm, "FM": flow_matching_twin(dfm)}
+  return {name: both[name] for name in args.methods.split(",")}
 
 
 def analytic_flops(config) -> float:
@@ -83,9 +87,14 @@ def measure_pair(size: str, tokens: int, batch: int, workdir: str, args):
     steps = None
     try:
       configs = make_configs(size, tokens, batch, workdir, args)
-      steps = common.build_train_steps(configs)
+      steps = common.build_train_steps(configs, count_flops=not args.skip_xla_flops)
       times = common.interleaved_times(steps, rounds=args.rounds, warmup=args.warmup)
+      if args.profile:  # two more steps of each method, traced (a Perfetto JSON beside XPlane)
+        with jax.profiler.trace(args.profile, create_perfetto_trace=True):
+          for step in list(steps.values()) * 2:
+            step()
       rows = {}
+      model = configs[next(iter(configs))].model
       for name, step in steps.items():
         mem = step.compiled.memory_analysis()
         rows[name] = dict(
@@ -93,6 +102,8 @@ def measure_pair(size: str, tokens: int, batch: int, workdir: str, args):
           tokens=tokens,
           method=name,
           batch=batch,
+          residual=model.residual_dtype,
+          remat=model.remat_policy,
           step_ms=common.median(times[name]) * 1e3,
           images_per_s=batch / common.median(times[name]),
           xla_tflop=step.flops / 1e12,
@@ -100,7 +111,8 @@ def measure_pair(size: str, tokens: int, batch: int, workdir: str, args):
           params_m=step.num_params / 1e6,
           temp_gib=(mem.temp_size_in_bytes / 2**30) if mem is not None else float("nan"),
         )
-      rows["DFM"]["dfm_fm_time"] = common.paired_ratio(times["DFM"], times["FM"])[0]
+      if len(rows) == 2:
+        rows["DFM"]["dfm_fm_time"] = common.paired_ratio(times["DFM"], times["FM"])[0]
       return batch, list(rows.values())
     except Exception as err:  # pylint: disable=broad-except
       if not is_oom(err):
@@ -120,7 +132,22 @@ def main():
   parser.add_argument("--batch", type=int, default=32, help="global batch to try first")
   parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
   parser.add_argument("--channels", type=int, default=16, help="latent channels")
-  parser.add_argument("--remat", action="store_true", help="rematerialise each block")
+  parser.add_argument(
+    "--residual-dtype",
+    default="float32",
+    choices=("float32", "bfloat16"),
+    help="the residual stream's dtype (model.residual_dtype)",
+  )
+  parser.add_argument("--remat", action="store_true", help="rematerialise each block (full)")
+  parser.add_argument(
+    "--remat-policy", default="none", choices=REMAT_POLICIES, help="model.remat_policy"
+  )
+  parser.add_argument(
+    "--methods",
+    default="DFM,FM",
+    help="DFM,FM times both alternately (and reports their ratio); one of them alone leaves "
+    "room for a larger batch",
+  )
   parser.add_argument("--rounds", type=int, default=10, help="timed steps per method")
   parser.add_argument("--warmup", type=int, default=2)
   parser.add_argument(
@@ -135,13 +162,24 @@ def main():
     help="tiny model, 16 and 64 tokens, batch 4, 2 rounds: checks the script",
   )
   parser.add_argument("--out", default="", help="also write the rows to this JSON file")
+  parser.add_argument(
+    "--skip-xla-flops",
+    action="store_true",
+    help="skip XLA's FLOP count (lowering the unrolled step; it comes back empty on GPUs)",
+  )
+  parser.add_argument(
+    "--profile", default="", help="trace two extra steps per method into this folder"
+  )
   args = parser.parse_args()
+  if not args.methods or not set(args.methods.split(",")) <= {"DFM", "FM"}:
+    parser.error(f"--methods takes DFM, FM or DFM,FM, got {args.methods!r}")
   if args.quick:
     args.sizes, args.tokens, args.batch, args.rounds, args.warmup = "tiny", "16,64", 4, 2, 1
 
   print(common.machine_summary())
   print(
-    f"dtype {args.dtype}, remat {args.remat}, peak {args.peak_tflops:g} TFLOP/s, "
+    f"dtype {args.dtype}, residual {args.residual_dtype}, remat {args.remat_policy}, "
+    f"{os.environ.get('XLA_FLAGS', 'no XLA_FLAGS')}, peak {args.peak_tflops:g} TFLOP/s, "
     f"{args.rounds} timed steps per method after {args.warmup} warm-up steps"
   )
   results = []
@@ -160,6 +198,8 @@ def main():
       r["tokens"],
       r["method"],
       r["batch"],
+      r["residual"],
+      r["remat"],
       f"{r['step_ms']:.1f}",
       f"{r['images_per_s']:.1f}",
       r["xla_tflop"] * 1e3,
@@ -179,6 +219,8 @@ def main():
       "tokens",
       "method",
       "batch",
+      "residual",
+      "remat",
       "step ms",
       "images/s",
       "XLA GFLOP/step",
@@ -198,10 +240,11 @@ def main():
       )
   if not results:
     raise SystemExit("no configuration fitted in memory")
-  last = [r for r in results if r["method"] == "DFM"][-1]
+  last = results[-1]
   print(
-    f"DFM {last['model']} {last['tokens']} tokens: {last['images_per_s']:.1f} images/s, "
-    f"MFU {100 * last['mfu_xla']:.3g}% (XLA FLOPs, peak {peak:g} TFLOP/s)"
+    f"{last['method']} {last['model']} {last['tokens']} tokens: "
+    f"{last['images_per_s']:.1f} images/s, MFU {100 * last['mfu_analytic']:.3g}% "
+    f"(analytic FLOPs, peak {peak:g} TFLOP/s)"
   )
 
 

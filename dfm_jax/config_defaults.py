@@ -71,6 +71,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.pos_embed = "rope"  # rope | sincos
   c.model.stage_index_embed = True
   c.model.dtype = "float32"  # float32 | bfloat16 (compute; parameters stay float32)
+  # float32 | bfloat16: the residual stream between blocks (bfloat16 halves the memory traffic
+  # of the norms, modulation and gated adds around each block; see docs/benchmarks.md section 6)
+  c.model.residual_dtype = "float32"
   # Rematerialisation of each block: none | full (recompute the block in the backward pass) |
   # dots_saveable | dots_with_no_batch_dims_saveable | save_attention_out (keep only those).
   c.model.remat_policy = "none"

@@ -203,6 +203,7 @@ def from_config(
         pos_embed=config.model.pos_embed,
         stage_index_embed=config.model.stage_index_embed,
         dtype=config.model.dtype,
+        residual_dtype=config.model.get("residual_dtype", "float32"),
         remat=bool(config.model.get("remat", False)),
         remat_policy=config.model.get("remat_policy", "none"),
         attention=attention_impl,

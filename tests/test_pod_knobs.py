@@ -177,6 +177,27 @@ def test_remat_policies_give_equal_gradients_and_full_saves_memory():
   assert temp["full"] < temp["none"], temp
 
 
+def test_bfloat16_residual_stream_is_close_to_float32_and_carried_in_bfloat16():
+  inputs, state = _inputs(_cfg(dtype="bfloat16")), _random_state()
+  with pytest.raises(ValueError, match="residual_dtype must be one of"):
+    _cfg(residual_dtype="float16")
+  out = {}
+  for rdt in ("float32", "bfloat16"):
+    cfg = _cfg(dtype="bfloat16", residual_dtype=rdt)
+    out[rdt] = _forward(_graphdef(cfg), state, inputs)
+    # The scan over the blocks carries the residual stream in that dtype.
+    jaxpr = jax.make_jaxpr(lambda s, x: nnx.merge(_graphdef(cfg), s)(*x))(state, inputs)
+    scans = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "scan"]
+    carry = scans[0].outvars[0].aval
+    assert (carry.ndim, carry.dtype) == (3, jnp.dtype(rdt)), carry
+  for a, b in zip(out["bfloat16"], out["float32"]):
+    assert a.dtype == jnp.float32
+    err = float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
+    assert 0 < err < 2e-2, err  # rounded, but to bfloat16's precision only
+  cfg = experiment.from_config(tiny_config(model__residual_dtype="bfloat16"), check_data=False)
+  assert cfg.model.residual_dtype == "bfloat16"
+
+
 # ----------------------------------------------------------------------------- activations
 
 
