@@ -52,6 +52,7 @@ def make_configs(size: str, tokens: int, batch: int, workdir: str, args) -> dict
   c.model.patch_size = 1
   c.model.dtype = args.dtype
   c.model.residual_dtype = args.residual_dtype
+  c.model.scan_unroll = args.scan_unroll
   c.model.remat_policy = "full" if args.remat and args.remat_policy == "none" else args.remat_policy
   c.decomposition.num_stages = 2
   c.flow.stage_probs = (0.9, 0.1)
@@ -104,6 +105,7 @@ def measure_pair(size: str, tokens: int, batch: int, workdir: str, args):
           batch=batch,
           residual=model.residual_dtype,
           remat=model.remat_policy,
+          scan_unroll=model.scan_unroll,
           step_ms=common.median(times[name]) * 1e3,
           images_per_s=batch / common.median(times[name]),
           xla_tflop=step.flops / 1e12,
@@ -137,6 +139,12 @@ def main():
     default="float32",
     choices=("float32", "bfloat16"),
     help="the residual stream's dtype (model.residual_dtype)",
+  )
+  parser.add_argument(
+    "--scan-unroll",
+    type=int,
+    default=0,
+    help="blocks per scan iteration (model.scan_unroll; 0: auto, all of them on GPUs)",
   )
   parser.add_argument("--remat", action="store_true", help="rematerialise each block (full)")
   parser.add_argument(

@@ -77,7 +77,8 @@ ROWS = [
   ("dfm_pq0.9_w2", "dfm", {"flow.stage_probs": (0.9, 0.1), "flow.stage_weights": (1.0, 2.0)}, 1.0),
 ]
 HEADLINE = ("dfm_pq0.9", "fm")
-ALL_SEEDS = HEADLINE + ("dfm_pq0.7", "pyramidal", "cascade")  # p_q 0.7: the configs' value
+# p_q 0.7: the configs' value; the p_q schedule and the fine-stage weight: the item-5 search
+ALL_SEEDS = HEADLINE + ("dfm_pq0.7", "pyramidal", "cascade", "dfm_pq0.9to0.5", "dfm_pq0.9_w2")
 # Fine-tuning: an FM model trained for FT_BASE of --steps, then the rest spent on plain FM
 # fine-tuning or on DFM fine-tuning (the coarse stage at the pretrained patch size, upsampled x2
 # as in the paper), both through --config.init_from.

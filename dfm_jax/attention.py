@@ -50,7 +50,7 @@ def check_attention_platform(attention: str, platform: str) -> None:
     )
 
 
-def _platform() -> str:
+def compile_platform() -> str:
   """The platform of the devices being compiled for: the current mesh's (``jax.set_mesh``, also
   compile-only TPU devices; read from the abstract mesh, which works inside a trace), else the
   default backend."""
@@ -59,9 +59,9 @@ def _platform() -> str:
 
 
 def resolve_attention(cfg, platform: str | None = None) -> str:
-  """The implementation used on ``platform`` (default: :func:`_platform`): 'auto' becomes
+  """The implementation used on ``platform`` (default: :func:`compile_platform`): 'auto' becomes
   'splash' on TPUs and 'cudnn' on GPUs where :func:`attention_unsupported` allows, else 'xla'."""
-  platform = platform or _platform()
+  platform = platform or compile_platform()
   if cfg.attention != "auto":
     check_attention_platform(cfg.attention, platform)
     return cfg.attention

@@ -82,7 +82,10 @@ def base_config() -> ml_collections.ConfigDict:
   # kernel, token count and head_dim multiples of 128). auto: the platform's fused kernel where
   # it applies, else XLA (always XLA on CPUs).
   c.model.attention = "auto"
-  c.model.scan_unroll = 1  # blocks per scan iteration (depth: fully unrolled)
+  # Blocks per scan iteration; 0 = auto: every block unrolled on GPUs (DiT-XL/2 on an H100:
+  # 1.37x the steps/s and half the activation memory of the scan), 1 (a scan, compile time
+  # independent of depth) on CPUs and TPUs. depth: fully unrolled anywhere.
+  c.model.scan_unroll = 0
   # Per-stage EDM-style input/output scaling (paper appendix A.1) from per-stage data mean and
   # std, estimated at the start of training from decomposition.stats_batches batches and saved
   # with the checkpoint; the loss becomes the unit-variance regression of the network.
