@@ -53,7 +53,8 @@ def make_configs(size: str, tokens: int, batch: int, workdir: str, args) -> dict
   c.model.dtype = args.dtype
   c.model.residual_dtype = args.residual_dtype
   c.model.scan_unroll = args.scan_unroll
-  c.model.remat_policy = "full" if args.remat and args.remat_policy == "none" else args.remat_policy
+  c.model.remat = args.remat  # the config's alias: True with policy 'none' means 'full'
+  c.model.remat_policy = args.remat_policy
   c.decomposition.num_stages = 2
   c.flow.stage_probs = (0.9, 0.1)
   c.sampler.steps_per_stage = (30, 10)
@@ -95,8 +96,8 @@ def measure_pair(size: str, tokens: int, batch: int, workdir: str, args):
           for step in list(steps.values()) * 2:
             step()
       rows = {}
-      model = configs[next(iter(configs))].model
       for name, step in steps.items():
+        model = step.run.exp.model  # the DiTConfig as built (aliases resolved)
         mem = step.compiled.memory_analysis()
         rows[name] = dict(
           model=f"DiT-{size}/2",
