@@ -15,6 +15,7 @@ from typing import Sequence
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import mesh_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -22,13 +23,22 @@ BATCH_AXES = ("data", "fsdp")
 
 
 def make_mesh(shape: Sequence[int], devices=None) -> jax.sharding.Mesh:
-  """A (data, fsdp, tensor) mesh over ``devices`` (default: all), e.g. from ``mesh_shape``."""
-  return jax.make_mesh(
-    tuple(shape),
-    MESH_AXES,
-    devices=devices,
-    axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES),
-  )
+  """A (data, fsdp, tensor) mesh over ``devices`` (default: all), e.g. from ``mesh_shape``.
+
+  Each mesh axis is laid along whole axes of the TPU torus where it can be. Where it cannot (a
+  128-way axis on a 16x16 slice), the physical axes are split instead: the same devices and the
+  same program, with some of that axis's collectives crossing more links.
+  """
+  axis_types = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+  try:
+    return jax.make_mesh(tuple(shape), MESH_AXES, devices=devices, axis_types=axis_types)
+  except NotImplementedError:
+    grid = mesh_utils.create_device_mesh(
+      tuple(shape),
+      devices if devices is not None else jax.devices(),
+      allow_split_physical_axes=True,
+    )
+    return jax.sharding.Mesh(grid, MESH_AXES, axis_types=axis_types)
 
 
 def _mesh_axes(axis, size: int, mesh, used: set[str]):

@@ -12,6 +12,7 @@ import sys
 import pytest
 
 from dfm_jax import compile_check as cc
+from dfm_jax import sharding
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -83,6 +84,19 @@ def test_does_not_fit_lines():
   assert "DOES NOT FIT" in cc.format_result(refused, topology)
   assert "**NO**" in cc.summary_table([big, refused], topology, "x")
   assert cc.config_label("configs/imagenet512.py:fm") == "imagenet512:fm"
+
+
+def test_mesh_splits_torus_axes_where_no_whole_axis_fits():
+  """A 128-way FSDP axis on a 16x16 v6e slice matches no product of whole torus axes, so JAX's
+  make_mesh refuses it; the project's mesh splits physical axes and keeps every chip once."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  devices = cc.topology_devices(cc.lookup_topology("v6e-256"))
+  with pytest.raises(NotImplementedError):
+    jax.make_mesh((2, 128, 1), sharding.MESH_AXES, devices=devices)
+  mesh = sharding.make_mesh((2, 128, 1), devices)
+  assert dict(mesh.shape) == {"data": 2, "fsdp": 128, "tensor": 1}
+  assert sorted(d.id for d in mesh.devices.flat) == sorted(d.id for d in devices)
 
 
 def test_cli_unknown_topology_exits_without_traceback():
