@@ -33,11 +33,14 @@ def make_mesh(shape: Sequence[int], devices=None) -> jax.sharding.Mesh:
   try:
     return jax.make_mesh(tuple(shape), MESH_AXES, devices=devices, axis_types=axis_types)
   except NotImplementedError:
-    grid = mesh_utils.create_device_mesh(
-      tuple(shape),
-      devices if devices is not None else jax.devices(),
-      allow_split_physical_axes=True,
-    )
+    try:
+      grid = mesh_utils.create_device_mesh(
+        tuple(shape),
+        devices if devices is not None else jax.devices(),
+        allow_split_physical_axes=True,
+      )
+    except NotImplementedError as e:
+      raise ValueError(f"mesh {tuple(shape)} cannot be laid over the devices' torus: {e}") from e
     return jax.sharding.Mesh(grid, MESH_AXES, axis_types=axis_types)
 
 
