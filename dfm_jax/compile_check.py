@@ -416,6 +416,14 @@ def check(
       )
       results.append(sres)
       log(format_result(sres, topology))
+      ways = run.mesh.shape["data"] * run.mesh.shape["fsdp"]
+      if b % ways:
+        # The batch sharding rule then leaves the batch unsplit: every device samples all of it.
+        log(
+          f"  note: the sampler batch {b} does not divide over the {ways} batch-sharding "
+          f"devices, so each of them samples the whole batch; a multiple of {ways} "
+          "(sampler.batch_size, --sample_batch) splits it"
+        )
   return results
 
 

@@ -140,3 +140,20 @@ def test_compiles_train_step_and_sampler_for_v4_8():
   )
   assert step.flops == pytest.approx(exact, rel=0.1)
   assert step.flops_compiled < 0.75 * step.flops
+
+
+@pytest.mark.integration
+def test_sampler_batch_that_does_not_divide_is_noted_and_unsplit():
+  """A sampler batch of 6 on 4 FSDP devices cannot be split: each device samples all 6 (more
+  temporaries than 8 split 2 per device), and the check says so."""
+  topology = cc.lookup_topology("v4-8")
+  devices = cc.topology_devices(topology)
+  config = tiny_config(depth=2)
+  temps, notes = {}, {}
+  for batch in (6, 8):
+    logs = []
+    results = cc.check(config, topology, ["fsdp"], devices, sample_batch=batch, log=logs.append)
+    temps[batch] = results[-1].memory.temporaries
+    notes[batch] = [s for s in logs if "does not divide" in s]
+  assert len(notes[6]) == 1 and "sampler batch 6" in notes[6][0] and not notes[8]
+  assert temps[6] > temps[8]
