@@ -392,7 +392,7 @@ def main():
   finetune = "finetune" in wanted
   rows: list[dict] = []
   with concurrent.futures.ThreadPoolExecutor(max(1, args.jobs)) as pool:
-    futures = [pool.submit(run_finetune, args, seeds[0], extra)] if finetune else []
+    futures = [pool.submit(run_finetune, args, seed, extra) for seed in seeds] if finetune else []
     futures += [pool.submit(run_one, args, *item, extra) for item in plan]
     for future in concurrent.futures.as_completed(futures):
       rows.extend(future.result())
@@ -401,7 +401,7 @@ def main():
   if args.phase == "generate":
     print(f"samples kept under {args.workdir}/<row>/seed<k>/eval/")
     return
-  plan += [(r[0], r[1], r[2], seeds[0]) for r in FINETUNE] if finetune else []
+  plan += [(r[0], r[1], r[2], seed) for seed in seeds for r in FINETUNE] if finetune else []
   order = {(p[0], p[3]): i for i, p in enumerate(plan)}
   rows.sort(key=lambda r: (order[(r["row"], r["seed"])], r["cfg"]))
   summary = write_results(args, rows)
