@@ -199,6 +199,17 @@ def sample_images(
   """``num`` class-cycled samples ``[N, ...]`` in the data space and their labels ``[N]``."""
   sample_fn = make_sample_fn(run.ema_graphdef(), run.exp, sampler_cfg)
   labels = class_cycle_labels(num, run.config.data.num_classes)
+  ways = run.mesh.shape["data"] * run.mesh.shape["fsdp"]
+  if batch_size % ways and jax.process_index() == 0:
+    # The batch sharding rule leaves an indivisible batch unsplit (see docs/compile_check.md).
+    logging.warning(
+      "%s: the batch of %d does not divide over the %d batch devices, so every device samples "
+      "all of it; a multiple of %d splits it",
+      what,
+      batch_size,
+      ways,
+      ways,
+    )
   progress = Progress(num, what, enabled=jax.process_index() == 0)
   with jax.set_mesh(run.mesh):
     images = generate(sample_fn, ema_state, jax.random.key(seed), labels, batch_size, progress)

@@ -72,3 +72,23 @@ def test_kept_samples_round_trip_and_bad_files_name_the_setting(tmp_path):
   np.savez(tmp_path / "other.npz", images=pictures)
   with pytest.raises(ValueError, match="lacks"):
     evaluate.load_samples(tmp_path / "other.npz")
+
+
+def test_a_batch_that_cannot_be_split_is_warned_about(caplog):
+  """On 8 devices a sampling batch of 6 runs unsplit on every device; the user is told so, and a
+  batch of 8 (split 1 per device) is not flagged. Both give every requested sample."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  from dfm_jax import run as run_lib, sampling  # pylint: disable=g-import-not-at-top
+  from tests.train_utils import tiny_config  # pylint: disable=g-import-not-at-top
+
+  assert jax.device_count() == 8
+  run = run_lib.setup(tiny_config(), None, check_data=False)
+  ema = run.exp.method.sampling_state(run_lib.init_state(run))
+  for batch in (6, 8):
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+      images, labels = sampling.sample_images(run, ema, num=8, batch_size=batch, seed=0)
+    assert images.shape[0] == labels.shape[0] == 8
+    flagged = [r for r in caplog.records if "does not divide over the 8 batch devices" in r.message]
+    assert len(flagged) == (1 if batch == 6 else 0)
