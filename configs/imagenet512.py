@@ -20,6 +20,11 @@ Train on a TPU v4-32 pod slice (every host reads the shards from gs://):
   python -m dfm_jax.main --config=configs/imagenet512.py --workdir=gs://BUCKET/dfm512 \
       --config.data.path=gs://BUCKET/in512_latents --config.distributed.initialize=True
 
+On a v5e-256 slice (16 GiB chips) the data-parallel state does not fit; a 128-way FSDP axis
+does, and 256 samples per sampling batch split over the chips (docs/compile_check.md):
+
+  ... --config.mesh.shape="(2,128,1)" --config.sampler.batch_size=256
+
 Flow-matching twin (DiT-XL/2 on the 64x64 latents, same compute):
 
   python -m dfm_jax.main --config=configs/imagenet512.py:fm --workdir=gs://BUCKET/fm512
