@@ -416,7 +416,9 @@ def check(
       )
       results.append(sres)
       log(format_result(sres, topology))
-      ways = run.mesh.shape["data"] * run.mesh.shape["fsdp"]
+      from dfm_jax import sharding  # pylint: disable=g-import-not-at-top
+
+      ways = sharding.batch_devices(run.mesh)
       if b % ways:
         # The batch sharding rule then leaves the batch unsplit: every device samples all of it.
         log(

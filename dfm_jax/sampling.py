@@ -21,7 +21,7 @@ import numpy as np
 from etils import epath
 from flax import nnx
 
-from dfm_jax import checkpoint, reporting
+from dfm_jax import checkpoint, reporting, sharding
 from dfm_jax.experiment import Experiment
 from dfm_jax.progress import Progress
 from dfm_jax.run import Run, setup
@@ -199,7 +199,7 @@ def sample_images(
   """``num`` class-cycled samples ``[N, ...]`` in the data space and their labels ``[N]``."""
   sample_fn = make_sample_fn(run.ema_graphdef(), run.exp, sampler_cfg)
   labels = class_cycle_labels(num, run.config.data.num_classes)
-  ways = run.mesh.shape["data"] * run.mesh.shape["fsdp"]
+  ways = sharding.batch_devices(run.mesh)
   if batch_size % ways and jax.process_index() == 0:
     # The batch sharding rule leaves an indivisible batch unsplit (see docs/compile_check.md).
     logging.warning(

@@ -133,6 +133,11 @@ def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH_AXES))
 
 
+def batch_devices(mesh: jax.sharding.Mesh) -> int:
+  """How many ways the batch sharding splits a batch: the product of the BATCH_AXES sizes."""
+  return int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+
+
 def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
