@@ -3,7 +3,9 @@ flags or the config file reported as one ``error: ...`` line and exit code 2.
 
 ``ml_collections`` reports a config file it cannot open over several lines, and without
 ``--config.X`` overrides only on the first use of the config (deep inside the run); an unknown
-field comes back as the repr of a repr. Here each becomes one line, before anything runs.
+field comes back as the repr of a repr, and an exception raised by the file's ``get_config`` (an
+unknown ``:variant``, say) with its whole traceback. Here each becomes one line, before anything
+runs.
 """
 
 from __future__ import annotations
@@ -33,7 +35,9 @@ def parse_flags(
   except flags.Error as e:
     if debug_requested(argv):
       raise
-    message, hint = str(e), True
+    message = _get_config_error(str(e), _flag_value(argv, config_flag))
+    hint = message is None
+    message = message or str(e)
   except (KeyError, AttributeError) as e:  # ml_collections: unknown field, maybe with a hint
     if debug_requested(argv):
       raise
@@ -42,6 +46,10 @@ def parse_flags(
     if debug_requested(argv):
       raise
     message = _load_error(e)
+  except Exception as e:  # pylint: disable=broad-except  # raised by the config file's own code
+    if debug_requested(argv):
+      raise
+    message = f"config {_flag_value(argv, config_flag)}: {type(e).__name__}: {e}"
   print(f"error: {' '.join(message.split())}", file=sys.stderr)
   if hint:
     print("Pass --helpfull to see the flags.", file=sys.stderr)
@@ -56,6 +64,29 @@ def _raise_deferred_load_error(flag_values: flags.FlagValues, name: str) -> None
   error = getattr(flag_values[name].value, "__dict__", {}).get("_error")
   if isinstance(error, BaseException):
     raise error
+
+
+_TRACEBACK = "Traceback (most recent call last):"
+
+
+def _flag_value(argv: list[str], name: str) -> str:
+  """The last value of ``--name=V`` or ``--name V`` in ``argv``."""
+  values = [a.split("=", 1)[1] for a in argv if a.startswith(f"--{name}=")]
+  values += [v for a, v in zip(argv, argv[1:]) if a == f"--{name}"]
+  return values[-1] if values else "?"
+
+
+def _get_config_error(message: str, spec: str) -> str | None:
+  """``config PATH[:ARG]: what get_config raised`` from ml_collections' "flag --config=PATH:
+  Error whilst parsing config file: Traceback ... ValueError: ..."; None for other flag errors."""
+  _, found, traceback = message.partition(_TRACEBACK)
+  if not found:
+    return None
+  lines = [line.strip() for line in traceback.splitlines() if line.strip()]
+  last = lines[-1] if lines else "the config file raised an error"
+  if last.startswith("ValueError: "):  # the config's own check: its message says it all
+    last = last[len("ValueError: ") :]
+  return f"config {spec}: {last}"
 
 
 def _load_error(e: BaseException) -> str:

@@ -262,19 +262,29 @@ def test_bad_config_value_is_one_line_and_writes_nothing(tmp_path, case, overrid
   assert os.listdir(tmp_path) == []
 
 
+VARIANT_CONFIG = """from dfm_jax.config_defaults import parse_variants
+
+
+def get_config(arg="dfm"):
+  return parse_variants(arg, ("fm",))
+"""
+
+
 @pytest.mark.parametrize(
-  "case, text",
+  "case, text, variant",
   [
-    ("missing-config", None),
-    ("config-syntax-error", "def get_config(:\n  return None\n"),
+    ("missing-config", None, ""),
+    ("config-syntax-error", "def get_config(:\n  return None\n", ""),
+    ("config-raises", "def get_config():\n  return undefined_name\n", ""),
+    ("unknown-variant", VARIANT_CONFIG, ":bogus"),
   ],
 )
-def test_bad_config_file_is_one_line_and_writes_nothing(tmp_path, case, text):
+def test_bad_config_file_is_one_line_and_writes_nothing(tmp_path, case, text, variant):
   path = tmp_path / "config.py"
   if text is not None:
     path.write_text(text)
   workdir = str(tmp_path / "run")
-  cmd = [sys.executable, "-m", "dfm_jax.main", f"--config={path}", f"--workdir={workdir}"]
+  cmd = [sys.executable, "-m", "dfm_jax.main", f"--config={path}{variant}", f"--workdir={workdir}"]
   proc = _run(cmd)
   check_row(case, cmd, proc.returncode, _error_line(proc.stderr), path=path, file=path.name)
   assert not os.path.exists(workdir)
