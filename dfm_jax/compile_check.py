@@ -592,10 +592,15 @@ def main(argv) -> int:
 
 
 def run():
-  from absl import app  # pylint: disable=g-import-not-at-top
+  from absl import app, flags  # pylint: disable=g-import-not-at-top
+
+  from dfm_jax import cli_errors  # pylint: disable=g-import-not-at-top
 
   _define_flags()
-  app.run(lambda argv: sys.exit(main(argv)))
+  app.run(
+    lambda argv: sys.exit(main(argv)),
+    flags_parser=lambda argv: cli_errors.parse_flags(flags.FLAGS, argv),  # one line, exit 2
+  )
 
 
 if __name__ == "__main__":

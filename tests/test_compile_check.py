@@ -99,23 +99,35 @@ def test_mesh_splits_torus_axes_where_no_whole_axis_fits():
   assert sorted(d.id for d in mesh.devices.flat) == sorted(d.id for d in devices)
 
 
-def test_cli_unknown_topology_exits_without_traceback():
-  proc = subprocess.run(
-    [
-      sys.executable,
-      "-m",
-      "dfm_jax.compile_check",
-      "--config=configs/default.py",
-      "--topology=v9-8",
-    ],
+def _compile_check_cli(*args: str) -> subprocess.CompletedProcess:
+  return subprocess.run(
+    [sys.executable, "-m", "dfm_jax.compile_check", *args],
     cwd=REPO,
     capture_output=True,
     text=True,
     timeout=300,
     env=dict(os.environ, JAX_PLATFORMS="cpu"),
   )
+
+
+def test_cli_unknown_topology_exits_without_traceback():
+  proc = _compile_check_cli("--config=configs/default.py", "--topology=v9-8")
   assert proc.returncode == 2
   assert "compile_check: unknown TPU topology 'v9-8'" in proc.stderr
+  assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+  "config, message",
+  [
+    ("configs/nope.py", "error: cannot load the config file: [Errno 2] No such file"),
+    ("configs/default.py:bogus", "error: config configs/default.py:bogus: unknown config variant"),
+  ],
+)
+def test_cli_bad_config_is_one_line(config, message):
+  proc = _compile_check_cli(f"--config={config}", "--topology=v4-8")
+  assert proc.returncode == 2
+  assert proc.stderr.strip().splitlines()[-1].startswith(message), proc.stderr[-2000:]
   assert "Traceback" not in proc.stderr
 
 
