@@ -100,12 +100,14 @@ def from_config(
   def attempt(fn):
     try:
       return fn()
-    except (ValueError, KeyError, FileNotFoundError) as e:
-      problems.append(str(e).strip("'\""))
+    except KeyError as e:  # str() of a KeyError is the repr of its message
+      problems.append(str(e.args[0]) if e.args else repr(e))
+      return None
+    except (ValueError, FileNotFoundError) as e:
+      problems.append(str(e))
       return None
 
-  if check_data:
-    attempt(lambda: data_lib.validate_data_config(config.data))
+  data_ok = not check_data or attempt(lambda: data_lib.validate_data_config(config.data) or True)
   method_name = config.get("method", "dfm")
   method_cls = attempt(lambda: methods.METHODS.get(method_name))
   if method_cls is not None:
@@ -186,7 +188,8 @@ def from_config(
   if not 0.0 <= config.optim.ema_decay < 1.0:
     problems.append(f"optim.ema_decay must be in [0, 1), got {config.optim.ema_decay}")
 
-  shape = attempt(lambda: _sample_shape(config, check_data))
+  # the stored latents' shape is read only from a data block that passed its checks
+  shape = attempt(lambda: _sample_shape(config, check_data and bool(data_ok)))
   model_cfg = None
   if decomposition is not None and shape is not None:
     full = (1,) + tuple(shape)

@@ -124,3 +124,25 @@ def test_kinetics700_trains_on_what_its_encode_block_makes(arg):
   assert kl.PRESETS[c.autoencoder.kind].latent_channels == c.data.channels
   exp = experiment.from_config(c, num_devices=1, check_data=False)
   assert exp.sample_shape == (c.data.frames, 64, 64, 16)
+
+
+def test_latents_without_a_path_are_one_problem_named_whole(tmp_path):
+  """A data block that fails its own checks is not read again for the latents' shape, and a
+  problem that quotes a path keeps its quotes."""
+  c = load("default.py", "dfm")
+  c.data.source = "latents"
+  c.data.path = ""
+  with pytest.raises(ValueError) as e:
+    experiment.from_config(c, num_devices=1)
+  assert str(e.value) == "invalid configuration:\n  - data.path: is empty; it must name a file"
+  c.data.path = str(tmp_path)
+  with pytest.raises(ValueError) as e:
+    experiment.from_config(c, num_devices=1)
+  assert str(e.value).splitlines()[1] == (
+    f"  - data.path: {str(tmp_path)!r} is neither an .npz file nor a latent shard folder "
+    "(no metadata.json; an unfinished encoding writes it last)"
+  )
+  c = load("default.py", "dfm")
+  c.sampler.solver = "rk9"
+  with pytest.raises(ValueError, match=r"got 'rk9'$"):
+    experiment.from_config(c, num_devices=1, check_data=False)

@@ -123,7 +123,7 @@ def test_frames_mismatch_is_one_clear_error(encoded, frames, message):
 
 def test_image_latents_refuse_a_video_config_and_npz_clips_load(tmp_path):
   images = str(tmp_path / "images.npz")
-  np.savez(images, latents=np.zeros((3, 4, 4, 4), np.float32), labels=np.zeros(3))
+  np.savez(images, latents=np.zeros((3, 4, 4, 4), np.float32), labels=np.zeros(3, np.int32))
   c = config_defaults.base_config()
   c.data = latent_config(images)
   with pytest.raises(ValueError, match=r"data\.path: latents in .*images\.npz.* are images .*"):
