@@ -64,6 +64,33 @@ def _sample_shape(config, check_data: bool) -> tuple[int, ...]:
   return shape
 
 
+# Counts that must be positive; checked here so that --mode=sample and --mode=eval refuse a bad one
+# before restoring a checkpoint.
+POSITIVE_COUNTS = (
+  "total_steps",
+  "batch_size",
+  "log_every",
+  "checkpoint_every",
+  "sample_every",
+  "sampler.num_samples",
+  "sampler.batch_size",
+  "eval.num_samples",
+  "eval.batch_size",
+  "eval.num_real",
+  "eval.train_num_samples",
+  "autoencoder.batch_size",
+)
+
+
+def _field(config, dotted: str):
+  """``config.a.b`` for ``"a.b"``; None where a config lacks the block or field."""
+  for key in dotted.split("."):
+    if key not in config:
+      return None
+    config = config[key]
+  return config
+
+
 def mesh_shape(config, num_devices: int) -> tuple[int, int, int]:
   """The (data, fsdp, tensor) mesh shape with a single -1 filled from the device count."""
   shape = [int(v) for v in config.mesh.shape]
@@ -113,9 +140,10 @@ def from_config(
   if method_cls is not None:
     problems.extend(method_cls.check_config(config))
   problems.extend(_nonfinite_numbers(config))
-  for name in ("total_steps", "batch_size", "log_every", "checkpoint_every", "sample_every"):
-    if int(config[name]) <= 0:
-      problems.append(f"{name} must be > 0, got {config[name]}")
+  for name in POSITIVE_COUNTS:
+    value = _field(config, name)
+    if value is not None and int(value) <= 0:
+      problems.append(f"{name} must be > 0, got {value}")
   mesh = attempt(lambda: mesh_shape(config, num_devices))
   accum = config.optim.get("grad_accum_steps", 1)
   if not isinstance(accum, int) or accum < 1:

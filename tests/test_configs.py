@@ -146,3 +146,17 @@ def test_latents_without_a_path_are_one_problem_named_whole(tmp_path):
   c.sampler.solver = "rk9"
   with pytest.raises(ValueError, match=r"got 'rk9'$"):
     experiment.from_config(c, num_devices=1, check_data=False)
+
+
+def test_sample_and_eval_counts_must_be_positive():
+  """Refused with the config, before --mode=sample or eval restores a checkpoint (a zero used
+  to surface after it, as numpy's "need at least one array to concatenate")."""
+  c = load("default.py", "dfm")
+  c.sampler.num_samples = 0
+  c.eval.batch_size = -2
+  with pytest.raises(ValueError) as e:
+    experiment.from_config(c, num_devices=1, check_data=False)
+  assert str(e.value).splitlines()[1:] == [
+    "  - sampler.num_samples must be > 0, got 0",
+    "  - eval.batch_size must be > 0, got -2",
+  ]
