@@ -163,6 +163,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> nnx.
   a non-finite step and ``checkpoint.CheckpointSaveError`` when a save fails.
   """
   run = setup(config, workdir, devices)
+  if config.eval.every:  # the evaluations during training: refuse a bad setting now, not then
+    from dfm_jax.evaluation import evaluate  # pylint: disable=g-import-not-at-top
+
+    evaluate.check_eval_config(config)
   lock = _acquire_lock(workdir)
   try:
     return _train_locked(run)

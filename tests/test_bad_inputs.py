@@ -265,3 +265,39 @@ def test_one_size_under_pad_is_quiet(tmp_path, caplog):
   assert all(im.shape == (32, 32, 3) for im in images)
   assert not caplog.records
   transforms.PAD_SIZES.reset()
+
+
+@pytest.mark.parametrize(
+  "change, message",
+  [
+    (
+      lambda c: c.eval.reference.update(dict(source="bogus")),
+      "eval.reference.source: unknown data source 'bogus'",
+    ),
+    (lambda c: c.eval.update(dict(real_split="test")), "split 'test' requested"),
+    (
+      lambda c: c.eval.update(dict(num_real=9000)),
+      "eval.num_real=9000 but the reference set (mnist5k, split 'train') holds 5000 pictures",
+    ),
+  ],
+)
+def test_eval_settings_are_refused_before_sampling(tmp_path, change, message):
+  """--mode=eval (and training with eval.every) checks the reference set before it samples:
+  the workdir has no checkpoint, so reaching the restore would raise something else."""
+  from dfm_jax import train  # pylint: disable=g-import-not-at-top
+  from dfm_jax.evaluation import evaluate  # pylint: disable=g-import-not-at-top
+  from tests.test_configs import load  # pylint: disable=g-import-not-at-top
+
+  config = load("default.py", "dfm")
+  evaluate.check_eval_config(config)  # the shipped settings pass
+  change(config)
+  with pytest.raises(ValueError, match="invalid configuration") as e:
+    evaluate.eval_mode(config, str(tmp_path))
+  assert message in str(e.value)
+  config.eval.every = 1
+  config.total_steps = 2
+  workdir = tmp_path / "run"
+  with pytest.raises(ValueError, match="invalid configuration") as e:
+    train.train(config, str(workdir))
+  assert message in str(e.value)
+  assert not workdir.exists()

@@ -34,17 +34,56 @@ def reference_key(config) -> str:
   )
 
 
-def load_reference(config) -> np.ndarray:
-  """``eval.num_real`` uint8 reference pictures ``[M, H, W, C]`` (deterministic choice)."""
+def _reference_block(config):
+  """The reference data block, validated; a problem is named by the config block it is in."""
   data = scores.reference_data(config)
+  where = "data" if data is config.data else "eval.reference"
+  try:
+    data_lib.validate_data_config(data)
+  except ValueError as err:
+    text = str(err)
+    raise ValueError(f"{where}.{text.removeprefix('data.')}" if text.startswith("data.") else text)
   if not data_lib.source_class(data).pixels:
     raise ValueError(
       "eval needs pixel reference images: set eval.reference to a pixel data "
       "block (e.g. --config.eval.reference.source=folder "
       "--config.eval.reference.path=DIR) for a latent run"
     )
+  return data
+
+
+def check_reference(config) -> None:
+  """Opens the reference set (decoding no picture) so that a bad reference block,
+  ``eval.real_split`` or ``eval.num_real`` stops ``--mode=eval`` before it samples; ValueError."""
+  data = _reference_block(config)
+  count = len(data_lib.open_source(data, config.eval.real_split))
+  if int(config.eval.num_real) > count:
+    raise ValueError(
+      f"eval.num_real={config.eval.num_real} but the reference set ({data.source}, split "
+      f"{config.eval.real_split!r}) holds {count} pictures"
+    )
+
+
+def check_eval_config(config) -> None:
+  """One ValueError naming every problem with ``eval.metrics``, their settings and the
+  reference set they compare with; run before any sampling."""
+  problems = scores.check_metrics_config(config)
+  needs_reference = not problems and any(  # every metric but IS compares with real pictures
+    not isinstance(m, scores.InceptionScore) for m in scores.active_metrics(config)
+  )
+  if needs_reference:
+    try:
+      check_reference(config)
+    except ValueError as err:
+      problems.append(str(err))
+  if problems:
+    raise ValueError("invalid configuration:\n  - " + "\n  - ".join(problems))
+
+
+def load_reference(config) -> np.ndarray:
+  """``eval.num_real`` uint8 reference pictures ``[M, H, W, C]`` (deterministic choice)."""
   images, _ = data_lib.load_images(
-    data, int(config.eval.num_real), split=config.eval.real_split, seed=1
+    _reference_block(config), int(config.eval.num_real), split=config.eval.real_split, seed=1
   )
   return images
 
@@ -93,9 +132,7 @@ def eval_tag(step: int, s) -> str:
 def eval_mode(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Samples ``config.eval.num_samples`` items (or reads ``eval.samples_from``) and scores them;
   returns the metrics dict and writes it to ``workdir/eval/<tag>.json``."""
-  problems = scores.check_metrics_config(config)
-  if problems:
-    raise ValueError("invalid configuration:\n  - " + "\n  - ".join(problems))
+  check_eval_config(config)
   if config.eval.get("samples_from"):
     saved = load_samples(config.eval.samples_from)
     pictures, labels, step = saved["pictures"], saved["labels"], saved["step"]
