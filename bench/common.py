@@ -53,6 +53,34 @@ def machine_summary() -> str:
   )
 
 
+def provenance(argv: Sequence[str]) -> dict[str, Any]:
+  """What a results file records about how it was made: the command, the time, the host and
+  accelerator, the git commit and the library versions."""
+  import importlib.metadata  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+
+  versions = {}
+  for name in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "numpy"):
+    try:
+      versions[name] = importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+      pass
+  try:
+    commit = subprocess.run(
+      ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.strip()
+  except (OSError, subprocess.CalledProcessError):
+    commit = ""
+  return {
+    "command": " ".join(["python"] + [str(a) for a in argv]),
+    "date": time.strftime("%Y-%m-%d", time.gmtime()),
+    "host": machine_summary(),
+    "accelerator": jax.devices()[0].device_kind,
+    "commit": commit,
+    "versions": versions,
+  }
+
+
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
   """A plain-text table with right-aligned columns (also valid Markdown)."""
   cells = [[str(h) for h in headers]] + [[_cell(v) for v in row] for row in rows]

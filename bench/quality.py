@@ -75,6 +75,21 @@ ROWS = [
     1.0,
   ),
   ("dfm_pq0.9_w2", "dfm", {"flow.stage_probs": (0.9, 0.1), "flow.stage_weights": (1.0, 2.0)}, 1.0),
+  # Issue: what hides DFM's advantage (docs/benchmarks.md section 5, "Hypotheses").
+  (
+    "dfm_pq0.7_std",
+    "dfm",
+    {"flow.stage_probs": (0.7, 0.3), "decomposition.standardize": True},
+    1.0,
+  ),
+  ("fm_std", "fm", {"decomposition.standardize": True}, 1.0),
+  (
+    "dfm_pq0.7_vel",
+    "dfm",
+    {"flow.stage_probs": (0.7, 0.3), "model.loss_weighting": "velocity"},
+    1.0,
+  ),
+  ("fm_vel", "fm", {"model.loss_weighting": "velocity"}, 1.0),
 ]
 HEADLINE = ("dfm_pq0.9", "fm")
 # p_q 0.7: the configs' value; the p_q schedule and the fine-stage weight: the item-5 search

@@ -90,6 +90,10 @@ def base_config() -> ml_collections.ConfigDict:
   # std, estimated at the start of training from decomposition.stats_batches batches and saved
   # with the checkpoint; the loss becomes the unit-variance regression of the network.
   c.model.precondition = True
+  # The loss under preconditioning: "edm" (each stage's velocity error weighted by
+  # 1 / c_out(t)^2, the unit-variance regression of the network) or "velocity" (unweighted,
+  # the paper's velocity MSE). See docs/benchmarks.md section 5 for what each measured.
+  c.model.loss_weighting = "edm"
 
   c.flow = ml_collections.ConfigDict()
   c.flow.stage_probs = (0.9, 0.1)  # p_q

@@ -55,6 +55,8 @@ REMAT_POLICIES = (
   "dots_with_no_batch_dims_saveable",
   "save_attention_out",
 )
+# The loss under preconditioning (DiTConfig.loss_weighting).
+LOSS_WEIGHTINGS = ("edm", "velocity")
 # Logical names of the token activations [B, N, D] inside the blocks (see mesh.axis_rules).
 ACTIVATION_AXES = ("batch", "tokens", "embed_act")
 
@@ -108,6 +110,10 @@ class DiTConfig:
   # Per-stage EDM-style input/output scaling from the stored data statistics (see
   # dfm_jax.precondition); the run configs turn it on (model.precondition).
   precondition: bool = False
+  # The loss under preconditioning: "edm" weights each stage's data-space velocity error by
+  # 1 / c_out(t)^2 (the unit-variance regression of the network, EDM's weighting); "velocity"
+  # leaves it unweighted (the paper's velocity MSE, equal to training without preconditioning).
+  loss_weighting: str = "edm"
   # An extra patchify layer and time embedder for a conditioning image [*stage_shapes[-1]]
   # whose tokens are concatenated with the stage tokens (the cascade baseline).
   cond_image: bool = False
@@ -121,6 +127,10 @@ class DiTConfig:
       for name, axis in self.activation_rules
     )
     object.__setattr__(self, "activation_rules", rules)
+    if self.loss_weighting not in LOSS_WEIGHTINGS:
+      raise ValueError(
+        f"loss_weighting must be one of {', '.join(LOSS_WEIGHTINGS)}, got {self.loss_weighting!r}"
+      )
     if self.remat_policy not in REMAT_POLICIES:
       raise ValueError(
         f"remat_policy must be one of {', '.join(REMAT_POLICIES)}, got {self.remat_policy!r}"
@@ -465,9 +475,10 @@ class DFMDiT(nnx.Module):
     self.data_std[...] = jnp.asarray(std)
 
   def loss_weights(self, t: jax.Array) -> jax.Array:
-    """Per-sample, per-stage loss weights ``[B, S]`` for ``t [B, S]``: ``1 / c_out(t)^2`` with
-    preconditioning (the unit-variance regression of the network), else ones."""
-    if not self.cfg.precondition:
+    """Per-sample, per-stage loss weights ``[B, S]`` for ``t [B, S]`` (t = 0 noise, t = 1 data):
+    ``1 / c_out(t)^2`` with preconditioning and ``loss_weighting="edm"`` (the unit-variance
+    regression of the network), else ones (the data-space velocity MSE)."""
+    if not self.cfg.precondition or self.cfg.loss_weighting == "velocity":
       return jnp.ones(t.shape, jnp.float32)
     return precondition.loss_weights(t, self.data_std[...])
 

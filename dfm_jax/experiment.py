@@ -241,6 +241,7 @@ def from_config(
         activation_rules=tuple(config.mesh.axis_rules),
         scan_unroll=config.model.scan_unroll,
         precondition=bool(config.model.get("precondition", False)),
+        loss_weighting=config.model.loss_weighting,
         **method_cls.model_options(config),
       )
       if config.model.size == "custom":
