@@ -92,7 +92,7 @@ ROWS = [
   ("fm_vel", "fm", {"model.loss_weighting": "velocity"}, 1.0),
 ]
 HEADLINE = ("dfm_pq0.9", "fm")
-# p_q 0.7: the configs' value; the p_q schedule and the fine-stage weight: the item-5 search
+# p_q 0.7: the configs' value; the p_q schedule and the fine-stage weight: rows that feed the starved fine stage
 ALL_SEEDS = HEADLINE + ("dfm_pq0.7", "pyramidal", "cascade", "dfm_pq0.9to0.5", "dfm_pq0.9_w2")
 # Fine-tuning: an FM model trained for FT_BASE of --steps, then the rest spent on plain FM
 # fine-tuning or on DFM fine-tuning (the coarse stage at the pretrained patch size, upsampled x2
@@ -343,9 +343,11 @@ def write_results(args, rows: list[dict]) -> list[dict]:
   with open(os.path.join(args.workdir, "results.json"), "w") as f:
     json.dump(
       {
+        "provenance": common.provenance(sys.argv),
         "config": args.config,
         "steps": args.steps,
         "eval_samples": args.eval_samples,
+        "overrides": dict(kv.split("=", 1) for kv in args.set),
         "runs": rows,
         "summary": summary,
       },

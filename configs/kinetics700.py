@@ -1,7 +1,7 @@
 """Kinetics-700 512 px video, the paper's video setting as far as it is stated: DiT-XL/2 on
 autoencoder latents, 2 stages, class-conditional (700 classes), FVD/frame-FID evaluation.
 
-Stated by the paper (method notes sections 2, 4, 6, 8): 512 px clips through the CogVideoX video
+Stated by the paper (arXiv 2506.19839): 512 px clips through the CogVideoX video
 autoencoder (16 channels, 8x spatial downsampling: 64x64 latents), the Laplacian pyramid on the
 latents with a 32x32 and a 64x64 stage (patch 1 and 2: equal tokens), per-stage
 standardisation on (`decomposition.standardize=True`), 3D RoPE with frames patchified

@@ -197,7 +197,7 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def paper_imagenet_config() -> ml_collections.ConfigDict:
-  """The paper's ImageNet training setup (section 6 of the method notes) on latents."""
+  """The paper's ImageNet training setup (arXiv 2506.19839, its training details) on latents."""
   c = base_config()
   c.batch_size = 256
   c.log_every = 100

@@ -76,6 +76,25 @@ def handover_thresholds(stds: Sequence[float], rho: float = DEFAULT_RHO) -> tupl
   return tuple(round(v, 4) for v in out)
 
 
+def time_of_gain(sigma: float, rho: float) -> float:
+  """The t at which a Gaussian band of std ``sigma`` has the posterior gain ``r(t) = rho``."""
+  k = np.sqrt(rho / (1.0 - rho))
+  return float(k / (sigma + k))
+
+
+def training_fraction_in_range(
+  sigma: float, loc: float = 0.0, scale: float = 1.0, lo: float = 0.1, hi: float = 0.9
+) -> float:
+  """The probability that ``t ~ logit-normal(loc, scale)`` (the main stage's training time)
+  puts a Gaussian band of std ``sigma`` where it is being resolved: ``lo <= r(t) <= hi``.
+  Multiply by the stage's p_q for its share of all training samples."""
+  from scipy import special  # pylint: disable=g-import-not-at-top
+
+  a, b = time_of_gain(sigma, lo), time_of_gain(sigma, hi)
+  za, zb = (special.logit(a) - loc) / scale, (special.logit(b) - loc) / scale
+  return float(special.ndtr(zb) - special.ndtr(za))
+
+
 def _splits(total: int, num_stages: int):
   """Every way of giving ``total`` steps to ``num_stages`` phases, at least one each."""
   for cuts in itertools.combinations(range(1, total), num_stages - 1):
