@@ -307,7 +307,9 @@ def compile_sampler(run, batch: int) -> jax.stages.Compiled:
     from dfm_jax.sampling import make_sample_fn  # pylint: disable=g-import-not-at-top
   except ImportError:  # before the sampling module replaced generate.py
     from dfm_jax.generate import make_sample_fn  # pylint: disable=g-import-not-at-top
-  fn = make_sample_fn(run.ema_graphdef(), run.exp)
+  # sampler.auto_schedule only moves steps between stages: the same scan, the same program.
+  cfg = dataclasses.replace(run.exp.sampler, auto_schedule=False)
+  fn = make_sample_fn(run.ema_graphdef(), run.exp, cfg)
   key = jax.eval_shape(lambda: jax.random.key(0))
   labels = jax.ShapeDtypeStruct((batch,), np.int32)
   with jax.set_mesh(run.mesh):

@@ -131,6 +131,9 @@ def base_config() -> ml_collections.ConfigDict:
   # One (lo, hi) pair in each stage's own t, or one pair per stage.
   c.sampler.guidance_interval = per_stage_field((0.0, 1.0))
   c.sampler.heun_final_euler = False  # heun: True makes the last step (to t = 1) Euler (EDM)
+  # True: keep sum(steps_per_stage) but choose its split and the thresholds from the model's
+  # per-stage data std (dfm_jax/stage_schedule.py; method dfm only).
+  c.sampler.auto_schedule = False
   c.sampler.num_samples = 64  # --mode=sample
   c.sampler.batch_size = 64
   c.sampler.checkpoint_step = -1  # -1: latest

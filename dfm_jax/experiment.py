@@ -207,8 +207,14 @@ def from_config(
       cfg_scale=config.sampler.cfg_scale,
       guidance_interval=config.sampler.guidance_interval,
       heun_final_euler=config.sampler.get("heun_final_euler", False),
+      auto_schedule=bool(config.sampler.auto_schedule),
     )
   )
+  if config.sampler.auto_schedule and config.method != "dfm":
+    problems.append(
+      f"sampler.auto_schedule chooses DFM's stage schedule; method {config.method!r} has its "
+      "own: set sampler.auto_schedule=False"
+    )
   if config.optim.warmup_steps < 0:
     problems.append(f"optim.warmup_steps must be >= 0, got {config.optim.warmup_steps}")
   if config.optim.schedule not in ("constant", "cosine"):

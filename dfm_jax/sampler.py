@@ -55,6 +55,10 @@ class SamplerConfig:
   cfg_scale: float | tuple[float, ...] = 1.0
   guidance_interval: Interval | tuple[Interval, ...] = (0.0, 1.0)  # in each stage's own t
   heun_final_euler: bool = False  # True: the last step (to t = 1) is Euler, as in EDM
+  # True: the split of sum(steps_per_stage) over the stages and the thresholds are chosen at
+  # sampling time from the model's per-stage data std (dfm_jax.stage_schedule.auto_schedule);
+  # resolve with :meth:`with_stage_stds`.
+  auto_schedule: bool = False
 
   def __post_init__(self):
     object.__setattr__(self, "steps_per_stage", tuple(int(n) for n in self.steps_per_stage))
@@ -70,6 +74,25 @@ class SamplerConfig:
   @property
   def num_stages(self) -> int:
     return len(self.steps_per_stage)
+
+  def with_stage_stds(self, stds) -> "SamplerConfig":
+    """This config with ``auto_schedule`` resolved for bands of std ``stds`` ``[S]`` (as the
+    model sees them): the same total steps, split and thresholded by
+    ``stage_schedule.auto_schedule``; unchanged without ``auto_schedule``."""
+    if not self.auto_schedule:
+      return self
+    from dfm_jax import stage_schedule  # pylint: disable=g-import-not-at-top
+
+    steps, thresholds = stage_schedule.auto_schedule(stds, self.num_steps)
+    scales, intervals = self.cfg_scale, self.guidance_interval
+    return dataclasses.replace(
+      self,
+      steps_per_stage=steps,
+      thresholds=thresholds,
+      cfg_scale=scales,
+      guidance_interval=intervals,
+      auto_schedule=False,
+    )
 
   @property
   def num_steps(self) -> int:

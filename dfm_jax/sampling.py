@@ -46,14 +46,39 @@ def make_sample_fn(
   cfg = sampler_cfg or exp.sampler
   method = exp.method
 
-  @jax.jit
-  def sample_fn(model_state, key, labels):
-    model = jax.tree.map(
-      lambda s: nnx.merge(graphdef, s), model_state, is_leaf=lambda x: isinstance(x, nnx.State)
-    )
-    return method.sample(model, key, labels, cfg, previews=previews)
+  def build(cfg):
+    @jax.jit
+    def sample_fn(model_state, key, labels):
+      model = jax.tree.map(
+        lambda s: nnx.merge(graphdef, s), model_state, is_leaf=lambda x: isinstance(x, nnx.State)
+      )
+      return method.sample(model, key, labels, cfg, previews=previews)
 
-  return sample_fn
+    return sample_fn
+
+  if not cfg.auto_schedule:
+    return build(cfg)
+  compiled = {}
+
+  def auto_sample_fn(model_state, key, labels):
+    # The schedule follows the weights' stored statistics (concrete here, outside the jit).
+    resolved = cfg.with_stage_stds(model_stage_stds(model_state))
+    if resolved not in compiled:
+      logging.info(
+        "sampler.auto_schedule: steps per stage %s, thresholds %s",
+        resolved.steps_per_stage,
+        resolved.thresholds,
+      )
+      compiled[resolved] = build(resolved)
+    return compiled[resolved](model_state, key, labels)
+
+  return auto_sample_fn
+
+
+def model_stage_stds(model_state) -> np.ndarray:
+  """``[S]``: the per-stage data std a DFM model's state stores (replicated on every device)."""
+  std = model_state["data_std"][...]
+  return np.asarray(std.addressable_data(0) if isinstance(std, jax.Array) else std, np.float64)
 
 
 def class_cycle_labels(num: int, num_classes: int) -> np.ndarray:

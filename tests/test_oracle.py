@@ -99,3 +99,33 @@ def test_auto_schedule():
   assert stage_schedule.handover_thresholds((1.0, 1.0, 1.0)) == (0.75, 0.76)
   with pytest.raises(ValueError, match="positive"):
     stage_schedule.auto_schedule((0.5, 0.0), 40)
+
+
+def test_auto_schedule_in_the_sampler_follows_the_models_stored_stds():
+  from flax import nnx
+
+  from dfm_jax import experiment, precondition, sampling
+  from dfm_jax.config_defaults import base_config
+  from dfm_jax.train_state import create_train_state
+
+  c = base_config()
+  c.data.resolution, c.data.channels, c.data.num_classes = 8, 1, 2
+  c.model.hidden_size, c.model.depth, c.model.num_heads, c.model.patch_size = 32, 1, 2, 1
+  c.sampler.steps_per_stage, c.sampler.thresholds = (6, 4), (0.7,)
+  c.sampler.auto_schedule = True
+  exp = experiment.from_config(c, check_data=False)
+  state = create_train_state(exp, c.optim, 10, seed=0)
+  stats = decompose.StageStats((0.0, 0.0), (0.6, 0.1))
+  precondition.set_stats(state, stats)
+  graphdef, ema = nnx.split(state.ema)
+  labels = jnp.asarray([0, 1])
+  auto = sampling.make_sample_fn(graphdef, exp)(ema, jax.random.key(0), labels)
+  steps, th = stage_schedule.auto_schedule(stats.std, 10)
+  assert (steps, th) != ((6, 4), (0.7,))
+  explicit = sampler_lib.SamplerConfig(steps, th)
+  want = sampling.make_sample_fn(graphdef, exp, explicit)(ema, jax.random.key(0), labels)
+  np.testing.assert_array_equal(np.asarray(auto["images"]), np.asarray(want["images"]))
+  assert int(auto["nfe"]) == 10
+  c.method = "pyramidal"
+  with pytest.raises(ValueError, match="auto_schedule"):
+    experiment.from_config(c, check_data=False)
