@@ -36,6 +36,8 @@ import common  # bench/ helpers; also puts the repository on the import path
 from dfm_jax import data as data_lib  # noqa: E402
 from dfm_jax import decompose, experiment, oracle, sampler as sampler_lib  # noqa: E402
 from dfm_jax import stage_schedule  # noqa: E402
+from dfm_jax.evaluation import classifier as classifier_lib  # noqa: E402
+from dfm_jax.evaluation import fid_features  # noqa: E402
 
 
 def parse_schedule(text: str) -> tuple[tuple[int, ...], tuple[float, ...]]:
@@ -54,6 +56,23 @@ def schedule_label(steps, thresholds) -> str:
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
   return np.clip(np.round((images + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def table(results: list[dict]) -> str:
+  """The results as a Markdown table (what docs/benchmarks.md quotes)."""
+  has_fd = any("classifier_fd" in r for r in results)
+  has_fid = any("fid" in r for r in results)
+  headers = ["row", "schedule", "variance kept per band", "nearest RMS"]
+  headers += ["classifier FD"] if has_fd else []
+  headers += ["FID"] if has_fid else []
+  lines = []
+  for r in results:
+    line = [r["row"], r["schedule"], " / ".join(f"{v:.3f}" for v in r["variance_kept"])]
+    line.append(f"{r['nearest_rms']:.4f}")
+    line += [f"{r['classifier_fd']:.2f}"] if has_fd else []
+    line += [f"{r['fid']:.2f}"] if has_fid else []
+    lines.append(line)
+  return common.format_table(headers, lines)
 
 
 def main():
@@ -113,13 +132,29 @@ def main():
 
   clf = None
   if base.eval.get("classifier", ""):
-    from dfm_jax.evaluation import classifier as classifier_lib  # pylint: disable=g-import-not-at-top
-
     n = data_lib.dataset_size(base.data)
     train_u8, train_labels = data_lib.load_images(base.data, n, seed=0)
     clf = classifier_lib.get_classifier(base.eval.classifier, train_u8, train_labels)
 
   results = []
+  if clf is not None or args.fid:
+    # The floor: what the exact ODE gives, a uniform draw of data points of each sample's class.
+    pick = np.random.default_rng(args.seed)
+    draw = np.asarray(
+      [pick.choice(np.flatnonzero(real_labels == c)) for c in labels]
+      if labels is not None
+      else pick.integers(0, len(real), args.samples)
+    )
+    floor = {"row": "exact (data points drawn)", "schedule": "-", "standardized": False}
+    floor["variance_kept"] = oracle.band_variance_kept(raw_dec, real[draw], real)
+    floor["nearest_rms"] = 0.0
+    if clf is not None:
+      floor["classifier_fd"] = classifier_lib.classifier_frechet_distance(
+        clf, real_u8[draw], real_u8
+      )
+    if args.fid:
+      floor["fid"] = fid_features.compute_metrics(real_u8[draw], real_u8)["fid"]
+    results.append(floor)
   for name, dec, steps, thresholds in rows:
     start = time.time()
     cfg = sampler_lib.SamplerConfig(
@@ -146,29 +181,15 @@ def main():
       "nearest_rms": float(np.mean(oracle.nearest_distance(out.images, real))),
     }
     if clf is not None:
-      from dfm_jax.evaluation import classifier as classifier_lib  # pylint: disable=g-import-not-at-top
-
       row["classifier_fd"] = classifier_lib.classifier_frechet_distance(clf, fake_u8, real_u8)
       row["classifier_accuracy"] = clf.accuracy(fake_u8, labels) if labels is not None else None
     if args.fid:
-      from dfm_jax.evaluation import fid_features  # pylint: disable=g-import-not-at-top
-
       row["fid"] = fid_features.compute_metrics(fake_u8, real_u8)["fid"]
     row["seconds"] = round(time.time() - start, 1)
     results.append(row)
     print(json.dumps(row), file=sys.stderr, flush=True)
 
-  headers = ["row", "schedule", "variance kept per band", "nearest RMS"]
-  headers += ["classifier FD"] if clf is not None else []
-  headers += ["FID"] if args.fid else []
-  table = []
-  for r in results:
-    line = [r["row"], r["schedule"], " / ".join(f"{v:.3f}" for v in r["variance_kept"])]
-    line.append(f"{r['nearest_rms']:.4f}")
-    line += [f"{r['classifier_fd']:.2f}"] if clf is not None else []
-    line += [f"{r['fid']:.2f}"] if args.fid else []
-    table.append(line)
-  print(common.format_table(headers, table))
+  print(table(results))
   if args.out:
     with open(args.out, "w") as f:
       json.dump(

@@ -23,7 +23,7 @@ these small models).
 
 Writes ``results.json``, ``table.md``, ``table3.md`` (the paper's Table 3 layout: methods x cfg) and
 ``quality.png`` (needs matplotlib) into the workdir;
-the last stdout line is the headline: the DFM/FM FID ratio at cfg 1.0.
+the last stdout lines are the headline: each row's FID over flow matching's, one line per cfg scale.
 """
 
 from __future__ import annotations
@@ -91,9 +91,16 @@ ROWS = [
   ),
   ("fm_vel", "fm", {"model.loss_weighting": "velocity"}, 1.0),
 ]
+# Sampler rows: a trained row sampled another way (no training of their own): name ->
+# (the trained row, sampler overrides for its evaluations).
+SAMPLER_ROWS = {
+  "dfm_pq0.7_std+auto": ("dfm_pq0.7_std", {"sampler.auto_schedule": True}),
+  "dfm_pq0.7_vel+auto": ("dfm_pq0.7_vel", {"sampler.auto_schedule": True}),
+}
 HEADLINE = ("dfm_pq0.9", "fm")
 # p_q 0.7: the configs' value; the p_q schedule and the fine-stage weight: rows that feed the starved fine stage
 ALL_SEEDS = HEADLINE + ("dfm_pq0.7", "pyramidal", "cascade", "dfm_pq0.9to0.5", "dfm_pq0.9_w2")
+ALL_SEEDS += ("dfm_pq0.7_std", "fm_vel", "dfm_pq0.7_vel") + tuple(SAMPLER_ROWS)
 # Fine-tuning: an FM model trained for FT_BASE of --steps, then the rest spent on plain FM
 # fine-tuning or on DFM fine-tuning (the coarse stage at the pretrained patch size, upsampled x2
 # as in the paper), both through --config.init_from.
@@ -135,21 +142,26 @@ def run(cmd: list[str]) -> str:
   return proc.stdout
 
 
-def cached_eval(workdir: str, step: int, eval_samples: int, cfg: float) -> dict | None:
+def cached_eval(
+  workdir: str, step: int, eval_samples: int, cfg: float, auto: bool = False
+) -> dict | None:
   for path in sorted(glob.glob(os.path.join(workdir, "eval", "*.json"))):
     with open(path) as f:
       r = json.load(f)
     scale = np.ravel(r["sampler"]["cfg_scale"]).tolist()
     scored = r.get("fid") is not None  # a generate-only eval holds no metrics
+    same_sampler = bool(r["sampler"].get("auto_schedule", False)) == auto
     if r["step"] == step and r.get("num_fake") == eval_samples and scale == [cfg] and scored:
-      return r
+      if same_sampler:
+        return r
   return None
 
 
 def summarise(rows: list[dict]) -> list[dict]:
   """Mean and spread (half of max - min) over seeds for each (row, cfg)."""
   out = []
-  rank = {name: i for i, name in enumerate(r[0] for r in ROWS + FINETUNE)}
+  names = [r[0] for r in ROWS + FINETUNE] + list(SAMPLER_ROWS)
+  rank = {name: i for i, name in enumerate(names)}
   for key in sorted({(r["row"], r["cfg"]) for r in rows}, key=lambda k: (k[1], rank.get(k[0]))):
     group = [r for r in rows if (r["row"], r["cfg"]) == key]
     entry = {"row": key[0], "cfg": key[1], "seeds": [r["seed"] for r in group]}
@@ -236,7 +248,8 @@ def plot(summary: list[dict], path: str) -> None:
     print("matplotlib not installed: skipping the plot", file=sys.stderr)
     return
   cfgs = sorted({e["cfg"] for e in summary})
-  names = [r[0] for r in ROWS + FINETUNE if any(e["row"] == r[0] for e in summary)]
+  names = [r[0] for r in ROWS + FINETUNE] + list(SAMPLER_ROWS)
+  names = [n for n in names if any(e["row"] == n for e in summary)]
   metrics = [m for m in ("fid", "classifier_fd") if any(m in e for e in summary)]
   if not metrics:  # nothing scored yet
     return
@@ -290,12 +303,13 @@ def row_steps(args, name: str) -> int:
 def run_one(args, name: str, variant: str, overrides: dict, seed: int, extra: dict) -> list[dict]:
   """Trains (row, seed) unless only scoring, then evaluates it at every cfg scale."""
   variant += ",runlocal" if args.runlocal else ""
-  workdir = os.path.join(args.workdir, name, f"seed{seed}")
+  trained, sampler_ov = SAMPLER_ROWS.get(name, (name, {}))
+  workdir = os.path.join(args.workdir, trained, f"seed{seed}")
   base = os.path.join(args.workdir, "ft_base_fm", f"seed{seed}")
   ov = {k: (v.format(base=base) if isinstance(v, str) else v) for k, v in overrides.items()}
   ov = dict(ov, seed=seed, **extra)
   steps = row_steps(args, name)
-  if args.phase in ("all", "generate"):
+  if args.phase in ("all", "generate") and trained == name:
     run(
       main_cmd(
         args.config,
@@ -309,7 +323,8 @@ def run_one(args, name: str, variant: str, overrides: dict, seed: int, extra: di
     )
   rows = []
   for cfg in [float(v) for v in args.cfgs.split(",")]:
-    r = cached_eval(workdir, steps, args.eval_samples, cfg)
+    auto = bool(sampler_ov.get("sampler.auto_schedule", False))
+    r = cached_eval(workdir, steps, args.eval_samples, cfg, auto)
     if r is None and args.phase == "report":
       continue
     if r is None and args.phase == "generate":
@@ -317,6 +332,7 @@ def run_one(args, name: str, variant: str, overrides: dict, seed: int, extra: di
         continue
     if r is None:
       flags = eval_flags(args.phase, workdir, steps, args.eval_samples, cfg)
+      flags += [flag(k, v) for k, v in sampler_ov.items()]
       out = run(main_cmd(args.config, variant, workdir, ov, *flags))
       r = json.loads(out.strip().splitlines()[-1])
     if args.phase == "generate":
@@ -398,9 +414,11 @@ def main():
   extra = dict(kv.split("=", 1) for kv in args.set)
   seeds = [int(v) for v in args.seeds.split(",")]
   wanted = args.rows.split(",")
+  trained_rows = {r[0]: r for r in ROWS}
+  sampler_rows = [(name,) + trained_rows[base][1:] for name, (base, _) in SAMPLER_ROWS.items()]
   plan = [
     (name, variant, overrides, seed)
-    for name, variant, overrides, _ in ROWS
+    for name, variant, overrides, _ in ROWS + sampler_rows
     if name in wanted
     for seed in (seeds if name in ALL_SEEDS else seeds[:1])
   ]

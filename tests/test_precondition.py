@@ -190,3 +190,24 @@ def test_wrap_velocity_fn_matches_the_model():
   for a, b in zip(jax.jit(velocity_fn)(*args), nnx.jit(lambda m, a: m(*a))(model, args)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(weight_fn(t), model.loss_weights(t), rtol=1e-6)
+
+
+def test_zero_network_output_is_the_gaussian_optimal_velocity():
+  """F = 0 gives ``m + c_skip * xc``, which equals ``(E[X | x_t] - x_t) / (1 - t)`` for
+  X ~ N(m, sigma^2): a new, zero-initialised stage samples white noise at its band's mean and
+  std, not an empty band."""
+  rng = np.random.default_rng(0)
+  m, sigma = 0.3, 0.2
+  t = jnp.asarray(rng.uniform(0.01, 0.99, (64, 1)), jnp.float32)
+  x = jnp.asarray(rng.normal(size=(64, 5)), jnp.float32)
+  (v,) = precondition.data_velocities(
+    (jnp.zeros_like(x),),
+    precondition.network_inputs((x,), t, jnp.asarray([m]), jnp.asarray([sigma]))[0],
+    t,
+    jnp.asarray([m]),
+    jnp.asarray([sigma]),
+  )
+  posterior_mean = m + t * sigma**2 * (x - t * m) / (t**2 * sigma**2 + (1 - t) ** 2)
+  np.testing.assert_allclose(
+    np.asarray(v), np.asarray((posterior_mean - x) / (1 - t)), rtol=2e-4, atol=2e-5
+  )

@@ -146,6 +146,10 @@ def eval_mode(config: ml_collections.ConfigDict, workdir: str) -> dict:
     pictures = sampling.to_display(samples, config)  # latents decoded here
     sample_seconds = time.time() - start
     sampler_settings = config.sampler.to_dict()
+    if config.sampler.auto_schedule:  # record (and tag) the schedule the samples used
+      resolved = run.exp.sampler.with_stage_stds(sampling.model_stage_stds(ema))
+      sampler_settings["steps_per_stage"] = list(resolved.steps_per_stage)
+      sampler_settings["thresholds"] = list(resolved.thresholds)
   tag = eval_tag(step, ml_collections.ConfigDict(sampler_settings))
   folder = epath.Path(workdir) / "eval"
   if config.eval.get("save_samples") and not config.eval.get("samples_from"):
