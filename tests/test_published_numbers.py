@@ -1,0 +1,45 @@
+"""The quality figures in docs/benchmarks.md are the committed results files' figures: the
+tables are regenerated here from ``docs/*results.json`` and ``docs/oracle_*.json`` (written by
+``bench/quality.py`` and ``bench/oracle.py``, which also record the command, host, accelerator
+and library versions), so a stale number fails this test."""
+
+import json
+import os
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "bench"))
+
+import oracle as oracle_bench  # noqa: E402  (bench/oracle.py)
+import quality  # noqa: E402  (bench/quality.py)
+
+
+def read(name):
+  with open(os.path.join(REPO, name)) as f:
+    return f.read()
+
+
+def results(name):
+  return json.loads(read(os.path.join("docs", name)))
+
+
+@pytest.mark.parametrize("name", ["quality_methods_results.json", "quality_mnist5k_results.json"])
+def test_every_mean_fid_and_spread_is_quoted(name):
+  text = read("docs/benchmarks.md")
+  for e in results(name)["summary"]:
+    cell = f"{e['fid']:.1f}" + (f" +- {e['fid_spread']:.1f}" if len(e["seeds"]) > 1 else "")
+    assert cell in text, (name, e["row"], e["cfg"], cell)
+
+
+def test_hypotheses_table_is_its_results_file():
+  d = results("quality_hypotheses_results.json")
+  assert d["provenance"]["command"].startswith("python bench/quality.py")
+  assert quality.table(quality.summarise(d["runs"])) in read("docs/benchmarks.md")
+
+
+def test_oracle_table_is_its_results_file():
+  d = results("oracle_fashion_mnist.json")
+  assert d["provenance"]["command"].startswith("python bench/oracle.py")
+  assert oracle_bench.table(d["rows"]) in read("docs/benchmarks.md")
