@@ -196,6 +196,18 @@ def main():
         {
           "provenance": common.provenance(sys.argv),
           "band_std": list(stats.std),
+          # Per band: the fraction of the main stage's logit-normal training times at which
+          # the band is being resolved (dfm_jax.stage_schedule.training_fraction_in_range),
+          # raw and standardised (multiply by the stage's p_q for its share of all samples).
+          "training_fraction_in_range": {
+            "raw": [
+              stage_schedule.training_fraction_in_range(s, base.flow.main_loc, base.flow.main_scale)
+              for s in stats.std
+            ],
+            "standardized": stage_schedule.training_fraction_in_range(
+              1.0, base.flow.main_loc, base.flow.main_scale
+            ),
+          },
           "num_data": args.num_data,
           "samples": args.samples,
           "rows": results,

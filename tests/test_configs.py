@@ -46,6 +46,13 @@ def test_config_validates_and_twin_has_equal_compute(name, arg):
     assert getattr(dfm.model, field) == getattr(fm.model, field), field
   assert sum(dfm.sampler.steps_per_stage) == sum(fm.sampler.steps_per_stage)
   assert dfm.sample_shape == fm.sample_shape
+  # the same training budget: batch, steps, optimizer, precision
+  c_dfm, c_fm = load(name, arg), load(name, "fm")
+  for field in ("batch_size", "total_steps", "optim", "model.dtype", "model.precondition"):
+    a, b = c_dfm, c_fm
+    for part in field.split("."):
+      a, b = a[part], b[part]
+    assert a == b, field
 
 
 @pytest.mark.parametrize("name,arg", CASES)

@@ -88,7 +88,9 @@ def test_attention_choice_is_validated():
   assert attention.resolve_attention(_cfg()) == "xla"  # the default backend here: CPU
 
 
-def test_xla_and_auto_give_identical_values_on_cpu():
+def test_auto_resolves_to_the_xla_path_on_cpu():
+  """On a CPU 'auto' is the XLA path itself (so identical values); the kernels' values are
+  checked against XLA below: splash in the interpreter, cuDNN on a GPU."""
   inputs, state = _inputs(_cfg()), _random_state()
   out_xla = _forward(_graphdef(_cfg(attention="xla")), state, inputs)
   out_auto = _forward(_graphdef(_cfg(attention="auto")), state, inputs)
@@ -100,6 +102,32 @@ def test_splash_kernel_matches_xla_in_the_interpreter():
   q, k, v = (jax.random.normal(jax.random.key(i), (2, 128, 2, 128)) for i in range(3))
   out = attention.splash_attention(q, k, v, interpret=True)
   np.testing.assert_allclose(out, jax.nn.dot_product_attention(q, k, v), atol=2e-5)
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="the cuDNN kernel needs a GPU")
+def test_cudnn_kernel_matches_xla_on_a_gpu():
+  """The fused cuDNN attention against XLA's, in bfloat16, for the kernel and a whole model."""
+  q, k, v = (
+    jax.random.normal(jax.random.key(i), (2, 256, 4, 64)).astype(jnp.bfloat16) for i in range(3)
+  )
+  out = jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+  ref = jax.nn.dot_product_attention(*(x.astype(jnp.float32) for x in (q, k, v)))
+  np.testing.assert_allclose(np.asarray(out, np.float32), ref, atol=2e-2)
+  cfg = _cfg(dtype="bfloat16", hidden_size=64, num_heads=2)  # head_dim 32
+  model = dit.DFMDiT(cfg, rngs=nnx.Rngs(0))
+  params = nnx.state(model, nnx.Param)  # random everywhere, so the zero-initialised heads act
+  leaves, tree = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(0), len(leaves))
+  nnx.update(
+    model,
+    jax.tree.unflatten(tree, [jax.random.normal(k, x.shape) * 0.2 for k, x in zip(keys, leaves)]),
+  )
+  state = nnx.state(model)
+  inputs = _inputs(cfg)
+  fused = _forward(_graphdef(dataclasses.replace(cfg, attention="cudnn")), state, inputs)
+  plain = _forward(_graphdef(dataclasses.replace(cfg, attention="xla")), state, inputs)
+  for a, b in zip(fused, plain):
+    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), atol=5e-2)
 
 
 def test_splash_kernel_in_the_hlo_lowered_for_tpu():
