@@ -92,8 +92,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.precondition = True
   # The loss under preconditioning: "edm" (each stage's velocity error weighted by
   # 1 / c_out(t)^2, the unit-variance regression of the network) or "velocity" (unweighted,
-  # the paper's velocity MSE). On Fashion-MNIST at 4,000 steps it moved DFM and flow matching
-  # alike (FID 67.0 and 66.6 with "velocity", one seed; docs/benchmarks.md section 11).
+  # the paper's velocity MSE). On Fashion-MNIST at 4,000 steps "velocity" gave DFM 67.0 (one
+  # seed, 68.0 with "edm") and flow matching 64.8 (two seeds, 68.4); docs/benchmarks.md sec. 11.
   c.model.loss_weighting = "edm"
 
   c.flow = ml_collections.ConfigDict()
