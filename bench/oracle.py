@@ -25,6 +25,7 @@ without evaluation data.
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import sys
 import time
@@ -97,7 +98,10 @@ def main():
       *parents, leaf = key.split(".")
       for p in parents:
         node = node[p]
-      node[leaf] = type(node[leaf])(value) if node[leaf] is not None else value
+      try:  # numbers, tuples, booleans as Python literals; anything else as a string
+        node[leaf] = ast.literal_eval(value)
+      except (ValueError, SyntaxError):
+        node[leaf] = value
     return c
 
   base = config("dfm")

@@ -151,9 +151,9 @@ def cached_eval(
     scale = np.ravel(r["sampler"]["cfg_scale"]).tolist()
     scored = r.get("fid") is not None  # a generate-only eval holds no metrics
     same_sampler = bool(r["sampler"].get("auto_schedule", False)) == auto
-    if r["step"] == step and r.get("num_fake") == eval_samples and scale == [cfg] and scored:
-      if same_sampler:
-        return r
+    same_eval = r["step"] == step and r.get("num_fake") == eval_samples and scale == [cfg]
+    if same_eval and same_sampler and scored:
+      return r
   return None
 
 

@@ -84,14 +84,8 @@ class SamplerConfig:
     from dfm_jax import stage_schedule  # pylint: disable=g-import-not-at-top
 
     steps, thresholds = stage_schedule.auto_schedule(stds, self.num_steps)
-    scales, intervals = self.cfg_scale, self.guidance_interval
     return dataclasses.replace(
-      self,
-      steps_per_stage=steps,
-      thresholds=thresholds,
-      cfg_scale=scales,
-      guidance_interval=intervals,
-      auto_schedule=False,
+      self, steps_per_stage=steps, thresholds=thresholds, auto_schedule=False
     )
 
   @property
