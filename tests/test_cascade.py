@@ -98,6 +98,8 @@ def test_bad_settings_get_one_message_each():
     cascade__sample_noise=1.0,
     decomposition__standardize=True,
     decomposition__kind="dwt",
+    flow__final_stage_probs=(0.5, 0.5),
+    flow__stage_weights=(1.0, 2.0),
   )
   with pytest.raises(ValueError) as e:
     experiment.from_config(bad, check_data=False)
@@ -108,6 +110,8 @@ def test_bad_settings_get_one_message_each():
     "sample_noise must be in [0, 1)",
     "decomposition.standardize=False",
     "decomposition.kind must be",
+    "flow.final_stage_probs would be ignored",
+    "flow.stage_weights would be ignored",
   ):
     assert msg.count(needle) == 1, (needle, msg)
   with pytest.raises(ValueError, match="are alternatives"):

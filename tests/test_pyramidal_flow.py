@@ -9,18 +9,23 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dfm_jax import experiment
+from dfm_jax import experiment, flow
 from dfm_jax.methods import METHODS
 from dfm_jax.methods import pyramidal_flow as pf
 from dfm_jax.sampler import SamplerConfig
 from tests.train_utils import config_file
 
 
-def _method(stage_shapes, probs=None, null_label=10):
+def _method(stage_shapes, probs=None, null_label=10, final_probs=None, schedule_steps=0):
   k = len(stage_shapes)
+  timesteps = flow.TimestepConfig(
+    stage_probs=probs or (1.0 / k,) * k,
+    final_stage_probs=final_probs,
+    schedule_steps=schedule_steps,
+  )
   exp = types.SimpleNamespace(
     model=types.SimpleNamespace(stage_shapes=tuple(stage_shapes)),
-    timesteps=types.SimpleNamespace(stage_probs=probs or (1.0 / k,) * k, per_sample_stage=True),
+    timesteps=timesteps,
     null_label=null_label,
   )
   return METHODS.get("pyramidal_flow")(exp)
@@ -180,6 +185,17 @@ def test_training_target_is_end_minus_start_against_numpy():
   np.testing.assert_allclose(float(loss), np.mean(want), rtol=2e-4)
   assert len(set(seen["stage"].tolist())) == 3
   assert abs(sum(float(metrics[f"frac_main_stage{s}"]) for s in (1, 2, 3)) - 1.0) < 1e-6
+
+
+def test_window_shares_follow_a_stage_probs_schedule():
+  """``flow.final_stage_probs`` moves the windows' shares from p_q at step 0 to the final p_q
+  at ``schedule_steps`` (linear, then constant), as it does DFM's main stage."""
+  shapes = [(4, 4, 1), (8, 8, 1)]
+  method = _method(shapes, probs=(0.9, 0.1), final_probs=(0.2, 0.8), schedule_steps=100)
+  draw = jax.jit(lambda key, step: method._window(key, 20000, step))
+  for step, want in ((0, 0.1), (50, 0.45), (100, 0.8), (400, 0.8)):
+    share = float(np.mean(np.asarray(draw(jax.random.key(step), step)) == 1))
+    assert abs(share - want) < 0.015, (step, share, want)
 
 
 def test_sampler_shapes_nfe_guidance_and_previews():

@@ -93,6 +93,12 @@ class Cascade(Method):
         "method 'cascade' models whole images, not decomposition stages: set "
         "decomposition.standardize=False (model.precondition scales each resolution)"
       )
+    for field in ("final_stage_probs", "stage_weights"):
+      if config.flow.get(field) is not None:
+        problems.append(
+          f"method 'cascade' trains one model at a time (cascade.low_res_fraction), so "
+          f"flow.{field} would be ignored: set flow.{field}=None"
+        )
     c = config.get("cascade")
     if c is None:
       return problems + ["method 'cascade' needs the config block 'cascade' (config_defaults)"]

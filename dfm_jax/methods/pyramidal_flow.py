@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dfm_jax import flow
 from dfm_jax.decompose.pyramid import Laplacian
 from dfm_jax.methods.base import METHODS, Method
 
@@ -204,9 +205,11 @@ class PyramidalFlow(Method):
   def num_levels(self) -> int:
     return len(self.exp.model.stage_shapes)
 
-  def _window(self, key, batch):
+  def _window(self, key, batch, step=None):
+    """int32 ``[B]``: each sample's window, drawn from p_q at ``step`` (a
+    ``flow.final_stage_probs`` schedule moves it as for DFM)."""
     cfg = self.exp.timesteps
-    logits = jnp.log(jnp.asarray(cfg.stage_probs, jnp.float32))
+    logits = jnp.log(flow.stage_probs_at(cfg, step))
     draws = batch if cfg.per_sample_stage else 1
     window = jax.random.categorical(key, logits, shape=(draws,)).astype(jnp.int32)
     return jnp.broadcast_to(window, (batch,))
@@ -214,11 +217,10 @@ class PyramidalFlow(Method):
   def loss(self, model, key, data, labels, *, label_dropout, stage_weights=None, step=None):
     """Plain MSE of the model's level-k output against ``end - start`` of each sample's window
     k (``data [B, (T,) H, W, C]`` at the finest level); metrics per window (1-based)."""
-    del step  # one objective throughout
     num = self.num_levels
     batch = data.shape[0]
     k_win, k_r, k_noise, k_drop = jax.random.split(key, 4)
-    window = self._window(k_win, batch)
+    window = self._window(k_win, batch, step)
     r = jax.random.uniform(k_r, (batch,), jnp.float32)
     clean = gaussian_pyramid(data.astype(jnp.float32), num)
     noise = shared_noise(k_noise, data.shape, num)
