@@ -4,7 +4,7 @@ and the decode cost per sample, measured side by side.
   python bench/latent_codec.py                       # TAEF2 on 64x64 digits, configs/latent_demo.py
   python bench/latent_codec.py --resolution 256 --batch 8 --rounds 3
 
-The encoder and decoder are the real TAEF2 weights (`../shared/weights/taef2`), jit-compiled,
+The encoder and decoder are the real TAEF2 weights (shipped in `dfm_jax/autoencoders/weights/taef2`), jit-compiled,
 on MNIST-5k digits resized to `--resolution` RGB; the train step is `configs/latent_demo.py`'s
 (batch 64 of 8x8x32 latents at 64 px) through `dfm_jax.train.compile_step`. Rounds alternate
 the three programs. "encode / train" is the ratio of images per second: how many training runs
@@ -52,7 +52,7 @@ def main():
   sys.path.insert(0, str(common.REPO / "configs"))
   import latent_demo  # pylint: disable=g-import-not-at-top
 
-  ae = autoencoders.build("taef2", latent_demo.TAEF2)
+  ae = autoencoders.build("taef2", autoencoders.shipped_weights("taef2"))
   images = jnp.asarray(digits(args.batch, args.resolution))
   latents = jax.block_until_ready(ae.encode(images))
   config = latent_demo.get_config()

@@ -1,8 +1,8 @@
 """Latent-space DFM on a CPU: MNIST digits (64x64 RGB) through the real TAEF2 autoencoder.
 
 The paper trains in an autoencoder's latent space; this is the same path at CPU size. TAEF2 (the
-FLUX.2 latent space: 32 channels, 8x down; MIT weights in `../shared/weights/taef2`, or
-`$DFM_JAX_TAEF2_DIR`) turns each 64x64 digit into an 8x8x32 latent; a 2-stage pyramid on the
+FLUX.2 latent space: 32 channels, 8x down; its MIT weights ship inside the package, see
+`dfm_jax/autoencoders/weights/taef2`) turns each 64x64 digit into an 8x8x32 latent; a 2-stage pyramid on the
 latents (4x4 with patch 1, 8x8 with patch 2: 16 tokens) trains a class-conditional DFM, and
 samples are decoded back to pixels for the grids, `--mode=sample` and `--mode=eval` (FID in pixel
 space against the same 64x64 digits).
@@ -27,11 +27,6 @@ import os
 from dfm_jax.config_defaults import apply_variants, base_config, parse_variants
 from dfm_jax.data import default_data_config
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TAEF2 = os.environ.get("DFM_JAX_TAEF2_DIR") or os.path.join(
-  os.path.dirname(REPO), "shared", "weights", "taef2"
-)
-
 
 def pixel_digits():
   """The pixels that are encoded and that evaluation compares against: MNIST-5k, 64x64 RGB."""
@@ -55,7 +50,7 @@ def get_config(arg: str = "dfm"):
 
   c.encode = {"data": pixel_digits()}
   c.autoencoder.kind = "taef2"
-  c.autoencoder.weights = TAEF2
+  c.autoencoder.weights = ""  # the TAEF2 weights shipped with the package
   c.autoencoder.batch_size = 50
 
   c.data.source = "latents"

@@ -232,7 +232,7 @@ def encode_dataset(
     "latent_shape": list(encoder.latent_shape(sample_shape)),
     "autoencoder": {
       "kind": config.autoencoder.get("kind", "") or getattr(ae, "name", ""),
-      "weights": os.fspath(config.autoencoder.get("weights", "")),
+      "weights": os.fspath(config.autoencoder.get("weights", "") or "shipped"),
       "scale": float(getattr(ae, "scale", 1.0)),
       "shift": float(getattr(ae, "shift", 0.0)),
       "downsample": down,

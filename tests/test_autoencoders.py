@@ -6,7 +6,6 @@ Fixtures (see their scripts in tests/fixtures/): taef2_parity.npz from the refer
 ``ae.safetensors`` layout). The references ran in float64; ours is float32 (fp16 weights).
 """
 
-import os
 from pathlib import Path
 
 import jax
@@ -15,11 +14,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from dfm_jax.autoencoders import AUTOENCODERS, build, kl
+from dfm_jax.autoencoders import AUTOENCODERS, build, kl, shipped_weights
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "fixtures"
-TAEF2_DIR = Path(os.environ.get("DFM_JAX_TAEF2_DIR", REPO.parent / "shared" / "weights" / "taef2"))
+TAEF2_DIR = Path(shipped_weights("taef2"))  # inside the package, checksummed
 FASHION = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
 KL_TINY = dict(block_out_channels=(8, 16, 32, 32), norm_groups=4)  # as make_kl_fixture.py
 KL_FILES = {
@@ -33,10 +32,6 @@ ATOL = 1e-4
 
 @pytest.fixture(scope="module")
 def taef2():
-  assert (TAEF2_DIR / "taef2_encoder.pth").is_file(), (
-    f"TAEF2 weights not found in {TAEF2_DIR} (shared/weights/taef2 beside the repository, or "
-    "$DFM_JAX_TAEF2_DIR)"
-  )
   return build("taef2", TAEF2_DIR)
 
 

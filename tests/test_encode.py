@@ -3,6 +3,7 @@ stand-in autoencoder in-process and the real TAEF2 weights end to end (integrati
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,12 +22,7 @@ from dfm_jax.data import latent_shards as LS
 from dfm_jax.data.transforms import to_unit_range
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TAEF2 = os.environ.get("DFM_JAX_TAEF2_DIR") or os.path.join(
-  os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-  "shared",
-  "weights",
-  "taef2",
-)
+TAEF2 = autoencoders.shipped_weights("taef2")
 
 
 class PoolAE(nnx.Module):
@@ -167,12 +163,29 @@ def test_autoencoder_block_is_checked():
   c = config_defaults.base_config()
   with pytest.raises(ValueError, match="autoencoder.kind is empty"):
     autoencoders.from_config(c.autoencoder)
-  c.autoencoder.kind = "taef2"
+  c.autoencoder.kind = "sd"  # no weights ship for it
   with pytest.raises(ValueError, match="autoencoder.weights is empty"):
     autoencoders.from_config(c.autoencoder)
+  c.autoencoder.kind = "taef2"  # its weights ship with the package
+  assert autoencoders.from_config(c.autoencoder).latent_channels == 32
   c.autoencoder.weights = "/nonexistent/taef2"
   with pytest.raises(FileNotFoundError, match="does not exist"):
     autoencoders.from_config(c.autoencoder)
+
+
+def test_damaged_shipped_weights_are_refused(tmp_path, monkeypatch):
+  """The shipped files are checked against their sha256 on every use: a flipped byte is named,
+  never loaded."""
+  folder = tmp_path / "weights" / "taef2"
+  shutil.copytree(autoencoders.shipped_weights("taef2"), folder)
+  data = bytearray((folder / "taef2_decoder.pth").read_bytes())
+  data[len(data) // 2] ^= 1
+  (folder / "taef2_decoder.pth").write_bytes(bytes(data))
+  monkeypatch.setattr(autoencoders, "__file__", str(tmp_path / "__init__.py"))
+  with pytest.raises(ValueError, match="taef2_decoder.pth is damaged"):
+    autoencoders.shipped_weights("taef2")
+  with pytest.raises(ValueError, match="no weights ship with the package for autoencoder 'sd'"):
+    autoencoders.shipped_weights("sd")
 
 
 def test_encode_data_block_takes_precedence():

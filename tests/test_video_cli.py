@@ -19,9 +19,7 @@ from tests.train_utils import REPO, env
 pytestmark = pytest.mark.integration
 
 CONFIG = "configs/moving_digits.py:runlocal"
-TAEF2 = os.environ.get("DFM_JAX_TAEF2_DIR") or os.path.join(
-  os.path.dirname(REPO), "shared", "weights", "taef2"
-)
+TAEF2 = autoencoders.shipped_weights("taef2")
 
 
 def _run(module, *args):

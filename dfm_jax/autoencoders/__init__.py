@@ -2,7 +2,7 @@
 
 Common interface (`Autoencoder`, an `nnx.Module`)::
 
-  ae = build("taef2", "../shared/weights/taef2")      # or build("flux1", "ae.safetensors")
+  ae = build("taef2", shipped_weights("taef2"))      # or build("flux1", "ae.safetensors")
   ae.name, ae.latent_channels, ae.downsample          # "taef2", 32, 8
   z = ae.encode(images)    # float32 [B, H, W, 3] in [-1, 1] -> [B, H/8, W/8, C]
   x = ae.decode(z)         # [B, h, w, C] -> float32 [B, 8h, 8w, 3], clipped to [-1, 1]
@@ -33,6 +33,10 @@ W, 3]) -> [B, T', h, w, C]`` and ``decode_video_traced([B, T', h, w, C]) -> [B, 
 and these helpers use them; every other autoencoder codes the frames one by one (T' = T).
 `decode_batched` decodes images and clips alike. No video autoencoder is registered yet.
 
+Shipped weights: TAEF2's (MIT, 5.4 MB) are inside the package, `shipped_weights("taef2")`, so
+a fresh install works offline; a config's empty ``autoencoder.weights`` means them. Other
+networks' weights come from the user's path.
+
 Loading never executes code from the file; a file of another architecture raises one
 ValueError naming the first mismatched tensor with both shapes and the missing / unexpected
 keys.
@@ -40,6 +44,7 @@ keys.
 
 from __future__ import annotations
 
+import hashlib
 import os
 
 from flax import nnx
@@ -58,7 +63,39 @@ __all__ = [
   "encode_clips",
   "encodes_clips",
   "from_config",
+  "shipped_weights",
 ]
+
+# Weight files inside the package: kind -> {file name: sha256}, checked on every use.
+SHIPPED = {
+  "taef2": {
+    "taef2_encoder.pth": "10a4e1021e89d7551eaf161352da8dbd0b1aa83872ae28b150c1df1ce2f147b6",
+    "taef2_decoder.pth": "0a44a31e1ae59eb9dbf9359d24942fd3ef5928162c1800d97a28c61d51be0ab5",
+  },
+}
+
+
+def shipped_weights(kind: str) -> str:
+  """The folder of the weights shipped for ``kind`` (see `SHIPPED`), after checking every
+  file's sha256; ValueError when none are shipped for it, or a file is missing or damaged."""
+  if kind not in SHIPPED:
+    raise ValueError(
+      f"no weights ship with the package for autoencoder {kind!r} (only for "
+      f"{', '.join(sorted(SHIPPED))}): set autoencoder.weights to its file or folder"
+    )
+  folder = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", kind)
+  for name, want in SHIPPED[kind].items():
+    path = os.path.join(folder, name)
+    if not os.path.isfile(path):
+      raise ValueError(f"the shipped {kind} weight file {path} is missing: reinstall dfm_jax")
+    with open(path, "rb") as f:
+      got = hashlib.sha256(f.read()).hexdigest()
+    if got != want:
+      raise ValueError(
+        f"the shipped {kind} weight file {path} is damaged (sha256 {got[:12]}..., expected "
+        f"{want[:12]}...): reinstall dfm_jax"
+      )
+  return folder
 
 
 def build(kind: str, weights_path: str | os.PathLike | None, **options) -> Autoencoder:
@@ -86,8 +123,9 @@ def from_config(ae_config) -> Autoencoder:
       "--config.autoencoder.kind=taef2 --config.autoencoder.weights=DIR"
     )
   weights = ae_config.get("weights", "")
-  if not weights:
+  if not weights and kind not in SHIPPED:
     raise ValueError(f"autoencoder.weights is empty; give the {kind} weight file or folder")
+  weights = weights or shipped_weights(kind)
   if not os.path.exists(weights):
     raise FileNotFoundError(f"autoencoder.weights: {weights!r} does not exist")
   options = {k: float(ae_config[k]) for k in ("scale", "shift") if ae_config.get(k) is not None}
