@@ -11,8 +11,10 @@ runs.
 from __future__ import annotations
 
 import ast
+import importlib.util
 import os
 import sys
+from pathlib import Path
 
 from absl import flags
 
@@ -26,8 +28,14 @@ def debug_requested(argv: list[str]) -> bool:
 def parse_flags(
   flag_values: flags.FlagValues, argv: list[str], config_flag: str = "config"
 ) -> list[str]:
-  """``flag_values(argv)``; on a bad flag or config file prints one line and exits 2."""
+  """``flag_values(argv)``; on a bad flag or config file prints one line and exits 2. A config
+  named without a folder (``--config=imagenet512:fm``) is one of the shipped configs."""
   hint = False
+  try:
+    argv = resolve_config_names(argv, config_flag)
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(EXIT_USAGE)
   try:
     rest = flag_values(argv)
     _raise_deferred_load_error(flag_values, config_flag)
@@ -54,6 +62,41 @@ def parse_flags(
   if hint:
     print("Pass --helpfull to see the flags.", file=sys.stderr)
   sys.exit(EXIT_USAGE)
+
+
+def shipped_configs() -> Path | None:
+  """The folder of the shipped configs: ``dfm_jax.configs`` in an installed wheel, else the
+  repository's ``configs/`` beside the package."""
+  spec = importlib.util.find_spec("dfm_jax.configs")
+  if spec is not None and spec.submodule_search_locations:
+    return Path(list(spec.submodule_search_locations)[0])
+  repo = Path(__file__).resolve().parents[1] / "configs"
+  return repo if (repo / "default.py").is_file() else None
+
+
+def resolve_config_names(argv: list[str], config_flag: str = "config") -> list[str]:
+  """``argv`` with ``--config=NAME[:ARG]`` (a bare name that is not a file here) replaced by the
+  shipped config's path; ValueError for a bare name that is neither."""
+  out = list(argv)
+  for i, arg in enumerate(out):
+    if arg.startswith(f"--{config_flag}="):
+      prefix, value = f"--{config_flag}=", arg.split("=", 1)[1]
+    elif i > 0 and out[i - 1] == f"--{config_flag}":
+      prefix, value = "", arg
+    else:
+      continue
+    path, colon, variant = value.partition(":")
+    if not path or os.sep in path or "/" in path or os.path.exists(path):
+      continue
+    name = path[:-3] if path.endswith(".py") else path
+    folder = shipped_configs()
+    names = sorted(p.stem for p in folder.glob("*.py") if p.stem != "__init__") if folder else []
+    if name not in names:
+      raise ValueError(
+        f"config {path!r} is neither a file nor a shipped config ({', '.join(names)})"
+      )
+    out[i] = f"{prefix}{folder / (name + '.py')}{colon}{variant}"
+  return out
 
 
 def _raise_deferred_load_error(flag_values: flags.FlagValues, name: str) -> None:

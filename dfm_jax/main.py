@@ -1,4 +1,5 @@
-"""Command line: ``python -m dfm_jax.main --config=configs/NAME.py --workdir=DIR [--mode=...]``.
+"""Command line: ``python -m dfm_jax.main --config=configs/NAME.py --workdir=DIR [--mode=...]``
+(installed: ``dfm-train`` and ``dfm-sample``; a bare ``--config=NAME`` is a shipped config).
 
 Modes: ``train`` (default; re-running resumes from the newest intact checkpoint), ``sample``
 (pictures and arrays from the EMA weights of a checkpoint) and ``eval`` (the metrics of
@@ -146,6 +147,25 @@ def run():
   if os.environ.get("DFM_JAX_DEBUG", "") in ("", "0") and "--debug" not in sys.argv:
     sys.unraisablehook = _quiet_unraisable
   app.run(main, flags_parser=parse_flags)
+
+
+def _command(mode: str) -> None:
+  """A console command that is ``python -m dfm_jax.main --mode=MODE``."""
+  if any(a == "--mode" or a.startswith("--mode=") for a in sys.argv[1:]):
+    print(f"error: this command always runs --mode={mode}; drop --mode", file=sys.stderr)
+    sys.exit(2)
+  sys.argv.insert(1, f"--mode={mode}")
+  run()
+
+
+def train_command() -> None:
+  """``dfm-train --config=NAME --workdir=DIR``: train (resumes from the newest checkpoint)."""
+  _command("train")
+
+
+def sample_command() -> None:
+  """``dfm-sample --config=NAME --workdir=DIR``: samples from a workdir's checkpoint."""
+  _command("sample")
 
 
 if __name__ == "__main__":
