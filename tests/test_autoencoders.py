@@ -26,8 +26,10 @@ KL_FILES = {
   "sdxl": "kl_sd_tiny_diffusers.safetensors",
   "flux1": "kl_flux1_tiny_ae.safetensors",
 }
-# Max abs error allowed against the float64 references (values are O(1); measured <= 5e-6).
-ATOL = 1e-4
+# Max abs error allowed against the float64 references (values are O(1)), about 10x the error
+# measured on a CPU: TAEF2 4.4e-6 (encode) and 2.5e-6 (decode), the KL family 7.2e-6.
+TAEF2_ATOL = 5e-5
+ATOL = 7e-5
 
 
 @pytest.fixture(scope="module")
@@ -54,9 +56,9 @@ def test_taef2_matches_reference_on_real_weights(taef2):
   assert (taef2.name, taef2.latent_channels, taef2.downsample) == ("taef2", 32, 8)
   latents = taef2.encode(images)
   assert latents.shape == (2, 8, 8, 32) and latents.dtype == jnp.float32
-  np.testing.assert_allclose(latents, ref["latents"], rtol=0, atol=ATOL)
+  np.testing.assert_allclose(latents, ref["latents"], rtol=0, atol=TAEF2_ATOL)
   np.testing.assert_allclose(
-    taef2.decode(ref["latents"]), np.clip(2 * ref["decoded"] - 1, -1, 1), rtol=0, atol=2 * ATOL
+    taef2.decode(ref["latents"]), np.clip(2 * ref["decoded"] - 1, -1, 1), rtol=0, atol=TAEF2_ATOL
   )
 
 

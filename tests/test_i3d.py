@@ -21,7 +21,7 @@ from dfm_jax.evaluation.metrics import feature_statistics, frechet_distance
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 
 
-def _close(ours, ref, rel=1e-5):
+def _close(ours, ref, rel=5e-5):  # about 10x the 4.5e-6 measured on a CPU (preprocessing: 9e-7)
   ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
   assert ours.shape == ref.shape
   err = np.abs(ours - ref).max()
@@ -53,8 +53,8 @@ def _ncthw_to_ours(x):
 
 def test_preprocess_matches_torch_interpolate(reference):
   video = reference["pre_video"]  # [2, 3, 40, 48, 3]
-  _close(i3d.preprocess(video, (16, 20)), _ncthw_to_ours(reference["pre_down"]), 1e-6)
-  _close(i3d.preprocess(video[:, :, :8, :10], (30, 28)), _ncthw_to_ours(reference["pre_up"]), 1e-6)
+  _close(i3d.preprocess(video, (16, 20)), _ncthw_to_ours(reference["pre_down"]), 1e-5)
+  _close(i3d.preprocess(video[:, :, :8, :10], (30, 28)), _ncthw_to_ours(reference["pre_up"]), 1e-5)
   grey = i3d.preprocess(video[..., :1], (16, 20))
   assert grey.shape == (2, 3, 16, 20, 3)
   np.testing.assert_array_equal(grey[..., 0], grey[..., 2])

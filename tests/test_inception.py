@@ -22,7 +22,8 @@ from dfm_jax.evaluation import fid_features, inception, weights
 from dfm_jax.evaluation.torch_pickle import load_torch_file, load_torch_pickle
 
 FIXTURES = Path(__file__).parent / "fixtures"
-REL_TOL = 1e-3
+# About 10x the measured error on a CPU: pool3 and logits 9.6e-7 relative, preprocessing 3e-7.
+REL_TOL = 1e-5
 
 
 def cached_params() -> dict:
@@ -70,7 +71,7 @@ def test_preprocessing_matches_pytorch_fid(parity):
     x = np.asarray(fid_features.preprocess(fid_features.to_rgb_uint8(img[None])))
     assert x.shape == (1, 299, 299, 3)
     got = x[0].reshape(-1)[parity[f"pre_idx_{i}"]]
-    np.testing.assert_allclose(got, parity[f"pre_val_{i}"], atol=2e-5, err_msg=f"image {i}")
+    np.testing.assert_allclose(got, parity[f"pre_val_{i}"], atol=3e-6, err_msg=f"image {i}")
 
 
 def test_pool3_matches_torchscript_reference(parity, jax_outputs):
