@@ -157,6 +157,12 @@ def base_config() -> ml_collections.ConfigDict:
   # when eval.classifier is.
   c.eval.metrics = ("fid", "kid", "is", "fdd", "classifier")
   c.eval.fdd_weights = ""  # official DINOv2 checkpoint (.pth), e.g. dinov2_vitl14_pretrain.pth
+  c.eval.inception_batch = 50  # images per Inception call
+  # Videos: frames per clip scored by the frame FID (0: all); the Kinetics-400 I3D state dict
+  # (i3d_pretrained_400.pt) that enables 'fvd', and clips per I3D call.
+  c.eval.frame_fid_frames = 0
+  c.eval.i3d_weights = ""
+  c.eval.i3d_batch = 8
   # Reference pictures; source '' means the training data (a latent run needs a pixel source).
   c.eval.reference = data_lib.default_data_config()
   c.eval.reference.source = ""

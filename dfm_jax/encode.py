@@ -49,6 +49,8 @@ import ml_collections
 from ml_collections import config_flags
 import numpy as np
 
+from dfm_jax import config_schema
+
 FLAGS = flags.FLAGS
 
 EXIT_ERROR = 1
@@ -310,6 +312,9 @@ def main(argv):
   from dfm_jax import run as run_lib  # pylint: disable=g-import-not-at-top
 
   try:
+    problems = config_schema.validate(FLAGS.config)
+    if problems:
+      raise config_schema.InvalidConfigError(problems)
     run_lib.maybe_initialize_distributed(FLAGS.config)
     meta = encode_dataset(
       FLAGS.config,
@@ -327,7 +332,7 @@ def main(argv):
     if debug:
       raise
     print(f"error: {e}", file=sys.stderr, flush=True)
-    sys.exit(EXIT_ERROR)
+    sys.exit(2 if isinstance(e, config_schema.InvalidConfigError) else EXIT_ERROR)
   if meta is not None:
     logging.info(
       "wrote %d latents %s in %d shards to %s; channel std %s",

@@ -8,10 +8,9 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-import math
 
 from dfm_jax import data as data_lib
-from dfm_jax import attention, decompose, dit, flow, methods, sampler
+from dfm_jax import attention, config_schema, decompose, dit, flow, methods, sampler
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,33 +63,6 @@ def _sample_shape(config, check_data: bool) -> tuple[int, ...]:
   return shape
 
 
-# Counts that must be positive; checked here so that --mode=sample and --mode=eval refuse a bad one
-# before restoring a checkpoint.
-POSITIVE_COUNTS = (
-  "total_steps",
-  "batch_size",
-  "log_every",
-  "checkpoint_every",
-  "sample_every",
-  "sampler.num_samples",
-  "sampler.batch_size",
-  "eval.num_samples",
-  "eval.batch_size",
-  "eval.num_real",
-  "eval.train_num_samples",
-  "autoencoder.batch_size",
-)
-
-
-def _field(config, dotted: str):
-  """``config.a.b`` for ``"a.b"``; None where a config lacks the block or field."""
-  for key in dotted.split("."):
-    if key not in config:
-      return None
-    config = config[key]
-  return config
-
-
 def mesh_shape(config, num_devices: int) -> tuple[int, int, int]:
   """The (data, fsdp, tensor) mesh shape with a single -1 filled from the device count."""
   shape = [int(v) for v in config.mesh.shape]
@@ -122,7 +94,9 @@ def from_config(
   also validates the data block (paths exist, sizes fit). ``platform`` (the devices' platform,
   e.g. 'cpu', 'gpu', 'tpu'; None: unknown) also checks that ``model.attention`` can run there.
   """
-  problems: list[str] = []
+  problems: list[str] = config_schema.validate(config)  # types and ranges, field by field
+  if problems:  # the checks below assume well-typed values
+    raise config_schema.InvalidConfigError(problems)
 
   def attempt(fn):
     try:
@@ -139,16 +113,8 @@ def from_config(
   method_cls = attempt(lambda: methods.METHODS.get(method_name))
   if method_cls is not None:
     problems.extend(method_cls.check_config(config))
-  problems.extend(_nonfinite_numbers(config))
-  for name in POSITIVE_COUNTS:
-    value = _field(config, name)
-    if value is not None and int(value) <= 0:
-      problems.append(f"{name} must be > 0, got {value}")
   mesh = attempt(lambda: mesh_shape(config, num_devices))
-  accum = config.optim.get("grad_accum_steps", 1)
-  if not isinstance(accum, int) or accum < 1:
-    problems.append(f"optim.grad_accum_steps must be an integer >= 1, got {accum!r}")
-    accum = 1
+  accum = config.optim.grad_accum_steps
   if mesh is not None and config.batch_size % (accum * mesh[0] * mesh[1]):
     micro = f"{accum} microbatches (optim.grad_accum_steps) x " if accum > 1 else ""
     problems.append(
@@ -192,8 +158,6 @@ def from_config(
   weights = config.flow.stage_weights
   if weights is not None and len(weights) != stages:
     problems.append(f"flow.stage_weights has {len(weights)} entries for {stages} stages")
-  if not 0.0 <= config.flow.label_dropout < 1.0:
-    problems.append(f"flow.label_dropout must be in [0, 1), got {config.flow.label_dropout}")
   if len(config.sampler.steps_per_stage) != stages:
     problems.append(
       f"sampler.steps_per_stage has {len(config.sampler.steps_per_stage)} "
@@ -215,12 +179,6 @@ def from_config(
       f"sampler.auto_schedule chooses DFM's stage schedule; method {config.method!r} has its "
       "own: set sampler.auto_schedule=False"
     )
-  if config.optim.warmup_steps < 0:
-    problems.append(f"optim.warmup_steps must be >= 0, got {config.optim.warmup_steps}")
-  if config.optim.schedule not in ("constant", "cosine"):
-    problems.append(f"optim.schedule must be 'constant' or 'cosine', got {config.optim.schedule!r}")
-  if not 0.0 <= config.optim.ema_decay < 1.0:
-    problems.append(f"optim.ema_decay must be in [0, 1), got {config.optim.ema_decay}")
 
   # the stored latents' shape is read only from a data block that passed its checks
   shape = attempt(lambda: _sample_shape(config, check_data and bool(data_ok)))
@@ -262,7 +220,7 @@ def from_config(
       else:
         model_cfg = attempt(lambda: dit.DiTConfig.from_size(config.model.size, **model_kw))
   if problems:
-    raise ValueError("invalid configuration:\n  - " + "\n  - ".join(problems))
+    raise config_schema.InvalidConfigError(problems)
   return Experiment(
     decomposition=decomposition,
     model=model_cfg,
@@ -273,21 +231,3 @@ def from_config(
     method_name=method_name,
     method_options=method_cls.options(config),
   )
-
-
-def _nonfinite_numbers(config) -> list[str]:
-  """A problem for every NaN or infinite number anywhere in the config."""
-  out = []
-
-  def walk(prefix, value):
-    if hasattr(value, "items"):
-      for k, v in value.items():
-        walk(f"{prefix}{k}.", v)
-    elif isinstance(value, (tuple, list)):
-      for v in value:
-        walk(prefix, v)
-    elif isinstance(value, float) and not math.isfinite(value):
-      out.append(f"{prefix[:-1]} must be a finite number, got {value}")
-
-  walk("", config)
-  return out

@@ -6,7 +6,8 @@ Modes: ``train`` (default; re-running resumes from the newest intact checkpoint)
 ``eval.metrics``). Override any config field with ``--config.FIELD=VALUE``. Sample and eval read
 no training data.
 
-Exit codes: 0 done; 2 a bad flag, config file or ``--workdir`` (one ``error: ...`` line);
+Exit codes: 0 done; 2 a bad flag, config file, config value or ``--workdir`` (one ``error: ...``
+line, before any heavy work);
 1 an error, reported as one ``error: ...`` line (``--debug`` or
 ``DFM_JAX_DEBUG=1`` shows the traceback); 75 (``EX_TEMPFAIL``) stopped by SIGTERM or Ctrl-C
 after saving a checkpoint: run the same command again to resume (schedulers may requeue on it);
@@ -30,6 +31,7 @@ flags.DEFINE_bool("debug", False, "Show tracebacks of errors (also: DFM_JAX_DEBU
 flags.mark_flags_as_required(["config", "workdir"])
 
 EXIT_ERROR = 1
+EXIT_USAGE = 2  # a bad flag, config file, config value or --workdir
 EXIT_PREEMPTED = 75
 EXIT_INTERRUPTED = 130
 
@@ -73,7 +75,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   debug = FLAGS.debug or os.environ.get("DFM_JAX_DEBUG", "") not in ("", "0")
-  from dfm_jax import train  # pylint: disable=g-import-not-at-top
+  from dfm_jax import config_schema, train  # pylint: disable=g-import-not-at-top
 
   try:
     run_mode(FLAGS.config, FLAGS.workdir, FLAGS.mode)
@@ -89,7 +91,7 @@ def main(argv):
     if debug:
       raise
     print(f"error: {_message(e)}", file=sys.stderr, flush=True)
-    sys.exit(EXIT_ERROR)
+    sys.exit(EXIT_USAGE if isinstance(e, config_schema.InvalidConfigError) else EXIT_ERROR)
 
 
 def _message(e: BaseException) -> str:

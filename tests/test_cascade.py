@@ -94,8 +94,6 @@ def test_phase_follows_the_step():
 def test_bad_settings_get_one_message_each():
   bad = load(
     cascade__low_res_fraction=0.05,
-    cascade__cond_scale=0.0,
-    cascade__sample_noise=1.0,
     decomposition__standardize=True,
     decomposition__kind="dwt",
     flow__final_stage_probs=(0.5, 0.5),
@@ -106,14 +104,18 @@ def test_bad_settings_get_one_message_each():
   msg = str(e.value)
   for needle in (
     "leaves no step",
-    "cond_scale must be > 0",
-    "sample_noise must be in [0, 1)",
     "decomposition.standardize=False",
     "decomposition.kind must be",
     "flow.final_stage_probs would be ignored",
     "flow.stage_weights would be ignored",
   ):
     assert msg.count(needle) == 1, (needle, msg)
+  with pytest.raises(ValueError) as e:  # ranges: the schema, before the method's own checks
+    experiment.from_config(load(cascade__cond_scale=0.0, cascade__sample_noise=1.0))
+  assert str(e.value).splitlines()[1:] == [
+    "  - cascade.cond_scale must be > 0, got 0.0",
+    "  - cascade.sample_noise must be in [0, 1), got 1.0",
+  ]
   with pytest.raises(ValueError, match="are alternatives"):
     load("fm,cascade")
 

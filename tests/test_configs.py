@@ -164,6 +164,6 @@ def test_sample_and_eval_counts_must_be_positive():
   with pytest.raises(ValueError) as e:
     experiment.from_config(c, num_devices=1, check_data=False)
   assert str(e.value).splitlines()[1:] == [
-    "  - sampler.num_samples must be > 0, got 0",
-    "  - eval.batch_size must be > 0, got -2",
+    "  - eval.batch_size must be >= 1, got -2",
+    "  - sampler.num_samples must be >= 1, got 0",
   ]

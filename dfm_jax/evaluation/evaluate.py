@@ -20,7 +20,7 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from dfm_jax import data as data_lib, sampling
+from dfm_jax import config_schema, data as data_lib, sampling
 from dfm_jax.evaluation import scores
 
 
@@ -77,7 +77,7 @@ def check_eval_config(config) -> None:
     except ValueError as err:
       problems.append(str(err))
   if problems:
-    raise ValueError("invalid configuration:\n  - " + "\n  - ".join(problems))
+    raise config_schema.InvalidConfigError(problems)
 
 
 def load_reference(config) -> np.ndarray:

@@ -83,7 +83,7 @@ def _inception(ctx: EvalContext) -> dict:
       ctx.fake,
       real,
       ref_key=ctx.ref_key,
-      batch_size=int(ctx.config.eval.get("inception_batch", 50)),
+      batch_size=int(ctx.config.eval.inception_batch),
       progress=ctx.progress,
     )
 
@@ -232,7 +232,7 @@ class FrameFID(Metric):
   def compute(self, ctx):
     from dfm_jax.evaluation import fid_features  # pylint: disable=g-import-not-at-top
 
-    keep = int(ctx.config.eval.get("frame_fid_frames", 0))
+    keep = int(ctx.config.eval.frame_fid_frames)
     ref = reference_data(ctx.config)
     clip = (
       f"T{ctx.fake.shape[1]}s{ref.get('frame_stride', 1)}d{ref.get('num_digits', 1)}-frames{keep}"
@@ -243,7 +243,7 @@ class FrameFID(Metric):
       video_frames(ctx.fake, keep),
       real,
       ref_key=key,
-      batch_size=int(ctx.config.eval.get("inception_batch", 50)),
+      batch_size=int(ctx.config.eval.inception_batch),
       progress=ctx.progress,
     )
     return {
@@ -277,11 +277,11 @@ class FVD(Metric):
 
   @classmethod
   def enabled(cls, config) -> bool:
-    return is_video(config) and bool(config.eval.get("i3d_weights", ""))
+    return is_video(config) and bool(config.eval.i3d_weights)
 
   @classmethod
   def check_config(cls, config) -> list[str]:
-    path = config.eval.get("i3d_weights", "")
+    path = config.eval.i3d_weights
     if path and not os.path.isfile(path):
       return [
         f"eval.i3d_weights: file {path!r} does not exist (the Kinetics-400 I3D state "
@@ -293,7 +293,7 @@ class FVD(Metric):
     from dfm_jax.evaluation import i3d  # pylint: disable=g-import-not-at-top
 
     model = i3d.load_i3d(ctx.config.eval.i3d_weights)
-    batch = int(ctx.config.eval.get("i3d_batch", 8))
+    batch = int(ctx.config.eval.i3d_batch)
     fake = i3d.i3d_features(model, fvd_clips(ctx.fake, i3d.NUM_FRAMES), batch)
     real = i3d.i3d_features(model, fvd_clips(ctx.real(), i3d.NUM_FRAMES), batch)
     return {

@@ -102,18 +102,12 @@ class Cascade(Method):
     c = config.get("cascade")
     if c is None:
       return problems + ["method 'cascade' needs the config block 'cascade' (config_defaults)"]
-    frac, total = c.low_res_fraction, int(config.total_steps)
-    if not 0.0 < frac < 1.0:
-      problems.append(f"cascade.low_res_fraction must be in (0, 1), got {frac}")
-    elif total > 0 and not 0 < switch_step(frac, total) < total:
+    frac, total = c.low_res_fraction, int(config.total_steps)  # ranges: config_schema
+    if not 0 < switch_step(frac, total) < total:
       problems.append(
         f"cascade.low_res_fraction {frac} of total_steps {total} leaves no step for one of "
         f"the two models"
       )
-    if not c.cond_scale > 0:
-      problems.append(f"cascade.cond_scale must be > 0, got {c.cond_scale}")
-    if not 0.0 <= c.sample_noise < 1.0:
-      problems.append(f"cascade.sample_noise must be in [0, 1), got {c.sample_noise}")
     return problems
 
   @classmethod
