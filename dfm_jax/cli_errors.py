@@ -16,6 +16,7 @@ import os
 import sys
 from pathlib import Path
 
+import ml_collections
 from absl import flags
 
 EXIT_USAGE = 2
@@ -39,7 +40,10 @@ def parse_flags(
   try:
     rest = flag_values(argv)
     _raise_deferred_load_error(flag_values, config_flag)
+    _check_config_type(flag_values, config_flag, argv)
     return rest
+  except _ConfigTypeError as e:
+    message = str(e)
   except flags.Error as e:
     if debug_requested(argv):
       raise
@@ -50,6 +54,8 @@ def parse_flags(
     if debug_requested(argv):
       raise
     message = _unknown_field(e, argv, config_flag)
+    if "has no attribute 'get_config" in message:
+      message = f"config {_flag_value(argv, config_flag)} defines no get_config() function"
   except (OSError, SyntaxError, ImportError, TypeError, ValueError) as e:
     if debug_requested(argv):
       raise
@@ -97,6 +103,23 @@ def resolve_config_names(argv: list[str], config_flag: str = "config") -> list[s
       )
     out[i] = f"{prefix}{folder / (name + '.py')}{colon}{variant}"
   return out
+
+
+class _ConfigTypeError(Exception):
+  pass
+
+
+def _check_config_type(flag_values: flags.FlagValues, name: str, argv: list[str]) -> None:
+  """A config file's ``get_config`` must return a ConfigDict (a dict has no typed fields and no
+  overrides)."""
+  if name not in flag_values:
+    return
+  value = flag_values[name].value
+  if value is not None and not isinstance(value, ml_collections.ConfigDict):
+    raise _ConfigTypeError(
+      f"config {_flag_value(argv, name)}: get_config() must return an "
+      f"ml_collections.ConfigDict, got {type(value).__name__}"
+    )
 
 
 def _raise_deferred_load_error(flag_values: flags.FlagValues, name: str) -> None:

@@ -127,6 +127,9 @@ def parse_flags(argv: list[str]) -> list[str]:
 
   rest = cli_errors.parse_flags(FLAGS, argv)
   workdir = FLAGS.workdir
+  if not workdir.strip():
+    print("error: --workdir is empty; name the run's folder (local or gs://)", file=sys.stderr)
+    sys.exit(cli_errors.EXIT_USAGE)
   if "://" not in workdir and os.path.exists(workdir) and not os.path.isdir(workdir):
     print(f"error: --workdir {workdir} is a file, not a folder", file=sys.stderr)
     sys.exit(cli_errors.EXIT_USAGE)

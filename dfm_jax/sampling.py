@@ -398,16 +398,29 @@ def check_writable(folder) -> None:
     raise OSError(f"cannot write samples to {folder}: {reason}") from e
 
 
+def free_base(folder: epath.Path, stem: str) -> epath.Path:
+  """``folder/stem``, or ``folder/stem_2``, ``_3``, ... : the first whose ``.json`` (written last
+  by every sample run) and ``.npz`` do not exist, so a second run never overwrites a first."""
+  n = 1
+  while True:
+    base = folder / (stem if n == 1 else f"{stem}_{n}")
+    if not any((folder / f"{base.name}{ext}").exists() for ext in (".json", ".npz", ".png")):
+      return base
+    n += 1
+
+
 def sample_mode(config: ml_collections.ConfigDict, workdir: str) -> str:
   """Writes ``workdir/samples/final_step{N}.{png,npz,json}`` (videos: also ``.gif`` and, where
-  PyAV has an MP4 encoder, ``.mp4``; the PNG is then a contact sheet); returns the .npz path."""
+  PyAV has an MP4 encoder, ``.mp4``; the PNG is then a contact sheet); returns the .npz path. A
+  later run from the same step writes ``final_step{N}_2.*``, ``_3``, ...: nothing is
+  overwritten."""
   run, ema, step = restore_ema(config, workdir, int(config.sampler.checkpoint_step))
   if jax.process_index() == 0:
     check_writable(epath.Path(workdir) / "samples")  # before the sampling, not after it
   s = config.sampler
   samples, labels = sample_images(run, ema, int(s.num_samples), int(s.batch_size), config.seed + 1)
   pictures = to_display(samples, config)
-  base = epath.Path(workdir) / "samples" / f"final_step{step}"
+  base = free_base(epath.Path(workdir) / "samples", f"final_step{step}")
   if jax.process_index() == 0:
     ncol = grid_columns(len(labels), config.data.num_classes)
     if pictures.ndim == 5:

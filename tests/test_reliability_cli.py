@@ -286,6 +286,8 @@ def get_config(arg="dfm"):
     ("config-syntax-error", "def get_config(:\n  return None\n", ""),
     ("config-raises", "def get_config():\n  return undefined_name\n", ""),
     ("unknown-variant", VARIANT_CONFIG, ":bogus"),
+    ("config-returns-dict", "def get_config():\n  return {'total_steps': 1}\n", ""),
+    ("config-without-get-config", "TOTAL_STEPS = 1\n", ""),
   ],
 )
 def test_bad_config_file_is_one_line_and_writes_nothing(tmp_path, case, text, variant):
@@ -297,6 +299,14 @@ def test_bad_config_file_is_one_line_and_writes_nothing(tmp_path, case, text, va
   proc = _run(cmd)
   check_row(case, cmd, proc.returncode, _error_line(proc.stderr), path=path, file=path.name)
   assert not os.path.exists(workdir)
+
+
+def test_empty_workdir_is_refused(tmp_path):
+  cmd = [sys.executable, "-m", "dfm_jax.main", "--config=configs/default.py:runlocal", "--workdir="]
+  before = sorted(os.listdir(REPO))
+  proc = _run(cmd)
+  check_row("workdir-empty", cmd, proc.returncode, _error_line(proc.stderr))
+  assert sorted(os.listdir(REPO)) == before
 
 
 def test_workdir_that_is_a_file_is_left_alone(tmp_path):
@@ -323,6 +333,22 @@ def test_sample_mode_fails_before_sampling_when_it_cannot_write(reference, tmp_p
   assert "sampling:" not in proc.stderr  # no progress line: it failed before sampling
   with open(blocker) as f:
     assert f.read() == "in the way"
+
+
+def test_a_second_sample_run_keeps_the_first(reference, tmp_path):
+  workdir = str(tmp_path / "run")
+  shutil.copytree(reference[0], workdir)
+  cmd = main_command(workdir, *FLAGS, "--mode=sample")
+  assert _run(cmd).returncode == 0
+  first = _snapshot(os.path.join(workdir, "samples"))
+  proc = _run(cmd + ["--config.seed=5"])  # other samples, same checkpoint step
+  line = _log_line(proc.stderr, "wrote ")
+  check_row("second-sample-run", cmd, proc.returncode, line, workdir=workdir, step=STEPS)
+  second = _snapshot(os.path.join(workdir, "samples"))
+  assert {k: second[k] for k in first} == first  # the first run's files are untouched
+  assert {k for k in second if k not in first} == {
+    f"final_step{STEPS}_2.{ext}" for ext in ("png", "npz", "json")
+  }
 
 
 def test_sample_mode_without_a_checkpoint(tmp_path):
