@@ -260,6 +260,7 @@ def test_failed_save_stops_the_run_and_keeps_the_last_good_checkpoint(reference,
     ("zero-depth-model", ["--config.model.depth=0"]),
     ("zero-stats-batches", ["--config.decomposition.stats_batches=0"]),
     ("one-eval-sample", ["--config.eval.num_samples=1"]),
+    ("data-path-ignored", ["--config.data.path=/data/digits"]),
     ("unknown-field", ["--config.optim.learning_rat=0.001"]),
   ],
 )

@@ -218,6 +218,9 @@ class DataSource(abc.ABC):
   """A kind of data named by `data.source`; `pixels` is False for latent sources."""
 
   pixels = True
+  # The location fields (`LOCATION_FIELDS`) this source reads; setting another is refused
+  # (a data.path the source ignores would silently train on other data).
+  reads: frozenset[str] = frozenset()
 
   @classmethod
   @abc.abstractmethod
@@ -263,6 +266,8 @@ class Mnist5k(DataSource):
 class IdxFiles(DataSource):
   """An MNIST-format idx image file and its labels file (gzipped or not)."""
 
+  reads = frozenset({"path", "label_path"})
+
   @classmethod
   def validate(cls, data):
     _validate_idx(data, get(data, "crop"), get(data, "resolution"))
@@ -276,6 +281,8 @@ class IdxFiles(DataSource):
 @SOURCES.register("folder")
 class ImageFolder(DataSource):
   """A folder of images; class subfolders give labels (see `folder.py`)."""
+
+  reads = frozenset({"path"})
 
   @classmethod
   def validate(cls, data):
@@ -293,6 +300,8 @@ class ImageFolder(DataSource):
 @SOURCES.register("tfds")
 class Tfds(DataSource):
   """A prepared TFDS dataset read through `tfds.data_source` (ArrayRecord, no TensorFlow)."""
+
+  reads = frozenset({"tfds_name", "data_dir"})
 
   @classmethod
   def validate(cls, data):
@@ -324,6 +333,7 @@ class LatentsNpz(DataSource):
   latent_shape) need data.frames = T, image latents data.frames = 0."""
 
   pixels = False
+  reads = frozenset({"path"})
 
   @staticmethod
   def _is_npz(path) -> bool:
@@ -524,6 +534,7 @@ class VideoFolderVideos(DataSource):
   with a warning under `data.skip_corrupt`."""
 
   video = True
+  reads = frozenset({"path"})
 
   @classmethod
   def validate(cls, data):
@@ -561,6 +572,9 @@ def source_class(data) -> type[DataSource]:
     raise ValueError(f"data.source: {err}") from None
 
 
+LOCATION_FIELDS = ("path", "label_path", "tfds_name", "data_dir")
+
+
 def validate_data_config(data) -> None:
   """Checks `data` before anything heavy is loaded; raises ValueError naming field and problem.
 
@@ -568,6 +582,15 @@ def validate_data_config(data) -> None:
   of a folder, the tfds dataset_info.
   """
   cls = source_class(data)
+  for field in LOCATION_FIELDS:
+    value = get(data, field)
+    if value and field not in cls.reads:
+      readers = sorted(name for name in SOURCES.names() if field in SOURCES.get(name).reads)
+      fail(
+        field,
+        f"is {value!r}, but data.source {get(data, 'source')!r} does not read it: set "
+        f"data.source to one that does ({', '.join(readers)}) or leave data.{field} empty",
+      )
   num_workers = get(data, "num_workers")
   if not isinstance(num_workers, int) or num_workers < 0:
     fail("num_workers", f"must be an int >= 0, got {num_workers!r}")
