@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from dfm_jax.data import transforms
 from dfm_jax.data.folder import IMAGE_EXTENSIONS
 
 NPZ_IMAGE_KEYS = ("images", "samples", "arr_0")  # tried in this order
@@ -46,7 +47,7 @@ class InputError(Exception):
 def _read_image(path: Path) -> np.ndarray:
   try:
     with Image.open(path) as im:
-      return np.asarray(im.convert("RGB"))
+      return transforms.pil_to_array(im, 3)
   except (OSError, ValueError, Image.DecompressionBombError) as e:
     raise InputError(f"cannot read image {path}: {e}") from e
 

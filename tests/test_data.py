@@ -328,3 +328,24 @@ def test_fashion_mnist_idx_from_debian_package():
   images, labels = D.load_images(c, 10000)
   assert images.shape == (10000, 32, 32, 1)
   np.testing.assert_array_equal(np.bincount(labels), [1000] * 10)
+
+
+def test_high_bit_depth_images_keep_their_range(tmp_path):
+  """A 16-bit PNG maps 0..65535 to 0..255 (PIL's own conversion clips it to white) and a float
+  TIFF in [0, 1] maps to 0..255 (PIL's makes it black); a float image outside [0, 1] is refused
+  by name rather than guessed."""
+  ramp = np.linspace(0.0, 1.0, 16 * 16).reshape(16, 16)
+  want = np.round(ramp * 255).astype(np.uint8)
+  png16, tif = tmp_path / "ramp16.png", tmp_path / "ramp.tif"
+  Image.fromarray(np.round(ramp * 65535).astype(np.uint16)).save(png16)
+  Image.fromarray(ramp.astype(np.float32), mode="F").save(tif)
+  for path in (png16, tif):
+    with Image.open(path) as img:
+      got = D.transforms.pil_to_array(img, 1)[..., 0]
+    assert np.abs(got.astype(int) - want).max() <= 1, path
+    with Image.open(path) as img:
+      rgb = D.transforms.pil_to_array(img, 3)
+    assert rgb.shape == (16, 16, 3) and np.abs(rgb[..., 1].astype(int) - want).max() <= 1
+  Image.fromarray((ramp * 255).astype(np.float32), mode="F").save(tmp_path / "bright.tif")
+  with Image.open(tmp_path / "bright.tif") as img, pytest.raises(ValueError, match=r"\[0, 255\]"):
+    D.transforms.pil_to_array(img, 1)

@@ -20,6 +20,7 @@ import time
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from tests.test_reliability_doc import check_row
 from tests.train_utils import REPO, env, main_command, read_checkpoint, run_main, tiny_flags
@@ -404,3 +405,17 @@ def test_fid_bad_inputs_are_one_line(tmp_path):
   cmd = [sys.executable, "-m", "dfm_jax.fid", str(text), str(good)]
   proc = _run(cmd)
   check_row("fid-not-images", cmd, proc.returncode, _error_line(proc.stderr), path=text)
+  folder = tmp_path / "float_tiffs"
+  folder.mkdir()
+  bright = folder / "bright.tif"
+  Image.fromarray(np.full((8, 8), 200.0, np.float32), mode="F").save(bright)
+  cmd = [sys.executable, "-m", "dfm_jax.fid", str(folder), str(good)]
+  proc = _run(cmd)
+  check_row(
+    "fid-float-image-range",
+    cmd,
+    proc.returncode,
+    _error_line(proc.stderr),
+    path=folder,
+    file=bright.name,
+  )

@@ -23,12 +23,31 @@ def decode_image(encoded: bytes, channels: int) -> np.ndarray:
 
 
 def pil_to_array(img: Image.Image, channels: int) -> np.ndarray:
-  """Fully decodes a PIL image to uint8 [H, W, channels]."""
+  """Fully decodes a PIL image to uint8 [H, W, channels]. High-bit-depth images keep their
+  full range: 16-bit integers (PNG, TIFF; modes ``I;16*`` and ``I``) map 0..65535 to 0..255,
+  floats (mode ``F``, e.g. float TIFFs) must lie in [0, 1] and map to 0..255 (PIL's own
+  conversion clips the first and blackens the second)."""
+  if img.mode.startswith("I") or img.mode == "F":
+    img = Image.fromarray(_high_depth_to_uint8(np.asarray(img), img.mode), mode="L")
   if img.mode == "P" and "transparency" in img.info:
     img = img.convert("RGBA")  # PIL warns when palette transparency is dropped directly
   img = img.convert("RGB" if channels == 3 else "L")  # convert() also forces the full decode
   arr = np.asarray(img, dtype=np.uint8)
   return arr if arr.ndim == 3 else arr[..., None]
+
+
+def _high_depth_to_uint8(arr: np.ndarray, mode: str) -> np.ndarray:
+  arr = arr.astype(np.float64)
+  if mode == "F":
+    lo, hi = float(arr.min()), float(arr.max())
+    if not (np.isfinite(arr).all() and lo >= 0.0 and hi <= 1.0):
+      raise ValueError(
+        f"a floating-point image must hold values in [0, 1], this one spans [{lo:g}, {hi:g}]"
+      )
+    scaled = arr * 255.0
+  else:
+    scaled = np.clip(arr, 0, 65535) / 257.0  # 65535 -> 255
+  return np.round(scaled).astype(np.uint8)
 
 
 def to_channels(images: np.ndarray, channels: int) -> np.ndarray:
