@@ -149,6 +149,13 @@ def main(argv=None) -> int:
   if args.fdd_weights is not None and not Path(args.fdd_weights).is_file():
     print(f"error: --fdd-weights: no such file: {args.fdd_weights}", file=sys.stderr)
     return 2
+  if args.fdd_weights is not None:  # before any image is read or scored
+    from dfm_jax.evaluation import dinov2
+
+    problem = dinov2.checkpoint_problem(args.fdd_weights)
+    if problem:
+      print(f"error: --fdd-weights: {problem}", file=sys.stderr)
+      return 2
   try:
     images_a, images_b = load_images(args.path_a), load_images(args.path_b)
   except InputError as e:

@@ -353,6 +353,16 @@ def test_a_second_sample_run_keeps_the_first(reference, tmp_path):
   }
 
 
+def test_eval_with_damaged_fdd_weights_fails_before_sampling(tmp_path):
+  junk = tmp_path / "dinov2_vitl14_pretrain.pth"
+  junk.write_bytes(bytes(range(256)) * 16)
+  workdir = str(tmp_path / "run")
+  cmd = main_command(workdir, *FLAGS, "--mode=eval", f"--config.eval.fdd_weights={junk}")
+  proc = _run(cmd)
+  check_row("eval-bad-fdd-weights", cmd, proc.returncode, _error_line(proc.stderr), path=junk)
+  assert "sampling:" not in proc.stderr and not os.path.exists(workdir)
+
+
 def test_sample_mode_without_a_checkpoint(tmp_path):
   workdir = str(tmp_path / "run")
   cmd = main_command(workdir, *FLAGS, "--mode=sample")

@@ -334,6 +334,16 @@ def infer_architecture(state_dict: Mapping[str, np.ndarray]) -> str:
   )
 
 
+def checkpoint_problem(path: str | os.PathLike) -> str | None:
+  """Why ``path`` is not a loadable official DINOv2 checkpoint (unreadable, damaged, or of no
+  supported size), or None; reads the file into host memory only, building no model."""
+  try:
+    infer_architecture(load_torch_file(path))
+  except Exception as e:  # pylint: disable=broad-except  # any failure to read is the answer
+    return f"{os.fspath(path)} is not a DINOv2 checkpoint this can load ({type(e).__name__}: {e})"
+  return None
+
+
 def load_dinov2(path: str | os.PathLike, config: DinoV2Config | str | None = None) -> DinoV2:
   """Load an official DINOv2 checkpoint file, e.g. ``dinov2_vitl14_pretrain.pth``.
 

@@ -155,6 +155,11 @@ class FDD(Metric):
         f"eval.fdd_weights: file {path!r} does not exist (an official DINOv2 checkpoint, "
         "e.g. dinov2_vitl14_pretrain.pth)"
       ]
+    if path:  # read now (host memory, seconds), not after the sampling
+      from dfm_jax.evaluation import dinov2  # pylint: disable=g-import-not-at-top
+
+      problem = dinov2.checkpoint_problem(path)
+      return [f"eval.fdd_weights: {problem}"] if problem else []
     return []
 
   def compute(self, ctx):
