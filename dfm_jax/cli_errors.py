@@ -13,6 +13,7 @@ from __future__ import annotations
 import ast
 import importlib.util
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -20,6 +21,18 @@ import ml_collections
 from absl import flags
 
 EXIT_USAGE = 2
+
+
+def sigterm_as_interrupt() -> None:
+  """SIGTERM raises KeyboardInterrupt, as Ctrl-C does, so a run stopped while it starts up
+  unwinds (releasing its workdir lock) instead of dying with the lock held; the training loop
+  installs its own handler (save, then exit 75) for the steps themselves."""
+
+  def handler(signum, frame):
+    del signum, frame
+    raise KeyboardInterrupt("SIGTERM")
+
+  signal.signal(signal.SIGTERM, handler)
 
 
 def debug_requested(argv: list[str]) -> bool:

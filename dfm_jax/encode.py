@@ -353,6 +353,9 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 
 def run():
+  from dfm_jax import cli_errors  # pylint: disable=g-import-not-at-top
+
+  cli_errors.sigterm_as_interrupt()
   define_flags()
   logging.set_verbosity(logging.INFO)
   app.run(main, flags_parser=parse_flags)

@@ -147,6 +147,9 @@ def _quiet_unraisable(unraisable) -> None:
 
 
 def run():
+  from dfm_jax import cli_errors  # pylint: disable=g-import-not-at-top
+
+  cli_errors.sigterm_as_interrupt()
   logging.set_verbosity(logging.INFO)
   logging.get_absl_handler().addFilter(_QuietLibraries())
   if os.environ.get("DFM_JAX_DEBUG", "") in ("", "0") and "--debug" not in sys.argv:

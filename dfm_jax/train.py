@@ -175,19 +175,22 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> nnx.
 
 
 def _acquire_lock(workdir: str) -> workdir_lock.Lock:
-  """Takes the workdir lock with Ctrl-C deferred until it is held, so that an interrupt cannot
-  land between the lock file's creation and the ``finally`` that removes it."""
-  if (
-    threading.current_thread() is not threading.main_thread()
-    or signal.getsignal(signal.SIGINT) is None
+  """Takes the workdir lock with Ctrl-C and SIGTERM deferred until it is held, so that a signal
+  cannot land between the lock file's creation and the ``finally`` that removes it."""
+  signals = (signal.SIGINT, signal.SIGTERM)
+  if threading.current_thread() is not threading.main_thread() or any(
+    signal.getsignal(s) is None for s in signals
   ):
     return workdir_lock.acquire(workdir, process_index=jax.process_index())
   interrupted = []
-  previous = signal.signal(signal.SIGINT, lambda signum, frame: interrupted.append(signum))
+  previous = {
+    s: signal.signal(s, lambda signum, frame: interrupted.append(signum)) for s in signals
+  }
   try:
     lock = workdir_lock.acquire(workdir, process_index=jax.process_index())
   finally:
-    signal.signal(signal.SIGINT, previous)
+    for s, handler in previous.items():
+      signal.signal(s, handler)
   if interrupted:
     lock.release()
     raise KeyboardInterrupt

@@ -179,17 +179,24 @@ def test_ctrl_c_saves_then_a_rerun_resumes_to_the_same_parameters(reference, tmp
   _assert_same_parameters(workdir, reference[0])
 
 
-def test_ctrl_c_during_start_up_exits_130_and_leaves_no_checkpoint(tmp_path):
+@pytest.mark.parametrize(
+  "case, signum",
+  [
+    ("ctrl-c-startup", signal.SIGINT),
+    ("sigterm-startup", signal.SIGTERM),
+  ],
+)
+def test_a_signal_during_start_up_exits_130_and_leaves_no_checkpoint(tmp_path, case, signum):
   workdir = str(tmp_path / "run")
   cmd = main_command(workdir, *FLAGS)
   proc = subprocess.Popen(
     cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
   )
   _wait_for(lambda: os.path.exists(os.path.join(workdir, ".lock")), "the workdir lock", proc)
-  proc.send_signal(signal.SIGINT)
+  proc.send_signal(signum)
   out, err = proc.communicate(timeout=300)
   assert "Traceback" not in err and "step " not in out, err[-3000:]
-  check_row("ctrl-c-startup", cmd, proc.returncode, err.rstrip().splitlines()[-1])
+  check_row(case, cmd, proc.returncode, err.rstrip().splitlines()[-1])
   assert _steps(workdir) == []
   assert not os.path.exists(os.path.join(workdir, ".lock"))
 
