@@ -188,3 +188,31 @@ def test_overflowing_latents_are_refused(tmp_path):
   LS.start(out, {"num_shards": 1})
   with pytest.raises(ValueError, match="overflow float16"):
     LS.write_shard(out, 0, 1, np.full((2, 1, 1, 1), 1e6, np.float32), np.zeros(2, np.int32))
+
+
+def test_truncated_and_damaged_shards_are_named_or_skipped(tmp_path):
+  """A truncated shard is refused with the config (its size against metadata.json); a shard
+  damaged in place names its file and record when read, and under data.skip_corrupt its
+  records are replaced by the next readable ones."""
+  path = str(tmp_path / "set")
+  latents = np.arange(12 * 2 * 2 * 5, dtype=np.float32).reshape(12, 2, 2, 5)
+  meta, _ = write_set(path, latents, np.arange(12, dtype=np.int32) % 7, 4)
+  c = cfg(source="latents", path=path, resolution=2, channels=5, num_classes=7)
+  second = os.path.join(path, meta["shards"][1]["name"])
+  original = open(second, "rb").read()
+  with open(second, "wb") as f:
+    f.write(original[: len(original) // 2])
+  with pytest.raises(ValueError, match=r"data\.path: shard .*00001-of-00003.* is \d+ bytes"):
+    D.validate_data_config(c)
+  with open(second, "wb") as f:  # same size, every byte after the header flipped
+    f.write(original[:8] + bytes(b ^ 0xFF for b in original[8:]))
+  D.validate_data_config(c)  # a same-size change is found when read
+  source = D.open_source(c)
+  np.testing.assert_array_equal(source[1]["image"], latents[1])  # other shards read fine
+  with pytest.raises(D.CorruptRecordError, match=r"00001-of-00003\.array_record record 0"):
+    source[4]
+  c.skip_corrupt = True
+  skipping = D.open_source(c)
+  np.testing.assert_array_equal(skipping[4]["image"], latents[8])  # shard 2's first record
+  items = skipping.__getitems__([0, 5, 9])
+  np.testing.assert_array_equal(np.stack([e["image"] for e in items]), latents[[0, 8, 9]])

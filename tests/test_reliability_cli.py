@@ -318,6 +318,22 @@ def test_empty_workdir_is_refused(tmp_path):
   assert sorted(os.listdir(REPO)) == before
 
 
+def test_truncated_latent_shard_is_named_before_training(tmp_path):
+  from tests.test_latent_shards import write_set  # pylint: disable=g-import-not-at-top
+
+  path = tmp_path / "latents"
+  meta, _ = write_set(str(path), np.zeros((12, 8, 8, 4), np.float32), np.arange(12) % 10, 4)
+  shard = path / meta["shards"][1]["name"]
+  shard.write_bytes(shard.read_bytes()[:100])
+  workdir = str(tmp_path / "run")
+  flags = ["--config.data.source=latents", f"--config.data.path={path}"]
+  flags += ["--config.data.resolution=8", "--config.data.channels=4"]
+  cmd = main_command(workdir, *FLAGS, *flags)
+  proc = _run(cmd)
+  check_row("truncated-latent-shard", cmd, proc.returncode, _error_line(proc.stderr), path=path)
+  assert not os.path.exists(workdir)
+
+
 def test_workdir_that_is_a_file_is_left_alone(tmp_path):
   path = tmp_path / "notes.txt"
   path.write_text("not a workdir")

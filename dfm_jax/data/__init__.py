@@ -12,12 +12,12 @@ from dfm_jax.data.pipeline import dataset_size
 from dfm_jax.data.pipeline import load_images
 from dfm_jax.data.pipeline import make_train_iterator
 from dfm_jax.data.sources import SOURCES
-from dfm_jax.data.sources import CorruptRecordError
+from dfm_jax.data.corrupt import CorruptRecordError
 from dfm_jax.data.sources import DataSource
 from dfm_jax.data.sources import open_source
 from dfm_jax.data.sources import source_class
 from dfm_jax.data.sources import validate_data_config
-from dfm_jax.data.sources import skipped_records
+from dfm_jax.data.corrupt import skipped_records
 from dfm_jax.data.transforms import center_crop
 from dfm_jax.data.transforms import pad_to
 

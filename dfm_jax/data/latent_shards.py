@@ -43,6 +43,8 @@ from array_record.python import array_record_module
 from etils import epath
 import numpy as np
 
+from dfm_jax.data.corrupt import read_skipping
+
 FORMAT = "dfm_jax.latent_shards/1"
 METADATA = "metadata.json"
 PROGRESS_DIR = ".progress"
@@ -350,6 +352,15 @@ def check_shard_set(
       f"{os.fspath(path)!r} lacks {len(missing)} shard file(s) listed in "
       f"{METADATA}, e.g. {missing[0]}"
     )
+  if _is_local(epath.Path(path)):  # sizes are one stat each here (a bucket: read-time checks)
+    for shard in meta["shards"]:
+      size = os.path.getsize(os.path.join(os.fspath(path), shard["name"]))
+      if "bytes" in shard and size != shard["bytes"]:
+        raise ValueError(
+          f"shard {os.path.join(os.fspath(path), shard['name'])} is {size} bytes, {METADATA} "
+          f"says {shard['bytes']}: truncated or replaced since it was encoded; encode the set "
+          "again"
+        )
   return meta
 
 
@@ -362,11 +373,15 @@ class LatentShards:
 
   pixels = False
 
-  def __init__(self, path: str | os.PathLike, metadata: dict | None = None):
+  def __init__(
+    self, path: str | os.PathLike, metadata: dict | None = None, skip_corrupt: bool = False
+  ):
     self._path = os.fspath(path)
     self.metadata = metadata or read_metadata(path)
     self._shape = tuple(self.metadata["latent_shape"])
     self._reader = None
+    self._skip_corrupt = skip_corrupt
+    self._starts = np.cumsum([0] + [s["records"] for s in self.metadata["shards"]])
 
   def __getstate__(self):
     return {**self.__dict__, "_reader": None}
@@ -390,14 +405,28 @@ class LatentShards:
     latent, label = unpack_record(raw, self._shape)
     return {"image": latent.astype(np.float32), "label": label}
 
+  def record_name(self, index: int) -> str:
+    """``<folder>/shard-....array_record record <j>``: where record ``index`` is stored."""
+    k = int(np.searchsorted(self._starts, index, side="right") - 1)
+    name = self.metadata["shards"][k]["name"]
+    return f"{os.path.join(self._path, name)} record {index - int(self._starts[k])}"
+
+  def _load(self, index: int) -> dict[str, np.ndarray]:
+    return self._element(self._records()[index])
+
   def __getitem__(self, index) -> dict[str, np.ndarray]:
+    """Record ``index``; a damaged one raises CorruptRecordError naming its shard file, or
+    with ``skip_corrupt`` is replaced by the next readable record."""
     index = int(index)
     if not 0 <= index < len(self):
       raise IndexError(f"record {index} outside [0, {len(self)})")
-    return self._element(self._records()[index])
+    return read_skipping(self._load, self.record_name, index, len(self), self._skip_corrupt)[1]
 
   def __getitems__(self, indices) -> list[dict[str, np.ndarray]]:
-    return [self._element(r) for r in self._records().__getitems__([int(i) for i in indices])]
+    try:
+      return [self._element(r) for r in self._records().__getitems__([int(i) for i in indices])]
+    except Exception:  # pylint: disable=broad-except  # a damaged record: one by one, named
+      return [self[i] for i in indices]
 
   def arrays(self) -> tuple[np.ndarray, np.ndarray]:
     """(latents float16 [N, h, w, c] (videos [N, T, h, w, c]), labels int32 [N]) of the whole

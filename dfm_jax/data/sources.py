@@ -12,11 +12,8 @@ access instead of receiving a copy.
 from __future__ import annotations
 
 import abc
-import collections
-import logging
 import math
 import os
-import threading
 import zipfile
 
 import numpy as np
@@ -27,37 +24,8 @@ from dfm_jax.data import folder
 from dfm_jax.data import latent_shards
 from dfm_jax.data import transforms
 from dfm_jax.data.config import check_file, check_pad_fits, fail, get
+from dfm_jax.data.corrupt import read_skipping
 from dfm_jax.registry import Registry
-
-_MAX_CONSECUTIVE_CORRUPT = 100
-_log = logging.getLogger(__name__)
-_skip_lock = threading.Lock()
-_skipped: collections.Counter = collections.Counter()
-
-
-class CorruptRecordError(ValueError):
-  """An image file or record that cannot be decoded; the message names it."""
-
-
-def skipped_records() -> dict[str, int]:
-  """{record name: times skipped} for corrupt records replaced in this process (with
-  num_workers > 0 the workers count their own and log each record once)."""
-  with _skip_lock:
-    return dict(_skipped)
-
-
-def _count_skip(name: str, err: Exception):
-  with _skip_lock:
-    _skipped[name] += 1
-    first, total = _skipped[name] == 1, sum(_skipped.values())
-  if first:
-    _log.warning(
-      "skipping unreadable %s (%s: %s); %d skip(s) so far in this process",
-      name,
-      type(err).__name__,
-      err,
-      total,
-    )
 
 
 def _check_labels(labels: np.ndarray, num_classes: int, name: str) -> None:
@@ -179,33 +147,17 @@ class DecodedSource:
     return len(self._records)
 
   def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-    n = len(self._records)
-    for attempt in range(min(n, _MAX_CONSECUTIVE_CORRUPT)):
-      i = (index + attempt) % n
-      try:
-        image, label = self._records.load(i)
-      except Exception as err:  # decoders raise OSError, SyntaxError, ValueError, ...
-        name = self._records.record_name(i)
-        if not self._skip_corrupt:
-          raise CorruptRecordError(
-            f"cannot decode {name}: {type(err).__name__}: {err} (set "
-            "data.skip_corrupt=True to skip unreadable images)"
-          ) from err
-        _count_skip(name, err)
-        continue
-      if self._crop == "pad":  # warns once if the sizes are mixed (see PadSizes)
-        transforms.PAD_SIZES.add(
-          *image.shape[:2], self._resolution, lambda: self._records.record_name(i)
-        )
-      try:
-        image = transforms.crop_to_resolution(image, self._resolution, self._crop)
-      except ValueError as err:
-        raise ValueError(f"{self._records.record_name(i)}: {err}") from err
-      return {"image": image, "label": np.int32(label)}
-    raise CorruptRecordError(
-      f"{_MAX_CONSECUTIVE_CORRUPT} consecutive unreadable records "
-      f"from {self._records.record_name(index)}"
+    records = self._records
+    i, (image, label) = read_skipping(
+      records.load, records.record_name, index, len(records), self._skip_corrupt
     )
+    if self._crop == "pad":  # warns once if the sizes are mixed (see PadSizes)
+      transforms.PAD_SIZES.add(*image.shape[:2], self._resolution, lambda: records.record_name(i))
+    try:
+      image = transforms.crop_to_resolution(image, self._resolution, self._crop)
+    except ValueError as err:
+      raise ValueError(f"{records.record_name(i)}: {err}") from err
+    return {"image": image, "label": np.int32(label)}
 
 
 # -------------------------------------------------------------------------------------------
@@ -363,7 +315,9 @@ class LatentsNpz(DataSource):
   def open(cls, data, split=None):
     _one_split(data, split)
     path = get(data, "path")
-    return LatentSource(data) if cls._is_npz(path) else latent_shards.LatentShards(path)
+    if cls._is_npz(path):
+      return LatentSource(data)
+    return latent_shards.LatentShards(path, skip_corrupt=bool(get(data, "skip_corrupt")))
 
 
 # Videos: elements {'image': uint8 [T, R, R, C], 'label': int32 []} with T = data.frames, so the
@@ -507,22 +461,14 @@ class VideoClips:
 
   def __getitem__(self, index: int) -> dict[str, np.ndarray]:
     folder_ = self.folder
-    n = len(folder_)
-    for attempt in range(min(n, _MAX_CONSECUTIVE_CORRUPT)):
-      i = (index + attempt) % n
-      try:
-        element = folder_[i]
-      except ValueError as err:  # names the file
-        if not self._args["skip_corrupt"]:
-          raise CorruptRecordError(
-            f"{err} (set data.skip_corrupt=True to skip unreadable videos)"
-          ) from err
-        _count_skip(folder_.paths[folder_.clip_location(i)[0]], err)
-        continue
-      return {"image": element["video"], "label": element["label"]}
-    raise CorruptRecordError(
-      f"{_MAX_CONSECUTIVE_CORRUPT} consecutive unreadable clips from clip {index}"
+    _, element = read_skipping(
+      folder_.__getitem__,
+      lambda i: os.fspath(folder_.paths[folder_.clip_location(i)[0]]),
+      index,
+      len(folder_),
+      self._args["skip_corrupt"],
     )
+    return {"image": element["video"], "label": element["label"]}
 
 
 @SOURCES.register("video_folder")
