@@ -49,7 +49,7 @@ import ml_collections
 from ml_collections import config_flags
 import numpy as np
 
-from dfm_jax import config_schema
+from dfm_jax import config_schema, storage
 
 FLAGS = flags.FLAGS
 
@@ -315,6 +315,7 @@ def main(argv):
     problems = config_schema.validate(FLAGS.config)
     if problems:
       raise config_schema.InvalidConfigError(problems)
+    storage.preflight(FLAGS.config, out=FLAGS.out)
     run_lib.maybe_initialize_distributed(FLAGS.config)
     meta = encode_dataset(
       FLAGS.config,
@@ -332,7 +333,8 @@ def main(argv):
     if debug:
       raise
     print(f"error: {e}", file=sys.stderr, flush=True)
-    sys.exit(2 if isinstance(e, config_schema.InvalidConfigError) else EXIT_ERROR)
+    usage = (config_schema.InvalidConfigError, storage.CloudAccessError)
+    sys.exit(2 if isinstance(e, usage) else EXIT_ERROR)
   if meta is not None:
     logging.info(
       "wrote %d latents %s in %d shards to %s; channel std %s",

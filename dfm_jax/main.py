@@ -75,9 +75,10 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   debug = FLAGS.debug or os.environ.get("DFM_JAX_DEBUG", "") not in ("", "0")
-  from dfm_jax import config_schema, train  # pylint: disable=g-import-not-at-top
+  from dfm_jax import config_schema, storage, train  # pylint: disable=g-import-not-at-top
 
   try:
+    storage.preflight(FLAGS.config, workdir=FLAGS.workdir)  # seconds, before any heavy work
     run_mode(FLAGS.config, FLAGS.workdir, FLAGS.mode)
   except train.Preempted as e:
     logging.warning("%s", e)
@@ -91,7 +92,8 @@ def main(argv):
     if debug:
       raise
     print(f"error: {_message(e)}", file=sys.stderr, flush=True)
-    sys.exit(EXIT_USAGE if isinstance(e, config_schema.InvalidConfigError) else EXIT_ERROR)
+    usage = (config_schema.InvalidConfigError, storage.CloudAccessError)
+    sys.exit(EXIT_USAGE if isinstance(e, usage) else EXIT_ERROR)
 
 
 def _message(e: BaseException) -> str:

@@ -334,6 +334,31 @@ def test_truncated_latent_shard_is_named_before_training(tmp_path):
   assert not os.path.exists(workdir)
 
 
+def test_cloud_paths_are_checked_in_seconds(tmp_path):
+  no_credentials = {  # whatever this machine has: no key file, no gcloud login, no GCE probe
+    "GOOGLE_APPLICATION_CREDENTIALS": "",
+    "CLOUDSDK_CONFIG": str(tmp_path / "gcloud"),
+    "NO_GCE_CHECK": "True",
+    "STORAGE_EMULATOR_HOST": "",
+  }
+  cmd = main_command("gs://dfm-jax-no-such-bucket/run", *FLAGS)
+  start = time.time()
+  proc = _run(cmd, no_credentials)
+  check_row(
+    "gcs-no-credentials",
+    cmd,
+    proc.returncode,
+    _error_line(proc.stderr),
+    path="dfm-jax-no-such-bucket/run",
+  )
+  assert time.time() - start < 60
+  cmd = [sys.executable, "-m", "dfm_jax.main", "--config=configs/imagenet512.py:runlocal"]
+  cmd.append(f"--workdir={tmp_path / 'run'}")
+  proc = _run(cmd)
+  check_row("placeholder-bucket", cmd, proc.returncode, _error_line(proc.stderr))
+  assert not os.path.exists(tmp_path / "run")
+
+
 def test_workdir_that_is_a_file_is_left_alone(tmp_path):
   path = tmp_path / "notes.txt"
   path.write_text("not a workdir")
