@@ -38,6 +38,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3
   c.num_grid_samples = 40  # images in each periodic sample grid
   c.stop_on_nonfinite = True
+  # JAX's persistent compilation cache in $DFM_JAX_CACHE/xla (default ~/.cache/dfm_jax/xla): a
+  # restart or a second sample run does not compile again (dfm_jax/storage.py).
+  c.compilation_cache = True
   c.profile_steps = ()  # (first, last): write a profiler trace of these steps to workdir/profile
   # A workdir (its newest intact checkpoint) or one checkpoint step directory
   # (WORKDIR/checkpoints/STEP) whose EMA weights initialise a fresh run: plain fine-tuning, or a

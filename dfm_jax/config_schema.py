@@ -122,6 +122,7 @@ SCHEMA: dict[str, Field] = {
   "keep_checkpoints": count(),  # 0 would delete every checkpoint
   "num_grid_samples": count(),
   "stop_on_nonfinite": FLAG,
+  "compilation_cache": FLAG,
   "profile_steps": items(count(0), check=_profile_steps),
   "init_from": TEXT,
   **{f"data.{k}": v for k, v in DATA.items()},

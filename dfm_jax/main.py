@@ -55,9 +55,10 @@ def expected_errors() -> tuple[type[BaseException], ...]:
 
 def run_mode(config, workdir: str, mode: str):
   """Runs one mode in-process (also the notebook's entry point)."""
-  from dfm_jax import run as run_lib  # pylint: disable=g-import-not-at-top
+  from dfm_jax import run as run_lib, storage  # pylint: disable=g-import-not-at-top
 
   run_lib.maybe_initialize_distributed(config)
+  storage.enable_compilation_cache(config)
   if mode == "train":
     from dfm_jax import train  # pylint: disable=g-import-not-at-top
 

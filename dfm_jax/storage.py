@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+from pathlib import Path
 
 from dfm_jax import config_schema
 
@@ -69,3 +70,22 @@ def preflight(config, **named: str) -> None:
       "GOOGLE_APPLICATION_CREDENTIALS to a service-account key file; on a Cloud TPU VM the "
       "VM's service account is used)"
     ) from e
+
+
+def cache_dir() -> Path:
+  """The user cache (weights, reference statistics, compiled programs): ``$DFM_JAX_CACHE``,
+  else ``~/.cache/dfm_jax``."""
+  return Path(os.environ.get("DFM_JAX_CACHE") or Path.home() / ".cache" / "dfm_jax").expanduser()
+
+
+def enable_compilation_cache(config) -> None:
+  """JAX's persistent compilation cache in ``cache_dir()/xla`` (``compilation_cache``, on by
+  default): a restart, a resumed run or a second sample run loads the compiled train step and
+  sampler instead of compiling them again. Entries are keyed by the program, the devices and
+  the JAX version, so a stale one is never used."""
+  if not config.get("compilation_cache", True):
+    return
+  import jax  # pylint: disable=g-import-not-at-top
+
+  jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "xla"))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)

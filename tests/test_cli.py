@@ -219,3 +219,22 @@ def test_eval_kept_samples_score_without_the_run_as_in_one_pass(reference_run, t
   for key in ("fid", "kid", "classifier_fd", "classifier_accuracy"):
     assert np.isfinite(scored[key]), key
     np.testing.assert_allclose(scored[key], one_pass[key], rtol=1e-6, err_msg=key)
+
+
+def test_compiled_programs_are_cached_on_disk_unless_turned_off(tmp_path):
+  """The persistent compilation cache (storage.enable_compilation_cache) fills
+  $DFM_JAX_CACHE/xla during a run; compilation_cache=False leaves it untouched."""
+  for name, flags in (("on", []), ("off", ["--config.compilation_cache=False"])):
+    cache = tmp_path / f"cache_{name}"
+    proc = subprocess.run(
+      main_command(str(tmp_path / name), *tiny_flags(total_steps=2), *flags),
+      cwd=REPO,
+      env={**env(), "DFM_JAX_CACHE": str(cache)},
+      capture_output=True,
+      text=True,
+      timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "train step compiled in" in proc.stderr
+    entries = list((cache / "xla").glob("*")) if (cache / "xla").exists() else []
+    assert bool(entries) == (name == "on"), (name, entries)

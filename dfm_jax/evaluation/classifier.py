@@ -30,6 +30,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from dfm_jax import storage
 from dfm_jax.evaluation.metrics import feature_statistics, frechet_distance
 
 IMAGE_SHAPE = (32, 32, 1)
@@ -196,7 +197,7 @@ def train_classifier(
 
 def cache_dir() -> Path:
   """The cache root: ``$DFM_JAX_CACHE`` if set, else ``~/.cache/dfm_jax``."""
-  return Path(os.environ.get("DFM_JAX_CACHE", "~/.cache/dfm_jax")).expanduser()
+  return storage.cache_dir()
 
 
 def _fingerprint(images: np.ndarray, labels: np.ndarray, config: TrainConfig) -> str:

@@ -33,6 +33,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from dfm_jax import storage
 from dfm_jax.evaluation import inception
 from dfm_jax.evaluation.torch_pickle import load_torch_file
 
@@ -45,7 +46,7 @@ FETCH_COMMAND = "python -m dfm_jax.evaluation.weights"
 
 def cache_dir() -> Path:
   """``$DFM_JAX_CACHE`` if set, else ``~/.cache/dfm_jax``."""
-  return Path(os.environ.get("DFM_JAX_CACHE") or Path.home() / ".cache" / "dfm_jax")
+  return storage.cache_dir()
 
 
 def weights_path() -> Path:
