@@ -429,3 +429,16 @@ def runlocal(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.eval.train_num_samples = 20
   c.data.num_workers = 0
   return c
+
+
+def differences(config: ml_collections.ConfigDict) -> list[str]:
+  """``field = value`` for every field of ``config`` that is not `base_config`'s default (or
+  that the defaults lack), sorted by name: a run's settings in a few lines."""
+  from dfm_jax import config_schema  # pylint: disable=g-import-not-at-top
+
+  defaults = config_schema.leaves(base_config())
+  out = []
+  for name, value in sorted(config_schema.leaves(config).items()):
+    if name not in defaults or defaults[name] != value:
+      out.append(f"{name} = {value!r}")
+  return out

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Any, Mapping
 
 import jax
@@ -28,11 +27,6 @@ class MetricWriter:
   def write_scalars(self, step: int, scalars: Mapping[str, Any]):
     if self._tb is None:
       return
-    logging.info(
-      "[%d] %s",
-      step,
-      ", ".join(f"{k}={float(np.asarray(v)):.6g}" for k, v in sorted(scalars.items())),
-    )
     for key, value in scalars.items():
       self._tb.add_scalar(key, float(np.asarray(value)), step)
 

@@ -27,7 +27,7 @@ from etils import epath
 from flax import nnx
 
 from dfm_jax import checkpoint, data as data_lib, dit, reporting, sampling, sharding
-from dfm_jax import init_from, workdir_lock
+from dfm_jax import config_defaults, init_from, workdir_lock
 from dfm_jax.progress import format_eta
 from dfm_jax.run import Run, init_state, maybe_initialize_distributed, setup, write_json
 from dfm_jax.train_state import StepSettings, make_optimizer, train_step
@@ -262,7 +262,13 @@ def _log_start(run: Run, writer: reporting.MetricWriter) -> None:
     return
   model = nnx.merge(run.graphdef, run.abstract_state).model
   summary = dit.parameter_summary(model)
-  logging.info("configuration:\n%s", run.config)
+  changed = config_defaults.differences(run.config)
+  logging.info(
+    "config: %d field(s) differ from the defaults (the full config: %s/config.json)%s",
+    len(changed),
+    run.workdir,
+    "".join(f"\n  {line}" for line in changed),
+  )
   logging.info("model parameters:\n%s", summary)
   writer.write_text(0, {"config": f"```\n{run.config}\n```", "parameters": f"```\n{summary}\n```"})
   writer.write_hparams(run.config, {"parameters": dit.count_parameters(model)})
@@ -270,7 +276,6 @@ def _log_start(run: Run, writer: reporting.MetricWriter) -> None:
 
 def _loop(run: Run, ckpt: checkpoint.Checkpointer, data_iter, state, start: int) -> nnx.State:
   config, workdir = run.config, run.workdir
-  t0 = time.time()
   first = next(data_iter)
   compiled = compile_step(run, {k: (v.shape, v.dtype) for k, v in first.items()})
   writer = reporting.create_writer(workdir)
@@ -281,7 +286,6 @@ def _loop(run: Run, ckpt: checkpoint.Checkpointer, data_iter, state, start: int)
   signals = _Signals()
   pending: list[tuple[int, dict]] = []
   data_wait, t_last, step_last = 0.0, time.time(), start
-  logging.info("compiled the train step in %.1f s", t_last - t0)
   batch_local = first
   try:
     for step in range(start, config.total_steps):
@@ -332,6 +336,7 @@ def _loop(run: Run, ckpt: checkpoint.Checkpointer, data_iter, state, start: int)
           rate = steps / elapsed
           print(
             f"step {done}/{config.total_steps}  loss {scalars['loss']:.4f}  "
+            f"grad norm {scalars.get('grad_norm', float('nan')):.3g}  "
             f"{rate:.2f} steps/s  step {1e3 * elapsed / steps:.0f} ms (data "
             f"{1e3 * data_wait / steps:.0f} ms)  ETA "
             f"{format_eta((config.total_steps - done) / max(rate, 1e-9))}",
