@@ -90,6 +90,8 @@ ROWS = [
     1.0,
   ),
   ("fm_vel", "fm", {"model.loss_weighting": "velocity"}, 1.0),
+  # The config's own DFM, unchanged (not in the default --rows): e.g. the README's default run.
+  ("config", "dfm", {}, 1.0),
 ]
 # Sampler rows: a trained row sampled another way (no training of their own): name ->
 # (the trained row, sampler overrides for its evaluations).
@@ -112,6 +114,13 @@ FINETUNE = [
     "ft_dfm",
     "dfm",
     {"flow.stage_probs": (0.9, 0.1), "model.stage_upsample": (2, 1), "init_from": "{base}"},
+  ),
+  # The new fine stage as the main stage in 70% of the updates (it starts untrained; the
+  # pretrained coarse stage needs little).
+  (
+    "ft_dfm_pq0.3",
+    "dfm",
+    {"flow.stage_probs": (0.3, 0.7), "model.stage_upsample": (2, 1), "init_from": "{base}"},
   ),
 ]
 METRICS = ("fid", "kid", "classifier_fd", "classifier_accuracy")
@@ -388,8 +397,9 @@ def main():
   parser.add_argument("--seeds", default="0,1")
   parser.add_argument(
     "--rows",
-    default=",".join(r[0] for r in ROWS) + ",finetune",
-    help="rows to run; 'finetune' is the FM base with plain and DFM fine-tuning from it",
+    default=",".join(r[0] for r in ROWS if r[0] != "config") + ",finetune",
+    help="rows to run; 'finetune' is the FM base with plain and DFM fine-tuning from it; "
+    "'config' is the config's DFM as it is",
   )
   parser.add_argument(
     "--phase",

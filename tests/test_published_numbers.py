@@ -43,3 +43,25 @@ def test_oracle_table_is_its_results_file():
   d = results("oracle_fashion_mnist.json")
   assert d["provenance"]["command"].startswith("python bench/oracle.py")
   assert oracle_bench.table(d["rows"]) in read("docs/benchmarks.md")
+
+
+def test_readme_default_run_table_is_its_results_file():
+  """Each cfg row of the README's default-run table quotes docs/default_run_results.json."""
+  d = results("default_run_results.json")
+  assert d["provenance"]["command"].startswith(
+    "python bench/quality.py --config=configs/default.py"
+  )
+  rows = {
+    float(line.split("|")[1].split()[0]): line
+    for line in read("README.md").splitlines()
+    if line.startswith("| 3.0 ") or line.startswith("| 1.5 ")
+  }
+  assert sorted(rows) == sorted(r["cfg"] for r in d["runs"])
+  for r in d["runs"]:
+    cells = rows[r["cfg"]].replace("*", "")
+    for figure in (
+      f"{100 * r['classifier_accuracy']:.1f}%",
+      f"{r['classifier_fd']:.1f}",
+      f"{r['fid']:.1f}",
+    ):
+      assert f" {figure} " in cells, (r["cfg"], figure, cells)
