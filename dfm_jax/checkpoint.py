@@ -92,8 +92,15 @@ class CheckpointMismatchError(ValueError):
 class Checkpointer:
   """Saves and restores ``{'state': nnx.State, 'data_iter': grain iterator}`` by step."""
 
-  def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
+  def __init__(
+    self, directory: str, *, keep: int = 3, async_save: bool = True, facts: dict | None = None
+  ):
+    """``facts``: JSON values the run was set up with outside the state (the per-stage
+    standardisation statistics of ``workdir/stage_stats.json``), saved in every step's manifest
+    and compared on restore: a checkpoint copied from a run with other facts is refused
+    (CheckpointMismatchError) instead of resuming with this workdir's."""
     self.directory = _absolute(directory)
+    self.facts = json.loads(json.dumps(facts)) if facts else None
     mode = (
       ocp.options.AtomicityMode.COMMIT_FILE
       if _is_url(self.directory)
@@ -128,6 +135,8 @@ class Checkpointer:
     pure = nnx.to_pure_dict(state)
     try:
       manifest = build_manifest(step, pure, data_iter)
+      if self.facts:
+        manifest["facts"] = self.facts
       items = {"state": ocp.args.StandardSave(pure), INTEGRITY_ITEM: ocp.args.JsonSave(manifest)}
       if data_iter is not None:
         items["data_iter"] = grain.checkpoint.CheckpointSave(data_iter)
@@ -200,6 +209,7 @@ class Checkpointer:
       manifest = _read_manifest(step, step_dir) if INTEGRITY_ITEM in items else None
       target = nnx.to_pure_dict(abstract_state)
       self._check_structure(step, target)
+      self._check_facts(step, manifest)
       if manifest is None:
         _log.warning(
           "checkpoint step %d has no checksums (written before integrity checks); "
@@ -245,6 +255,16 @@ class Checkpointer:
     state = jax.tree.map(lambda x: x, abstract_state)
     nnx.replace_by_pure_dict(state, restored)
     return state
+
+  def _check_facts(self, step: int, manifest: dict | None) -> None:
+    saved = (manifest or {}).get("facts") or {}
+    for name, value in (self.facts or {}).items():
+      if name in saved and saved[name] != value:
+        raise CheckpointMismatchError(
+          f"checkpoint {self.directory}/{step} was trained with other {name} than this run's "
+          f"(saved {json.dumps(saved[name])[:200]}, this run {json.dumps(value)[:200]}): it "
+          "comes from another run; copy that run's workdir files with it, or start afresh"
+        )
 
   def restore_latest(
     self, abstract_state: nnx.State, data_iter: Any | None = None

@@ -39,6 +39,12 @@ class Run:
   def ema_graphdef(self) -> nnx.GraphDef:
     return nnx.split(nnx.merge(self.graphdef, self.abstract_state).ema)[0]
 
+  def checkpoint_facts(self) -> dict | None:
+    """What a checkpoint of this run must agree with beyond its arrays (checkpoint.Checkpointer):
+    the per-stage standardisation statistics, when ``decomposition.standardize`` is on."""
+    stats = self.exp.decomposition.stats
+    return {"stage_stats": stats.to_dict()} if stats is not None else None
+
 
 def maybe_initialize_distributed(config) -> None:
   """``jax.distributed.initialize`` with the config's address and process ids, if asked."""

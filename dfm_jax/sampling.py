@@ -120,7 +120,12 @@ def restore_ema(
   """
   check_against_saved_config(config, workdir)
   run = setup(config, workdir, check_data=False)
-  ckpt = checkpoint.Checkpointer(run.checkpoint_dir, keep=config.keep_checkpoints, async_save=False)
+  ckpt = checkpoint.Checkpointer(
+    run.checkpoint_dir,
+    keep=config.keep_checkpoints,
+    async_save=False,
+    facts=run.checkpoint_facts(),
+  )
   try:
     available = ckpt.all_steps()
     if not available:

@@ -208,7 +208,9 @@ def _train_locked(run: Run) -> nnx.State:
     process_index=jax.process_index(),
     process_count=jax.process_count(),
   )
-  ckpt = checkpoint.Checkpointer(run.checkpoint_dir, keep=config.keep_checkpoints)
+  ckpt = checkpoint.Checkpointer(
+    run.checkpoint_dir, keep=config.keep_checkpoints, facts=run.checkpoint_facts()
+  )
   try:
     start, state = ckpt.restore_latest(run.abstract_state, data_iter)
     source = None

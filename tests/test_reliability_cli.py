@@ -152,6 +152,34 @@ def test_resume_with_another_model_names_tensors_and_changes_nothing(reference, 
 # ----------------------------------------------------------------------------------- Ctrl-C
 
 
+def test_checkpoints_copied_from_another_run_are_refused(tmp_path):
+  """Two standardised runs (different seeds, so different estimated statistics); the first's
+  checkpoints copied over the second's are refused, and nothing in the workdir changes."""
+  flags = [*FLAGS, "--config.decomposition.standardize=True"]
+  a, b = str(tmp_path / "a"), str(tmp_path / "b")
+  assert _run(main_command(a, *flags)).returncode == 0
+  assert _run(main_command(b, *flags, "--config.seed=7")).returncode == 0
+  assert (
+    open(os.path.join(a, "stage_stats.json")).read()
+    != open(os.path.join(b, "stage_stats.json")).read()
+  )
+  shutil.rmtree(os.path.join(b, "checkpoints"))
+  shutil.copytree(os.path.join(a, "checkpoints"), os.path.join(b, "checkpoints"))
+  before = _snapshot(b)
+  cmd = main_command(b, *flags, "--config.seed=7", f"--config.total_steps={STEPS + 2}")
+  proc = _run(cmd)
+  check_row(
+    "checkpoint-from-another-run",
+    cmd,
+    proc.returncode,
+    _error_line(proc.stderr),
+    checkpoints=os.path.join(b, "checkpoints"),
+    step=STEPS,
+  )
+  after = _snapshot(b)
+  assert {k: v for k, v in after.items() if k != ".lock"} == before
+
+
 def test_ctrl_c_saves_then_a_rerun_resumes_to_the_same_parameters(reference, tmp_path):
   workdir = str(tmp_path / "run")
   cmd = main_command(workdir, *FLAGS)
