@@ -184,7 +184,10 @@ class Checkpointer:
       else "there is no complete checkpoint"
     )
     what = f"step {step}" if step is not None else "a step"
-    message = f"saving checkpoint {what} to {self.directory} failed: {_one_line(cause)}; {last}"
+    reason = _one_line(cause)
+    if _disk_full(cause):
+      reason = f"the disk is full ({reason})"
+    message = f"saving checkpoint {what} to {self.directory} failed: {reason}; {last}"
     return CheckpointSaveError(message, step)
 
   # ---------------------------------------------------------------------------------- restore
@@ -560,6 +563,19 @@ def _move_dir(source: epath.Path, target: epath.Path) -> None:
 
   copy(source, target)
   source.rmtree()
+
+
+def _disk_full(error: BaseException) -> bool:
+  """ENOSPC anywhere in the cause chain, as Python or as TensorStore reports it."""
+  seen = 0
+  while error is not None and seen < 10:
+    text = str(error)
+    if getattr(error, "errno", None) == errno.ENOSPC or "No space left on device" in text:
+      return True
+    if "RESOURCE_EXHAUSTED" in text and ("Failed to write" in text or "Error writing" in text):
+      return True
+    error, seen = error.__cause__ or error.__context__, seen + 1
+  return False
 
 
 def _is_url(path: str) -> bool:

@@ -280,6 +280,34 @@ def test_failed_save_stops_the_run_and_keeps_the_last_good_checkpoint(reference,
   assert not os.path.exists(os.path.join(workdir, ".lock"))
 
 
+def test_a_real_full_disk_names_the_last_good_checkpoint(tmp_path):
+  """The workdir on a 1.5 MB tmpfs: the first checkpoint fits, a later one does not (the
+  fault-hook test above injects the error; this one fills a real file system)."""
+  mount = tmp_path / "small_disk"
+  mount.mkdir()
+  done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1500k", "tmpfs", str(mount)])
+  if done.returncode:
+    pytest.skip("mounting a tmpfs needs root with CAP_SYS_ADMIN")
+  try:
+    workdir = str(mount / "run")
+    cmd = main_command(workdir, *FLAGS)
+    proc = _run(cmd)
+    steps = _steps(workdir)
+    assert steps, proc.stderr[-3000:]
+    check_row(
+      "disk-full",
+      cmd,
+      proc.returncode,
+      _error_line(proc.stderr),
+      checkpoints=os.path.join(workdir, "checkpoints"),
+      step=steps[-1],
+    )
+    assert read_checkpoint(workdir, steps[-1])  # the named step is intact and readable
+    assert not os.path.exists(os.path.join(workdir, ".lock"))
+  finally:
+    subprocess.run(["umount", str(mount)])
+
+
 # ---------------------------------------------------------------------- bad configs, workdirs
 
 
