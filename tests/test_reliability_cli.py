@@ -324,6 +324,7 @@ def test_a_real_full_disk_names_the_last_good_checkpoint(tmp_path):
     ("zero-depth-model", ["--config.model.depth=0"]),
     ("zero-stats-batches", ["--config.decomposition.stats_batches=0"]),
     ("one-eval-sample", ["--config.eval.num_samples=1"]),
+    ("one-real-image", ["--config.eval.num_real=1"]),
     ("data-path-ignored", ["--config.data.path=/data/digits"]),
     ("unknown-field", ["--config.optim.learning_rat=0.001"]),
   ],
