@@ -35,7 +35,10 @@ def sigterm_as_interrupt() -> None:
   signal.signal(signal.SIGTERM, handler)
 
 
-def debug_requested(argv: list[str]) -> bool:
+def debug_requested(argv: list[str] | None = None) -> bool:
+  """The one debug switch: ``--debug`` on the command line (``argv``, default ``sys.argv``) or
+  ``DFM_JAX_DEBUG`` set to anything but '' or '0'; errors then show their tracebacks."""
+  argv = sys.argv if argv is None else argv
   return "--debug" in argv or os.environ.get("DFM_JAX_DEBUG", "") not in ("", "0")
 
 

@@ -49,7 +49,7 @@ import ml_collections
 from ml_collections import config_flags
 import numpy as np
 
-from dfm_jax import config_schema, storage
+from dfm_jax import cli_errors, config_schema, storage
 
 FLAGS = flags.FLAGS
 
@@ -308,7 +308,7 @@ def expected_errors() -> tuple[type[BaseException], ...]:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  debug = FLAGS.debug or os.environ.get("DFM_JAX_DEBUG", "") not in ("", "0")
+  debug = FLAGS.debug or cli_errors.debug_requested()
   from dfm_jax import run as run_lib  # pylint: disable=g-import-not-at-top
 
   try:

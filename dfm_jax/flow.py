@@ -110,8 +110,10 @@ def active_mask(main_stage: jax.Array, num_stages: int) -> jax.Array:
   return (jnp.arange(num_stages)[None, :] <= main_stage[:, None]).astype(jnp.float32)
 
 
-def _per_sample(a: jax.Array, x: jax.Array) -> jax.Array:
-  return a.reshape(a.shape + (1,) * (x.ndim - 1))
+def per_sample(a: jax.Array, x: jax.Array) -> jax.Array:
+  """``a`` (per-sample values ``[B]``, or ``[B, S]``...) reshaped to broadcast against ``x``
+  (``[B, ...]``): trailing unit axes up to ``x.ndim``."""
+  return a.reshape(a.shape + (1,) * (x.ndim - a.ndim))
 
 
 def noisy_inputs(
@@ -129,9 +131,9 @@ def noisy_inputs(
   """
   inputs, targets = [], []
   for s, (x1, x0) in enumerate(zip(stages, noise)):
-    ts = _per_sample(t[:, s], x1)
+    ts = per_sample(t[:, s], x1)
     xt = ts * x1 + (1.0 - ts) * x0
-    inputs.append(xt * _per_sample(active[:, s], x1).astype(xt.dtype))
+    inputs.append(xt * per_sample(active[:, s], x1).astype(xt.dtype))
     targets.append(x1 - x0)
   return tuple(inputs), tuple(targets)
 

@@ -75,7 +75,9 @@ def run_mode(config, workdir: str, mode: str):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  debug = FLAGS.debug or os.environ.get("DFM_JAX_DEBUG", "") not in ("", "0")
+  from dfm_jax import cli_errors  # pylint: disable=g-import-not-at-top
+
+  debug = FLAGS.debug or cli_errors.debug_requested()
   from dfm_jax import config_schema, storage, train  # pylint: disable=g-import-not-at-top
 
   try:
@@ -119,7 +121,9 @@ class _QuietLibraries(std_logging.Filter):
 
 def _debug() -> bool:
   flag = FLAGS.is_parsed() and FLAGS.debug
-  return bool(flag) or os.environ.get("DFM_JAX_DEBUG", "") not in ("", "0")
+  from dfm_jax import cli_errors  # pylint: disable=g-import-not-at-top
+
+  return bool(flag) or cli_errors.debug_requested()
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -155,7 +159,7 @@ def run():
   cli_errors.sigterm_as_interrupt()
   logging.set_verbosity(logging.INFO)
   logging.get_absl_handler().addFilter(_QuietLibraries())
-  if os.environ.get("DFM_JAX_DEBUG", "") in ("", "0") and "--debug" not in sys.argv:
+  if not cli_errors.debug_requested():
     sys.unraisablehook = _quiet_unraisable
   app.run(main, flags_parser=parse_flags)
 

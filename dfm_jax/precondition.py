@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dfm_jax import decompose
-from dfm_jax.flow import VelocityFn
+from dfm_jax.flow import VelocityFn, per_sample
 
 
 def coefficients(
@@ -57,10 +57,6 @@ def loss_weights(t: jax.Array, std: jax.Array) -> jax.Array:
   return (jnp.square(t) * var + jnp.square(1.0 - t)) / var
 
 
-def _per_sample(a: jax.Array, x: jax.Array) -> jax.Array:
-  return a.reshape(a.shape + (1,) * (x.ndim - a.ndim))
-
-
 def network_inputs(
   stages: Sequence[jax.Array], t: jax.Array, mean: jax.Array, std: jax.Array
 ) -> tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]]:
@@ -78,9 +74,9 @@ def network_inputs(
   centred, inputs = [], []
   for s, x in enumerate(stages):
     x = x.astype(jnp.float32)
-    xc = x - _per_sample(t[:, s], x) * mean[s]
+    xc = x - per_sample(t[:, s], x) * mean[s]
     centred.append(xc)
-    inputs.append(_per_sample(c_in[:, s], x) * xc)
+    inputs.append(per_sample(c_in[:, s], x) * xc)
   return tuple(centred), tuple(inputs)
 
 
@@ -106,8 +102,8 @@ def data_velocities(
   for s, (f, xc) in enumerate(zip(raw, centred)):
     out.append(
       mean[s]
-      + _per_sample(c_skip[:, s], xc) * xc
-      + _per_sample(c_out[:, s], xc) * f.astype(jnp.float32)
+      + per_sample(c_skip[:, s], xc) * xc
+      + per_sample(c_out[:, s], xc) * f.astype(jnp.float32)
     )
   return tuple(out)
 
@@ -132,8 +128,8 @@ def network_targets(
   out = []
   for s, (v, xc) in enumerate(zip(velocities, centred)):
     out.append(
-      (v.astype(jnp.float32) - mean[s] - _per_sample(c_skip[:, s], xc) * xc)
-      / _per_sample(c_out[:, s], xc)
+      (v.astype(jnp.float32) - mean[s] - per_sample(c_skip[:, s], xc) * xc)
+      / per_sample(c_out[:, s], xc)
     )
   return tuple(out)
 

@@ -33,7 +33,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from dfm_jax import storage
+from dfm_jax import cli_errors, storage
 from dfm_jax.evaluation import inception
 from dfm_jax.evaluation.torch_pickle import load_torch_file
 
@@ -162,7 +162,7 @@ def main(argv=None) -> int:
   except KeyboardInterrupt:
     raise
   except Exception as e:  # pylint: disable=broad-except  # any damage in an untrusted file
-    if os.environ.get("DFM_JAX_DEBUG") == "1":
+    if cli_errors.debug_requested():
       raise
     lines = str(e).strip().splitlines()
     if isinstance(e, EOFError):

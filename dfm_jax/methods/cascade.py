@@ -160,7 +160,7 @@ class Cascade(Method):
 
     def fm_loss(x1, stage, **cond):
       x0 = jax.random.normal(k_noise, x1.shape, x1.dtype)
-      xt = _per_sample(t, x1) * x1 + (1.0 - _per_sample(t, x1)) * x0
+      xt = flow.per_sample(t, x1) * x1 + (1.0 - flow.per_sample(t, x1)) * x0
       inputs = (xt, jnp.zeros_like(full)) if stage == 0 else (jnp.zeros_like(low), xt)
       times = jnp.stack([t, zeros_t] if stage == 0 else [zeros_t, t], axis=1)
       pred = model(inputs, times, labels, jnp.full((b,), stage, jnp.int32), **cond)[stage]
@@ -243,8 +243,4 @@ class Cascade(Method):
 def noised(key: jax.Array, x1: jax.Array, t: jax.Array) -> jax.Array:
   """``t x1 + (1 - t) eps`` with fresh ``eps ~ N(0, I)``: ``x1 [B, ...]``, ``t [B]``."""
   eps = jax.random.normal(key, x1.shape, x1.dtype)
-  return _per_sample(t, x1) * x1 + (1.0 - _per_sample(t, x1)) * eps
-
-
-def _per_sample(a: jax.Array, x: jax.Array) -> jax.Array:
-  return a.reshape(a.shape + (1,) * (x.ndim - 1))
+  return flow.per_sample(t, x1) * x1 + (1.0 - flow.per_sample(t, x1)) * eps

@@ -154,10 +154,6 @@ def window_points(
   return start, end
 
 
-def _per_sample(a: jax.Array, x: jax.Array) -> jax.Array:
-  return a.reshape(a.shape + (1,) * (x.ndim - 1)).astype(x.dtype)
-
-
 @METHODS.register("pyramidal_flow")
 class PyramidalFlow(Method):
   """Pyramidal Flow on ``exp.model.stage_shapes`` (one pyramid level per stage of the model)."""
@@ -229,8 +225,8 @@ class PyramidalFlow(Method):
     inputs, targets = [], []
     for s in range(num):
       start, end = window_points(clean, noise, s, float(start_s[s]), float(end_s[s]))
-      x = _per_sample(r, start) * start + _per_sample(1.0 - r, end) * end
-      inputs.append(x * _per_sample(onehot[:, s], x))
+      x = flow.per_sample(r, start) * start + flow.per_sample(1.0 - r, end) * end
+      inputs.append(x * flow.per_sample(onehot[:, s], x))
       targets.append(end - start)
     bounds = jnp.asarray(window_times(num), jnp.float32)
     t_glob = r * bounds[window] + (1.0 - r) * bounds[window + 1]
