@@ -39,6 +39,14 @@ def test_hypotheses_table_is_its_results_file():
   assert quality.table(quality.summarise(d["runs"])) in read("docs/benchmarks.md")
 
 
+def test_finetune_table_is_its_results_file():
+  d = results("quality_finetune_results.json")
+  assert d["provenance"]["command"].startswith("python bench/quality.py")
+  table = quality.table(quality.summarise(d["runs"]))
+  indented = "\n".join("   " + line for line in table.splitlines())
+  assert indented in read("docs/benchmarks.md")
+
+
 def test_oracle_table_is_its_results_file():
   d = results("oracle_fashion_mnist.json")
   assert d["provenance"]["command"].startswith("python bench/oracle.py")
