@@ -374,5 +374,5 @@ def test_grad_accumulation_divisibility_is_validated():
   with pytest.raises(ValueError, match=r"by 2 microbatches .* the 8 data-parallel devices"):
     experiment.from_config(config, num_devices=8, check_data=False)
   experiment.from_config(config, num_devices=4, check_data=False)
-  with pytest.raises(ValueError, match="grad_accum_steps must be an integer >= 1"):
+  with pytest.raises(ValueError, match="grad_accum_steps must be >= 1, got 0"):
     experiment.from_config(tiny_config(optim__grad_accum_steps=0), check_data=False)
