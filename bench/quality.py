@@ -122,6 +122,17 @@ FINETUNE = [
     "dfm",
     {"flow.stage_probs": (0.3, 0.7), "model.stage_upsample": (2, 1), "init_from": "{base}"},
   ),
+  # ... then handing the updates back to the coarse stage (p_q 0.3/0.7 -> 0.7/0.3).
+  (
+    "ft_dfm_pq0.3to0.7",
+    "dfm",
+    {
+      "flow.stage_probs": (0.3, 0.7),
+      "flow.final_stage_probs": (0.7, 0.3),
+      "model.stage_upsample": (2, 1),
+      "init_from": "{base}",
+    },
+  ),
 ]
 METRICS = ("fid", "kid", "classifier_fd", "classifier_accuracy")
 
