@@ -126,7 +126,7 @@ SCHEMA: dict[str, Field] = {
   "profile_steps": items(count(0), check=_profile_steps),
   "init_from": TEXT,
   **{f"data.{k}": v for k, v in DATA.items()},
-  "decomposition.kind": choice("laplacian", "dct", "dwt"),
+  "decomposition.kind": TEXT,  # a name in decompose.DECOMPOSITIONS, checked with the others
   "decomposition.num_stages": count(),
   "decomposition.halve_time": FLAG,
   "decomposition.level_gaps": items(count()),
