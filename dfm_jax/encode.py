@@ -33,8 +33,9 @@ Several processes (``distributed.initialize=True``): process p encodes shards p,
 over its own devices (no collectives, so processes need not keep in step); after a barrier
 process 0 writes ``metadata.json`` from every shard's progress record.
 
-Errors (bad config, unreadable data, a corrupt image without ``data.skip_corrupt``) are one
-``error: ...`` line on stderr and exit code 1; ``--debug`` shows the traceback.
+Errors (unreadable data, a corrupt image without ``data.skip_corrupt``) are one ``error: ...``
+line on stderr and exit code 1; an invalid config value (``dfm_jax/config_schema.py``) or a
+``gs://`` path without credentials exits 2; ``--debug`` shows the traceback.
 """
 
 from __future__ import annotations
