@@ -281,6 +281,13 @@ def check_value(name: str, f: Field, value) -> str | None:
   return None
 
 
+def check(config) -> None:
+  """Raises InvalidConfigError naming every field of ``config`` out of its type or range."""
+  problems = validate(config)
+  if problems:
+    raise InvalidConfigError(problems)
+
+
 def validate(config) -> list[str]:
   """One problem line for every field of ``config`` whose value is out of its type or range."""
   problems = []

@@ -313,9 +313,7 @@ def main(argv):
   from dfm_jax import run as run_lib  # pylint: disable=g-import-not-at-top
 
   try:
-    problems = config_schema.validate(FLAGS.config)
-    if problems:
-      raise config_schema.InvalidConfigError(problems)
+    config_schema.check(FLAGS.config)
     storage.preflight(FLAGS.config, out=FLAGS.out)
     run_lib.maybe_initialize_distributed(FLAGS.config)
     meta = encode_dataset(
@@ -334,8 +332,7 @@ def main(argv):
     if debug:
       raise
     print(f"error: {e}", file=sys.stderr, flush=True)
-    usage = (config_schema.InvalidConfigError, storage.CloudAccessError)
-    sys.exit(2 if isinstance(e, usage) else EXIT_ERROR)
+    sys.exit(cli_errors.EXIT_USAGE if isinstance(e, storage.USAGE_ERRORS) else EXIT_ERROR)
   if meta is not None:
     logging.info(
       "wrote %d latents %s in %d shards to %s; channel std %s",

@@ -94,9 +94,8 @@ def from_config(
   also validates the data block (paths exist, sizes fit). ``platform`` (the devices' platform,
   e.g. 'cpu', 'gpu', 'tpu'; None: unknown) also checks that ``model.attention`` can run there.
   """
-  problems: list[str] = config_schema.validate(config)  # types and ranges, field by field
-  if problems:  # the checks below assume well-typed values
-    raise config_schema.InvalidConfigError(problems)
+  config_schema.check(config)  # types and ranges first: the checks below assume them
+  problems: list[str] = []
 
   def attempt(fn):
     try:

@@ -78,7 +78,7 @@ def main(argv):
   from dfm_jax import cli_errors  # pylint: disable=g-import-not-at-top
 
   debug = FLAGS.debug or cli_errors.debug_requested()
-  from dfm_jax import config_schema, storage, train  # pylint: disable=g-import-not-at-top
+  from dfm_jax import storage, train  # pylint: disable=g-import-not-at-top
 
   try:
     storage.preflight(FLAGS.config, workdir=FLAGS.workdir)  # seconds, before any heavy work
@@ -95,8 +95,7 @@ def main(argv):
     if debug:
       raise
     print(f"error: {_message(e)}", file=sys.stderr, flush=True)
-    usage = (config_schema.InvalidConfigError, storage.CloudAccessError)
-    sys.exit(EXIT_USAGE if isinstance(e, usage) else EXIT_ERROR)
+    sys.exit(EXIT_USAGE if isinstance(e, storage.USAGE_ERRORS) else EXIT_ERROR)
 
 
 def _message(e: BaseException) -> str:

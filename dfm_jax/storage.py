@@ -21,6 +21,10 @@ class CloudAccessError(OSError):
   """A ``gs://`` path that cannot be reached from here (no credentials)."""
 
 
+# Bad input rather than a failure: the command lines exit 2 on these, as on a bad flag.
+USAGE_ERRORS = (config_schema.InvalidConfigError, CloudAccessError)
+
+
 def is_remote(path: str | os.PathLike) -> bool:
   """True for a URL (``gs://``, ``s3://``, ...), False for a local path."""
   return "://" in os.fspath(path)

@@ -195,11 +195,6 @@ def train_classifier(
   return nnx.merge(graphdef, params)
 
 
-def cache_dir() -> Path:
-  """The cache root: ``$DFM_JAX_CACHE`` if set, else ``~/.cache/dfm_jax``."""
-  return storage.cache_dir()
-
-
 def _fingerprint(images: np.ndarray, labels: np.ndarray, config: TrainConfig) -> str:
   h = hashlib.sha256()
   h.update(np.ascontiguousarray(images).tobytes())
@@ -257,7 +252,7 @@ def get_classifier(
   images = _check_images(train_images_uint8)
   labels = np.asarray(train_labels)
   fingerprint = _fingerprint(images, labels, config)
-  path = cache_dir() / "classifier" / f"{name}.npz"
+  path = storage.cache_dir() / "classifier" / f"{name}.npz"
   if path.exists():
     return Classifier(_load(path, fingerprint))
   model = train_classifier(images, labels, config)

@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dfm_jax import storage
 from dfm_jax.evaluation import inception, metrics, weights
 
 __all__ = [
@@ -154,7 +155,7 @@ def reference_path(key: str) -> Path:
   """Where the reference statistics cached under ``key`` live."""
   if not _KEY_PATTERN.match(key):
     raise ValueError(f"reference key {key!r} must match {_KEY_PATTERN.pattern}")
-  return weights.cache_dir() / "fid_stats" / f"{key}.npz"
+  return storage.cache_dir() / "fid_stats" / f"{key}.npz"
 
 
 def reference_statistics(key: str, real_uint8=None, batch_size: int = 50, params=None) -> dict:

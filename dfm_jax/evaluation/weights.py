@@ -44,14 +44,9 @@ WEIGHTS_FILE = "inception-2015-12-05.npz"
 FETCH_COMMAND = "python -m dfm_jax.evaluation.weights"
 
 
-def cache_dir() -> Path:
-  """``$DFM_JAX_CACHE`` if set, else ``~/.cache/dfm_jax``."""
-  return storage.cache_dir()
-
-
 def weights_path() -> Path:
   """Where the converted Inception weights live."""
-  return cache_dir() / WEIGHTS_FILE
+  return storage.cache_dir() / WEIGHTS_FILE
 
 
 def convert_torch_file(path) -> dict:
