@@ -173,6 +173,14 @@ class Checkpointer:
       self.manager.close()
 
   def _save_error(self, step: int | None, cause: BaseException) -> CheckpointSaveError:
+    what = f"step {step}" if step is not None else "a step"
+    return self.write_error(f"saving checkpoint {what} to {self.directory}", cause, step)
+
+  def write_error(
+    self, what: str, cause: BaseException, step: int | None = None
+  ) -> CheckpointSaveError:
+    """``"<what> failed: <cause>; the newest complete checkpoint is step N"``: one line for a
+    failed write of the run (a checkpoint, or logs and sample grids on a disk that filled up)."""
     try:
       self.manager.reload()
       good = self.manager.latest_step()
@@ -183,12 +191,10 @@ class Checkpointer:
       if good is not None
       else "there is no complete checkpoint"
     )
-    what = f"step {step}" if step is not None else "a step"
     reason = _one_line(cause)
-    if _disk_full(cause):
+    if disk_full(cause):
       reason = f"the disk is full ({reason})"
-    message = f"saving checkpoint {what} to {self.directory} failed: {reason}; {last}"
-    return CheckpointSaveError(message, step)
+    return CheckpointSaveError(f"{what} failed: {reason}; {last}", step)
 
   # ---------------------------------------------------------------------------------- restore
 
@@ -565,7 +571,7 @@ def _move_dir(source: epath.Path, target: epath.Path) -> None:
   source.rmtree()
 
 
-def _disk_full(error: BaseException) -> bool:
+def disk_full(error: BaseException) -> bool:
   """ENOSPC anywhere in the cause chain, as Python or as TensorStore reports it."""
   seen = 0
   while error is not None and seen < 10:

@@ -78,7 +78,7 @@ def main(argv):
   from dfm_jax import cli_errors  # pylint: disable=g-import-not-at-top
 
   debug = FLAGS.debug or cli_errors.debug_requested()
-  from dfm_jax import storage, train  # pylint: disable=g-import-not-at-top
+  from dfm_jax import checkpoint, storage, train  # pylint: disable=g-import-not-at-top
 
   try:
     storage.preflight(FLAGS.config, workdir=FLAGS.workdir)  # seconds, before any heavy work
@@ -95,6 +95,12 @@ def main(argv):
     if debug:
       raise
     print(f"error: {_message(e)}", file=sys.stderr, flush=True)
+    if isinstance(e, checkpoint.CheckpointSaveError):
+      # The failed save's abandoned write tasks would print tracebacks at interpreter shutdown,
+      # after this line; the lock is released and every file closed, so leave at once.
+      logging.flush()
+      sys.stdout.flush()
+      os._exit(EXIT_ERROR)  # pylint: disable=protected-access
     sys.exit(EXIT_USAGE if isinstance(e, storage.USAGE_ERRORS) else EXIT_ERROR)
 
 
@@ -112,6 +118,9 @@ class _QuietLibraries(std_logging.Filter):
   is reported as one ``error: ...`` line; ``--debug`` keeps the traceback)."""
 
   def filter(self, record):
+    if record.name == "asyncio" and "never retrieved" in record.getMessage():
+      # an abandoned write of a failed save (reported as the error line); --debug keeps it
+      return "orbax" not in record.getMessage() or _debug()
     noisy = any(name in record.pathname for name in ("orbax", "grain", "tensorstore"))
     if noisy and record.exc_info and not _debug():
       record.exc_info, record.exc_text = None, None

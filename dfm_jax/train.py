@@ -232,7 +232,13 @@ def _train_locked(run: Run) -> nnx.State:
         state = init_from.apply(source, run, state)
     else:
       logging.info("resuming from checkpoint at step %d", start)
-    return _loop(run, ckpt, data_iter, state, start)
+    try:
+      return _loop(run, ckpt, data_iter, state, start)
+    except OSError as e:  # logs or a sample grid on a disk that filled up
+      if not checkpoint.disk_full(e):
+        raise
+      ckpt.wait()  # a save still in flight reports its own failure first
+      raise ckpt.write_error(f"writing the run's logs and samples to {workdir}", e) from e
   finally:
     ckpt.close()
 
@@ -289,6 +295,7 @@ def _loop(run: Run, ckpt: checkpoint.Checkpointer, data_iter, state, start: int)
   pending: list[tuple[int, dict]] = []
   data_wait, t_last, step_last = 0.0, time.time(), start
   batch_local = first
+  failure = None
   try:
     for step in range(start, config.total_steps):
       if profile and step + 1 == profile[0]:
@@ -357,9 +364,18 @@ def _loop(run: Run, ckpt: checkpoint.Checkpointer, data_iter, state, start: int)
         ckpt.wait()
         logging.warning("%s: saved a checkpoint at step %d, exiting", signals.received, done)
         raise Preempted(done, signals.received)
+  except BaseException as e:
+    failure = e
+    raise
   finally:
-    writer.close()
     signals.restore()
+    try:
+      writer.close()
+    except OSError as e:
+      if failure is None:
+        raise
+      # A full disk also fails the writer's last flush; that must not hide the first error.
+      logging.warning("TensorBoard's last events were not written: %s", e)
   return state
 
 

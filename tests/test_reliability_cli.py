@@ -280,6 +280,19 @@ def test_failed_save_stops_the_run_and_keeps_the_last_good_checkpoint(reference,
   assert not os.path.exists(os.path.join(workdir, ".lock"))
 
 
+def test_a_disk_full_between_checkpoints_names_the_last_good_one(tmp_path):
+  """A sample grid hits the full disk (injected by tests/fault_hooks/sitecustomize.py) while step
+  4 is being saved: the save finishes and is named."""
+  workdir = str(tmp_path / "run")
+  cmd = main_command(workdir, *FLAGS, "--config.sample_every=4")
+  pythonpath = os.pathsep.join(p for p in (FAULT_HOOKS, os.environ.get("PYTHONPATH")) if p)
+  proc = _run(cmd, {"PYTHONPATH": pythonpath, "DFM_TEST_FULL_DISK_FOR_IMAGES": "1"})
+  check_row("disk-full-images", cmd, proc.returncode, _error_line(proc.stderr), workdir=workdir)
+  assert _steps(workdir) == [2, 4]
+  assert read_checkpoint(workdir, 4)
+  assert not os.path.exists(os.path.join(workdir, ".lock"))
+
+
 def test_a_real_full_disk_names_the_last_good_checkpoint(tmp_path):
   """The workdir on a 1.5 MB tmpfs: the first checkpoint fits, a later one does not (the
   fault-hook test above injects the error; this one fills a real file system)."""
@@ -299,7 +312,6 @@ def test_a_real_full_disk_names_the_last_good_checkpoint(tmp_path):
       cmd,
       proc.returncode,
       _error_line(proc.stderr),
-      checkpoints=os.path.join(workdir, "checkpoints"),
       step=steps[-1],
     )
     assert read_checkpoint(workdir, steps[-1])  # the named step is intact and readable
