@@ -109,6 +109,7 @@ DATA = {
   "frame_stride": count(),
   "num_videos": count(),
   "num_digits": count(),
+  "synthetic_examples": count(),
 }
 
 SCHEMA: dict[str, Field] = {

@@ -45,6 +45,7 @@ keys.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 
 from flax import nnx
@@ -98,6 +99,30 @@ def shipped_weights(kind: str) -> str:
   return folder
 
 
+# ``autoencoder.weights`` value for a smoke test without the real weights (the runlocal variant
+# of a config whose weights are not on this machine): see `stand_in`.
+STAND_IN = "stand-in"
+
+
+def stand_in(kind: str) -> Autoencoder:
+  """A small randomly initialised KL autoencoder with ``kind``'s latent channels and
+  downsampling (and latent scaling): the shapes and code paths of ``kind`` at a fraction of its
+  cost, for smoke tests. Its decoded samples are not images."""
+  real = nnx.eval_shape(lambda: build(kind, None))
+  levels = int(real.downsample).bit_length()  # downsample 2 ** (levels - 1)
+  return kl.build_kl(
+    "kl",
+    None,
+    latent_channels=int(real.latent_channels),
+    block_out_channels=(16,) * levels,
+    layers_per_block=1,
+    norm_groups=8,
+    mid_attention=False,
+    use_quant_conv=False,
+    use_post_quant_conv=False,
+  )
+
+
 def build(kind: str, weights_path: str | os.PathLike | None, **options) -> Autoencoder:
   """The autoencoder registered as `kind` with the weights at `weights_path`.
 
@@ -123,6 +148,14 @@ def from_config(ae_config) -> Autoencoder:
       "--config.autoencoder.kind=taef2 --config.autoencoder.weights=DIR"
     )
   weights = ae_config.get("weights", "")
+  if weights == STAND_IN:
+    logging.warning(
+      "autoencoder.weights=%r: a small random autoencoder with %s's latent shape stands in "
+      "(a smoke test: decoded samples are not images)",
+      STAND_IN,
+      kind,
+    )
+    return stand_in(kind)
   if not weights and kind not in SHIPPED:
     raise ValueError(f"autoencoder.weights is empty; give the {kind} weight file or folder")
   weights = weights or shipped_weights(kind)

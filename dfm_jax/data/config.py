@@ -32,6 +32,7 @@ _DEFAULTS: dict[str, Any] = dict(
   frame_stride=1,  # video_folder: take every frame_stride-th source frame
   num_videos=10_000,  # moving_digits: dataset length (procedural, deterministic per index)
   num_digits=1,  # moving_digits: digits per video (the label is the first one's class)
+  synthetic_examples=1024,  # synthetic, synthetic_latents: dataset length
 )
 
 

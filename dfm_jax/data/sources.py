@@ -510,6 +510,37 @@ class VideoFolderVideos(DataSource):
     return VideoClips(data)
 
 
+@SOURCES.register("synthetic")
+class Synthetic(DataSource):
+  """Generated images (`data.frames` > 0: videos) with the config's resolution, channels and
+  classes, `data.synthetic_examples` of them (`synthetic.py`): smoke tests without the data.
+  Splits give the same elements."""
+
+  video = None  # images or videos, by data.frames
+
+  @classmethod
+  def validate(cls, data):
+    count = get(data, "synthetic_examples")
+    if not isinstance(count, int) or count < 1:
+      fail("synthetic_examples", f"must be an int >= 1, got {count!r}")
+
+  @classmethod
+  def open(cls, data, split=None):
+    from dfm_jax.data.synthetic import SyntheticSource  # pylint: disable=g-import-not-at-top
+
+    resolution, channels, frames = (get(data, k) for k in ("resolution", "channels", "frames"))
+    shape = (frames,) * bool(frames) + (resolution, resolution, channels)
+    count = get(data, "synthetic_examples")
+    return SyntheticSource(shape, get(data, "num_classes"), count, cls.pixels)
+
+
+@SOURCES.register("synthetic_latents")
+class SyntheticLatents(Synthetic):
+  """As `synthetic`, float32 latents on the `data.resolution` grid with `data.channels`."""
+
+  pixels = False
+
+
 def source_class(data) -> type[DataSource]:
   """The registered class of `data.source`."""
   try:
