@@ -54,7 +54,7 @@ from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from dfm_jax import checksums
+from dfm_jax import checksums, storage
 
 MANIFEST_FORMAT = "dfm_jax.checkpoint_integrity/1"
 CHECKSUM_ALGORITHM = "fmix32-sum-x2/1"
@@ -560,14 +560,7 @@ def _move_dir(source: epath.Path, target: epath.Path) -> None:
     source.rename(target)
     return
 
-  def copy(src: epath.Path, dst: epath.Path) -> None:
-    for p in src.iterdir():
-      if p.is_dir():
-        copy(p, dst / p.name)
-      else:
-        p.copy(dst / p.name, overwrite=True)
-
-  copy(source, target)
+  storage.copy_tree(source, target)
   source.rmtree()
 
 

@@ -272,11 +272,10 @@ def to_display(samples: np.ndarray, config) -> np.ndarray:
   if data_lib.source_class(config.data).pixels:
     return reporting.to_uint8(samples)
   samples = np.asarray(samples)
-  autoencoder = config.get("autoencoder", None)
-  if autoencoder is not None and autoencoder.get("kind", ""):
+  ae = display_autoencoder(config)
+  if ae is not None:
     from dfm_jax import autoencoders  # pylint: disable=g-import-not-at-top
 
-    ae = _autoencoder(config.autoencoder)
     return reporting.to_uint8(
       autoencoders.decode_batched(ae, samples, int(config.autoencoder.batch_size))
     )
@@ -289,10 +288,15 @@ def to_display(samples: np.ndarray, config) -> np.ndarray:
 _AUTOENCODERS: dict = {}
 
 
-def _autoencoder(ae_config):
-  """The config's autoencoder, loaded once per process (grids are decoded repeatedly)."""
-  from dfm_jax import autoencoders  # pylint: disable=g-import-not-at-top
+def display_autoencoder(config):
+  """The autoencoder that decodes latent samples for display (``config.autoencoder``), loaded
+  once per process; None for pixel data or latents without one. Training and sampling call it
+  first, so that missing or damaged weights stop a run before it trains or samples."""
+  from dfm_jax import autoencoders, data as data_lib  # pylint: disable=g-import-not-at-top
 
+  ae_config = config.get("autoencoder", None)
+  if data_lib.source_class(config.data).pixels or not (ae_config and ae_config.get("kind", "")):
+    return None
   key = json.dumps(ae_config.to_dict(), sort_keys=True, default=str)
   if key not in _AUTOENCODERS:
     _AUTOENCODERS[key] = autoencoders.from_config(ae_config)
@@ -422,6 +426,7 @@ def sample_mode(config: ml_collections.ConfigDict, workdir: str) -> str:
   run, ema, step = restore_ema(config, workdir, int(config.sampler.checkpoint_step))
   if jax.process_index() == 0:
     check_writable(epath.Path(workdir) / "samples")  # before the sampling, not after it
+  display_autoencoder(config)  # its weights too
   s = config.sampler
   samples, labels = sample_images(run, ema, int(s.num_samples), int(s.batch_size), config.seed + 1)
   pictures = to_display(samples, config)

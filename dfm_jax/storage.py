@@ -1,5 +1,7 @@
 """Paths that may be local or in a bucket (``gs://...``), and the checks a run makes on them
-before any heavy work: placeholders refused by name, cloud credentials present.
+before any heavy work: placeholders refused by name, cloud credentials present. Also the one
+tree copy between any two such paths, and weights fetched from where users keep them
+(`local_copy`: a local path, ``gs://``, or the Hugging Face Hub at a pinned revision).
 
 Without credentials a first ``gs://`` access spends a minute or more in retries before it
 fails with a traceback; `preflight` answers in about a second instead.
@@ -7,8 +9,10 @@ fails with a traceback; `preflight` answers in about a second instead.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
+import shutil
 from pathlib import Path
 
 from dfm_jax import config_schema
@@ -93,3 +97,82 @@ def enable_compilation_cache(config) -> None:
 
   jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "xla"))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def copy_tree(source, target) -> None:
+  """Copies a file or a folder (recursively) between local or ``gs://`` paths (etils.epath),
+  overwriting files of the same name."""
+  from etils import epath  # pylint: disable=g-import-not-at-top
+
+  source, target = epath.Path(source), epath.Path(target)
+  if not source.is_dir():
+    target.parent.mkdir(parents=True, exist_ok=True)
+    source.copy(target, overwrite=True)
+    return
+  target.mkdir(parents=True, exist_ok=True)
+  for p in source.iterdir():
+    copy_tree(p, target / p.name)
+
+
+HUB = "hf://"  # hf://OWNER/REPO@REVISION[/PATH]: a file (or, without PATH, the repository)
+
+
+def local_copy(spec: str, field: str) -> str:
+  """A local path holding the weights that config field ``field`` names as ``spec``.
+
+  - a local path (or ''): returned as it is (the caller checks it);
+  - ``gs://...`` (any etils.epath URL): copied once into ``cache_dir()/weights/`` and reused;
+  - ``hf://OWNER/REPO@REVISION/PATH``: the file PATH of that Hugging Face Hub repository at
+    that revision (a commit hash or tag: pinned, so a run is reproducible), downloaded once
+    into ``cache_dir()/hub`` (huggingface_hub; ``HF_HUB_OFFLINE=1`` uses the cache only);
+    without ``/PATH``, the whole repository (a folder).
+
+  Raises FileNotFoundError or ValueError naming ``field`` when it cannot be fetched.
+  """
+  if not spec or not is_remote(spec):
+    return spec
+  if spec.startswith(HUB):
+    return _from_hub(spec, field)
+  from etils import epath  # pylint: disable=g-import-not-at-top
+
+  source = epath.Path(spec)
+  target = cache_dir() / "weights" / hashlib.sha256(spec.encode()).hexdigest()[:16] / source.name
+  if target.exists():
+    return str(target)
+  if not source.exists():
+    raise FileNotFoundError(f"{field}: {spec} does not exist")
+  partial = target.parent / f".{target.name}.partial-{os.getpid()}"
+  try:
+    copy_tree(source, partial)
+    os.replace(partial, target)  # whole or absent: an interrupted copy is never reused
+  finally:
+    if partial.is_dir():
+      shutil.rmtree(partial, ignore_errors=True)
+    elif partial.exists():
+      partial.unlink()
+  return str(target)
+
+
+def _from_hub(spec: str, field: str) -> str:
+  repo, _, path = spec[len(HUB) :].partition("/")  # OWNER
+  name, _, rest = path.partition("/")  # REPO@REVISION, PATH
+  repo_id, _, revision = f"{repo}/{name}".partition("@")
+  if not revision or repo_id.count("/") != 1 or not all(repo_id.split("/")):
+    raise ValueError(
+      f"{field}: {spec!r} is not hf://OWNER/REPO@REVISION[/PATH]; pin a revision (a commit "
+      "hash or tag) so that the run can be reproduced"
+    )
+  try:
+    import huggingface_hub  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ValueError(f"{field}: {spec} needs huggingface_hub (pip install huggingface_hub)") from e
+  hub_cache = str(cache_dir() / "hub")
+  try:
+    if rest:
+      return huggingface_hub.hf_hub_download(repo_id, rest, revision=revision, cache_dir=hub_cache)
+    return huggingface_hub.snapshot_download(repo_id, revision=revision, cache_dir=hub_cache)
+  except Exception as e:  # pylint: disable=broad-except
+    reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise FileNotFoundError(
+      f"{field}: cannot fetch {spec} from the Hugging Face Hub: {reason}"
+    ) from e

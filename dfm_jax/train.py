@@ -27,7 +27,7 @@ from etils import epath
 from flax import nnx
 
 from dfm_jax import checkpoint, data as data_lib, dit, reporting, sampling, sharding
-from dfm_jax import config_defaults, init_from, workdir_lock
+from dfm_jax import config_defaults, init_from, storage, workdir_lock
 from dfm_jax.progress import format_eta
 from dfm_jax.run import Run, init_state, maybe_initialize_distributed, setup, write_json
 from dfm_jax.train_state import StepSettings, make_optimizer, train_step
@@ -169,6 +169,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> nnx.
     from dfm_jax.evaluation import evaluate  # pylint: disable=g-import-not-at-top
 
     evaluate.check_eval_config(config)
+  sampling.display_autoencoder(config)  # weights fetched and checked now, not at the first grid
   lock = _acquire_lock(workdir)
   try:
     return _train_locked(run)
@@ -391,17 +392,8 @@ def _publish_trace(trace_dir: str, workdir: str) -> None:
   """Copies a trace written to a temporary folder into ``workdir/profile`` (through epath)."""
   if "://" not in workdir:
     return
-
-  def copy(src: epath.Path, dst: epath.Path) -> None:
-    for p in src.iterdir():
-      if p.is_dir():
-        copy(p, dst / p.name)
-      else:
-        dst.mkdir(parents=True, exist_ok=True)
-        p.copy(dst / p.name, overwrite=True)
-
   try:
-    copy(epath.Path(trace_dir), epath.Path(workdir) / "profile")
+    storage.copy_tree(trace_dir, epath.Path(workdir) / "profile")
   finally:
     shutil.rmtree(trace_dir, ignore_errors=True)
 

@@ -233,3 +233,20 @@ def test_latent_shards_on_gs_feed_the_train_iterator(gcs):
   expected = np.argsort(stored[:, 0, 0, 0])
   np.testing.assert_array_equal(batch["image"][order], stored[expected])
   np.testing.assert_array_equal(batch["label"][order], labels[expected])
+
+
+def test_autoencoder_weights_from_gs_are_fetched_once(gcs, tmp_path, monkeypatch):
+  from dfm_jax import autoencoders, storage  # pylint: disable=g-import-not-at-top
+
+  monkeypatch.setenv("DFM_JAX_CACHE", str(tmp_path / "cache"))
+  remote = _path("weights", "taef2")
+  storage.copy_tree(autoencoders.shipped_weights("taef2"), remote)
+  config = {"kind": "taef2", "weights": str(remote)}
+  ae = autoencoders.from_config(config)
+  ref = autoencoders.from_config({"kind": "taef2", "weights": ""})
+  z = np.random.default_rng(0).normal(size=(1, 2, 2, 32)).astype(np.float32)
+  np.testing.assert_array_equal(np.asarray(ae.decode(z)), np.asarray(ref.decode(z)))
+  remote.rmtree()  # the second use reads the cached copy
+  assert autoencoders.from_config(config).latent_channels == 32
+  (cached,) = (tmp_path / "cache" / "weights").iterdir()
+  assert set(autoencoders.SHIPPED["taef2"]) <= set(os.listdir(cached / "taef2"))

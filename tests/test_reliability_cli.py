@@ -349,6 +349,26 @@ def test_bad_config_value_is_one_line_and_writes_nothing(tmp_path, case, overrid
   assert os.listdir(tmp_path) == []
 
 
+def test_missing_autoencoder_weights_are_refused_before_training(tmp_path):
+  weights = str(tmp_path / "no_such_weights")
+  cmd = [
+    sys.executable,
+    "-m",
+    "dfm_jax.main",
+    f"--config={os.path.join(REPO, 'configs', 'latent_demo.py')}:runlocal",
+    f"--workdir={tmp_path / 'run'}",
+    f"--config.autoencoder.weights={weights}",
+  ]
+  pythonpath = os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p)
+  proc = subprocess.run(  # from tmp_path: the demo's latents are not there (synthetic ones)
+    cmd, cwd=tmp_path, env={**env(), "PYTHONPATH": pythonpath}, capture_output=True, text=True
+  )
+  check_row(
+    "missing-autoencoder-weights", cmd, proc.returncode, _error_line(proc.stderr), path=weights
+  )
+  assert os.listdir(tmp_path) == []
+
+
 VARIANT_CONFIG = """from dfm_jax.config_defaults import parse_variants
 
 

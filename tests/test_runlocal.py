@@ -34,7 +34,10 @@ def test_runlocal_trains_saves_and_samples_anywhere(name, tmp_path):
       "--config.sample_every=6",
     ],
     cwd=tmp_path,  # relative data paths (the latent demo's) are not here either
-    env={**env(), "PYTHONPATH": os.pathsep.join(filter(None, (REPO, os.environ.get("PYTHONPATH"))))},
+    env={
+      **env(),
+      "PYTHONPATH": os.pathsep.join(filter(None, (REPO, os.environ.get("PYTHONPATH")))),
+    },
     capture_output=True,
     text=True,
     timeout=600,

@@ -20,7 +20,11 @@ def _data(**fields):
     (dict(source="synthetic", resolution=16, channels=3), (16, 16, 3), np.uint8),
     (dict(source="synthetic", resolution=8, channels=1, frames=3), (3, 8, 8, 1), np.uint8),
     (dict(source="synthetic_latents", resolution=8, channels=16), (8, 8, 16), np.float32),
-    (dict(source="synthetic_latents", resolution=4, channels=4, frames=2), (2, 4, 4, 4), np.float32),
+    (
+      dict(source="synthetic_latents", resolution=4, channels=4, frames=2),
+      (2, 4, 4, 4),
+      np.float32,
+    ),
   ],
 )
 def test_synthetic_elements_have_the_configs_shape_and_classes(fields, shape, dtype):

@@ -50,6 +50,7 @@ import os
 
 from flax import nnx
 
+from dfm_jax import storage
 from dfm_jax.autoencoders.base import AUTOENCODERS, Autoencoder
 from dfm_jax.autoencoders.base import decode_clips, encode_clips, encodes_clips
 from dfm_jax.autoencoders import kl as kl  # noqa: F401  (registers the KL family)
@@ -140,7 +141,10 @@ def build(kind: str, weights_path: str | os.PathLike | None, **options) -> Autoe
 
 def from_config(ae_config) -> Autoencoder:
   """The autoencoder of a config's ``autoencoder`` block (``kind``, ``weights``, ``scale``,
-  ``shift``); ValueError / FileNotFoundError naming the field when it is incomplete."""
+  ``shift``); ValueError / FileNotFoundError naming the field when it is incomplete.
+
+  ``weights``: a local file or folder, ``gs://...``, ``hf://OWNER/REPO@REVISION/PATH`` (see
+  `storage.local_copy`), empty for the weights shipped with the package, or `STAND_IN`."""
   kind = ae_config.get("kind", "")
   if not kind:
     raise ValueError(
@@ -158,7 +162,7 @@ def from_config(ae_config) -> Autoencoder:
     return stand_in(kind)
   if not weights and kind not in SHIPPED:
     raise ValueError(f"autoencoder.weights is empty; give the {kind} weight file or folder")
-  weights = weights or shipped_weights(kind)
+  weights = storage.local_copy(weights, "autoencoder.weights") or shipped_weights(kind)
   if not os.path.exists(weights):
     raise FileNotFoundError(f"autoencoder.weights: {weights!r} does not exist")
   options = {k: float(ae_config[k]) for k in ("scale", "shift") if ae_config.get(k) is not None}

@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from dfm_jax import storage
 from dfm_jax.registry import Registry
 
 METRICS: Registry = Registry("metric")
@@ -149,7 +150,7 @@ class FDD(Metric):
 
   @classmethod
   def check_config(cls, config) -> list[str]:
-    path = config.eval.get("fdd_weights", "")
+    path = storage.local_copy(config.eval.get("fdd_weights", ""), "eval.fdd_weights")
     if path and not os.path.isfile(path):
       return [
         f"eval.fdd_weights: file {path!r} does not exist (an official DINOv2 checkpoint, "
@@ -165,7 +166,7 @@ class FDD(Metric):
   def compute(self, ctx):
     from dfm_jax.evaluation import dinov2  # pylint: disable=g-import-not-at-top
 
-    model = dinov2.load_dinov2(ctx.config.eval.fdd_weights)
+    model = dinov2.load_dinov2(storage.local_copy(ctx.config.eval.fdd_weights, "eval.fdd_weights"))
     fake = dinov2.dinov2_features(model, ctx.fake)
     real = dinov2.dinov2_features(model, ctx.real())
     return {"fdd": dinov2.frechet_distance_of_features(fake, real)}
@@ -286,7 +287,7 @@ class FVD(Metric):
 
   @classmethod
   def check_config(cls, config) -> list[str]:
-    path = config.eval.i3d_weights
+    path = storage.local_copy(config.eval.i3d_weights, "eval.i3d_weights")
     if path and not os.path.isfile(path):
       return [
         f"eval.i3d_weights: file {path!r} does not exist (the Kinetics-400 I3D state "
@@ -297,7 +298,7 @@ class FVD(Metric):
   def compute(self, ctx):
     from dfm_jax.evaluation import i3d  # pylint: disable=g-import-not-at-top
 
-    model = i3d.load_i3d(ctx.config.eval.i3d_weights)
+    model = i3d.load_i3d(storage.local_copy(ctx.config.eval.i3d_weights, "eval.i3d_weights"))
     batch = int(ctx.config.eval.i3d_batch)
     fake = i3d.i3d_features(model, fvd_clips(ctx.fake, i3d.NUM_FRAMES), batch)
     real = i3d.i3d_features(model, fvd_clips(ctx.real(), i3d.NUM_FRAMES), batch)
