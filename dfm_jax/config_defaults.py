@@ -38,6 +38,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3
   c.num_grid_samples = 40  # images in each periodic sample grid
   c.stop_on_nonfinite = True
+  # Multi-process runs: every this many steps the processes compare their stop signals (SIGTERM,
+  # Ctrl-C), so that all of them save the same step however the signal reached them; each
+  # comparison waits for the devices once. Single-process runs check after every step.
+  c.preemption_check_every = 10
   # JAX's persistent compilation cache in $DFM_JAX_CACHE/xla (default ~/.cache/dfm_jax/xla): a
   # restart or a second sample run does not compile again (dfm_jax/storage.py).
   c.compilation_cache = True

@@ -123,6 +123,7 @@ SCHEMA: dict[str, Field] = {
   "keep_checkpoints": count(),  # 0 would delete every checkpoint
   "num_grid_samples": count(),
   "stop_on_nonfinite": FLAG,
+  "preemption_check_every": count(),
   "compilation_cache": FLAG,
   "profile_steps": items(count(0), check=_profile_steps),
   "init_from": TEXT,

@@ -111,15 +111,37 @@ def lower_step(run: Run, local_batch_shape: dict) -> jax.stages.Lowered:
 
 
 class _Signals:
-  """Turns SIGTERM and Ctrl-C (SIGINT) into a flag the loop checks after each step."""
+  """Turns SIGTERM and Ctrl-C (SIGINT) into a stop the loop acts on after a step.
 
-  def __init__(self):
-    self.received: str | None = None
+  On a multi-process run a signal reaches the processes at different steps (or only one of
+  them), but a checkpoint save is collective: every process must save the same step. So the
+  processes act only on an agreed stop: every ``every`` steps they all-gather their flags, and a
+  flag raised anywhere stops all of them after that step.
+  """
+
+  _CODES = {None: 0, "SIGTERM": 1, "SIGINT": 2}
+
+  def __init__(self, every: int = 1):
+    self.received: str | None = None  # this process's signal
+    self.every = every if jax.process_count() > 1 else 1
     self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
 
   def _handle(self, signum, frame):
     del frame
     self.received = signal.Signals(signum).name
+
+  def agreed(self, step: int) -> str | None:
+    """The signal all processes stop for after ``step`` (None: go on); the same answer on every
+    process (a collective on multi-process runs, at the steps that are multiples of ``every``)."""
+    if jax.process_count() == 1:
+      return self.received
+    if step % self.every:
+      return None
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
+    codes = multihost_utils.process_allgather(np.int32(self._CODES[self.received]))
+    code = int(np.max(codes))
+    return next((name for name, c in self._CODES.items() if c == code and c), None)
 
   def restore(self):
     for s, handler in self._previous.items():
@@ -292,7 +314,7 @@ def _loop(run: Run, ckpt: checkpoint.Checkpointer, data_iter, state, start: int)
   sample_fn = sampling.make_sample_fn(run.ema_graphdef(), run.exp, previews=True)
   grid_labels = sampling.class_cycle_labels(config.num_grid_samples, config.data.num_classes)
   profile = tuple(int(v) for v in config.profile_steps)
-  signals = _Signals()
+  signals = _Signals(int(config.preemption_check_every))
   pending: list[tuple[int, dict]] = []
   data_wait, t_last, step_last = 0.0, time.time(), start
   batch_local = first
@@ -313,6 +335,7 @@ def _loop(run: Run, ckpt: checkpoint.Checkpointer, data_iter, state, start: int)
       done = step + 1
       pending.append((done, metrics))
       last = done == config.total_steps
+      stop = signals.agreed(done)
       if profile and done == profile[-1]:
         jax.block_until_ready(state)
         jax.profiler.stop_trace()
@@ -324,7 +347,7 @@ def _loop(run: Run, ckpt: checkpoint.Checkpointer, data_iter, state, start: int)
         done % config.log_every == 0
         or last
         or done % config.checkpoint_every == 0
-        or signals.received
+        or stop
       ):
         _check_finite(pending)
       if done % config.log_every == 0 or last:
@@ -354,17 +377,17 @@ def _loop(run: Run, ckpt: checkpoint.Checkpointer, data_iter, state, start: int)
           )
         t_last, step_last, data_wait = now, done, 0.0
         pending = []
-      if done % config.checkpoint_every == 0 or last or signals.received:
+      if done % config.checkpoint_every == 0 or last or stop:
         ckpt.save(done, state, data_iter)
       ckpt.check()
       if done % config.sample_every == 0:
         _write_samples(run, sample_fn, state, grid_labels, done, writer)
       if config.eval.every and done % int(config.eval.every) == 0:
         _small_eval(run, state, done, writer)
-      if signals.received:
+      if stop:
         ckpt.wait()
-        logging.warning("%s: saved a checkpoint at step %d, exiting", signals.received, done)
-        raise Preempted(done, signals.received)
+        logging.warning("%s: saved a checkpoint at step %d, exiting", stop, done)
+        raise Preempted(done, stop)
   except BaseException as e:
     failure = e
     raise

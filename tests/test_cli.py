@@ -146,36 +146,80 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
+def _two_processes(workdir: str, logs, **flags) -> list[subprocess.Popen]:
+  """The same training command as processes 0 and 1 of one run, 2 CPU devices each (gloo);
+  their output goes to the files ``logs``."""
+  port = _free_port()
+  procs = []
+  for pid in range(2):
+    args = tiny_flags(
+      mesh__shape=(1, 4, 1),
+      distributed__initialize=True,
+      distributed__coordinator_address=f"127.0.0.1:{port}",
+      distributed__num_processes=2,
+      distributed__process_id=pid,
+      **flags,
+    )
+    procs.append(
+      subprocess.Popen(
+        main_command(workdir, *args),
+        cwd=REPO,
+        env=env(2),
+        stdout=open(logs[pid], "w"),  # pylint: disable=consider-using-with
+        stderr=subprocess.STDOUT,
+        text=True,
+      )
+    )
+  return procs
+
+
+def _wait_all(procs, logs) -> list[str]:
+  for p in procs:
+    p.wait(timeout=600)
+  return [open(log).read() for log in logs]
+
+
 def test_two_processes_agree_with_one(reference_run, tmp_path):
   """Two local processes x 2 CPU devices (gloo collectives) vs one process x 4 devices."""
   steps = 4
   single = str(tmp_path / "single")
   run_main(single, *tiny_flags(total_steps=steps, mesh__shape=(1, 4, 1)), devices=4)
   multi = str(tmp_path / "multi")
-  port = _free_port()
-  procs = []
-  for pid in range(2):
-    flags = tiny_flags(
-      total_steps=steps,
-      mesh__shape=(1, 4, 1),
-      distributed__initialize=True,
-      distributed__coordinator_address=f"127.0.0.1:{port}",
-      distributed__num_processes=2,
-      distributed__process_id=pid,
-    )
-    procs.append(
-      subprocess.Popen(
-        main_command(multi, *flags),
-        cwd=REPO,
-        env=env(2),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-      )
-    )
-  outputs = [p.communicate(timeout=600)[0] for p in procs]
-  for p, out in zip(procs, outputs):
+  logs = [tmp_path / f"p{i}.log" for i in range(2)]
+  procs = _two_processes(multi, logs, total_steps=steps)
+  for p, out in zip(procs, _wait_all(procs, logs)):
     assert p.returncode == 0, out[-3000:]
+  got, want = read_checkpoint(multi, steps), read_checkpoint(single, steps)
+  for key in want:
+    np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-6, err_msg=key)
+
+
+def test_sigterm_to_one_process_stops_both_at_one_step_and_resumes_exactly(tmp_path):
+  """A preemption notice that reaches one host of a pod: both processes save the same step
+  (a save is collective) and exit 75; running them again finishes equal to one process."""
+  steps = 16
+  flags = dict(total_steps=steps, checkpoint_every=1000, log_every=1, preemption_check_every=2)
+  single = str(tmp_path / "single")
+  run_main(single, *tiny_flags(mesh__shape=(1, 4, 1), **flags), devices=4)
+  multi = str(tmp_path / "multi")
+  logs = [tmp_path / f"p{i}.log" for i in range(2)]
+  procs = _two_processes(multi, logs, **flags)
+  deadline = time.time() + 300
+  while f"step 3/{steps}" not in logs[0].read_text():
+    assert time.time() < deadline and procs[0].poll() is None, logs[0].read_text()[-3000:]
+    time.sleep(0.05)
+  procs[1].send_signal(signal.SIGTERM)  # only process 1 hears it
+  outputs = _wait_all(procs, logs)
+  for p, out in zip(procs, outputs):
+    assert p.returncode == EXIT_PREEMPTED, out[-3000:]
+  (saved,) = _complete_steps(multi)
+  assert 3 <= saved < steps and saved % 2 == 0
+  for out in outputs:
+    assert f"SIGTERM: saved a checkpoint at step {saved}" in out
+  procs = _two_processes(multi, logs, **flags)
+  for p, out in zip(procs, _wait_all(procs, logs)):
+    assert p.returncode == 0, out[-3000:]
+    assert f"resuming from checkpoint at step {saved}" in out
   got, want = read_checkpoint(multi, steps), read_checkpoint(single, steps)
   for key in want:
     np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-6, err_msg=key)
