@@ -14,6 +14,7 @@ import sys
 import tarfile
 import time
 
+import numpy as np
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -32,6 +33,8 @@ if args[:4] == ["compute", "tpus", "queued-resources", "describe"]:
   print("state: " + states[min(n, len(states) - 1)])
 if args[:4] == ["compute", "tpus", "tpu-vm", "scp"]:
   shutil.copy(args[4], os.environ["GCLOUD_SHIPPED"])
+if args[:4] == ["compute", "tpus", "tpu-vm", "ssh"] and "GCLOUD_SSH_OUTPUT" in os.environ:
+  print(os.environ["GCLOUD_SSH_OUTPUT"].replace(";", "\\n"))
 """
 
 # On the worker: the system python3 (records), uv (records; `venv` makes a venv whose python
@@ -70,10 +73,11 @@ def cloud(tmp_path):
   env.pop("RUNTIME_VERSION", None)
   env.pop("GCLOUD", None)
 
-  def run(*args, states="ACTIVE", check=True):
+  def run(*args, states="ACTIVE", check=True, ssh_output=None):
+    extra = {"GCLOUD_SSH_OUTPUT": ssh_output} if ssh_output is not None else {}
     result = subprocess.run(
       ["bash", str(SCRIPT), *args],
-      env=dict(env, GCLOUD_STATES=states),
+      env=dict(env, GCLOUD_STATES=states, **extra),
       capture_output=True,
       text=True,
       timeout=120,
@@ -243,8 +247,143 @@ def test_stop_delete_kill_and_logs(cloud):
   assert _flags(logs)["--worker"] == "3" and "dfm_jax_train.log" in _flags(logs)["--command"]
 
 
+@pytest.mark.parametrize(
+  "workers, outcome",
+  [
+    ("dfm_jax_status exit 0;dfm_jax_status exit 0", "finished"),
+    ("dfm_jax_status exit 0;dfm_jax_status exit 1", "exited with 1"),
+  ],
+)
+def test_watch_ends_when_every_worker_finished_and_fails_on_a_crash(cloud, workers, outcome):
+  run, calls = cloud
+  args = ("watch", "dfm", "z", "v4-16", "configs/default.py", "gs://b/run")
+  result = run(*args, check=False, ssh_output=workers)
+  assert outcome in result.stdout + result.stderr
+  assert (result.returncode == 0) == (outcome == "finished")
+  ssh = [c for c in calls() if c[2:4] == ["tpu-vm", "ssh"]]
+  assert len(ssh) == 1 and _flags(ssh[0])["--worker"] == "all"
+
+
 def test_usage_errors_call_nothing(cloud):
   run, calls = cloud
   for args in [(), ("bogus",), ("launch", "only-a-name"), ("create", "n", "z")]:
     assert run(*args, check=False).returncode == 2
   assert not calls()
+
+
+# An emulated cloud for `run`: one worker whose home is a folder, commands sent over "ssh" run
+# there for real (the trainer is this machine's Python), and a spot preemption that kills the
+# worker's processes and wipes its disk once the run has saved PREEMPT_AT_STEP.
+EMULATED_GCLOUD = """#!{python}
+import json, os, shutil, signal, subprocess, sys
+args = sys.argv[1:]
+root = os.environ["CLOUD_ROOT"]
+home = os.path.join(root, "worker0")
+with open(os.path.join(root, "calls.log"), "a") as f:
+  f.write(json.dumps(args) + "\\n")
+flags = dict(a[2:].split("=", 1) if "=" in a else (a[2:], "") for a in args if a[:2] == "--")
+state = os.path.join(root, "state")
+
+
+def vm_gone():
+  pidfile = os.path.join(home, "dfm_jax_train.pid")
+  if os.path.exists(pidfile):
+    try:
+      os.killpg(os.getpgid(int(open(pidfile).read())), signal.SIGKILL)
+    except ProcessLookupError:
+      pass
+  shutil.rmtree(home, ignore_errors=True)
+
+
+def saved():
+  d = os.path.join(os.environ["CLOUD_WORKDIR"], "checkpoints")
+  return max([int(n) for n in os.listdir(d) if n.isdigit()] if os.path.isdir(d) else [0])
+
+
+what = args[2:4]
+if what == ["queued-resources", "create"]:
+  os.makedirs(home, exist_ok=True)
+  open(state, "w").write("ACTIVE")
+elif what == ["queued-resources", "describe"]:
+  marker = os.path.join(root, "preempted")
+  if not os.path.exists(marker) and saved() >= int(os.environ["PREEMPT_AT_STEP"]):
+    vm_gone()
+    open(marker, "w").write(str(saved()))
+    open(state, "w").write("SUSPENDED")
+  print("state: " + open(state).read())
+elif what == ["queued-resources", "delete"]:
+  vm_gone()
+  os.remove(state)
+elif what == ["tpu-vm", "scp"]:
+  shutil.copy(args[4], os.path.join(home, args[5].split(":", 1)[1]))
+elif what == ["tpu-vm", "ssh"]:
+  env = dict(os.environ, HOME=home, PATH=os.environ["WORKER_PATH"])
+  done = subprocess.run(["bash", "-c", flags["command"]], cwd=home, env=env, start_new_session=True)
+  sys.exit(done.returncode)
+"""
+
+# uv's venv: this machine's Python (with the packages installed here); installs do nothing.
+EMULATED_UV = """#!/bin/sh
+if [ "$1" = venv ]; then
+  for last; do :; done
+  mkdir -p "$last/bin"
+  printf 'export PATH="%s/bin:$PATH"\\n' "$last" > "$last/bin/activate"
+  ln -sf {python} "$last/bin/python"
+fi
+"""
+
+
+@pytest.mark.integration
+def test_run_requeues_a_preempted_spot_slice_and_ends_equal_to_an_uninterrupted_run(tmp_path):
+  from tests.train_utils import read_checkpoint, run_main  # pylint: disable=g-import-not-at-top
+
+  steps = 24
+  overrides = [f"--config.total_steps={steps}", "--config.checkpoint_every=2"]
+  reference = tmp_path / "reference"
+  run_main(str(reference), *overrides)
+
+  bin_dir, worker_bin, root = tmp_path / "bin", tmp_path / "worker_bin", tmp_path / "cloud"
+  for d in (bin_dir, worker_bin, root):
+    d.mkdir()
+  for folder, name, text in (
+    (bin_dir, "gcloud", EMULATED_GCLOUD),
+    (worker_bin, "uv", EMULATED_UV),
+    (worker_bin, "python3", "#!/bin/sh\n"),  # the system Python's pip install of uv
+  ):
+    (folder / name).write_text(text.replace("{python}", sys.executable))
+    (folder / name).chmod(0o755)
+  bucket = tmp_path / "bucket" / "run"  # the gs:// workdir: it outlives the VMs
+  env = dict(
+    os.environ,
+    PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+    WORKER_PATH=f"{worker_bin}{os.pathsep}{os.environ['PATH']}",
+    CLOUD_ROOT=str(root),
+    CLOUD_WORKDIR=str(bucket),
+    PREEMPT_AT_STEP="4",
+    POLL_SECONDS="0.3",
+    JAX_PLATFORMS="cpu",
+    XLA_FLAGS="--xla_force_host_platform_device_count=1",
+  )
+  env.pop("GCLOUD", None)
+  result = subprocess.run(
+    ["bash", str(SCRIPT), "run", "dfm", "us-central2-b", "v4-8", "configs/default.py:runlocal"]
+    + [str(bucket), "--spot", *overrides, "--config.distributed.initialize=False"],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=900,
+  )
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  assert "(preempted): queueing it again (1)" in result.stdout
+  assert "training finished on every worker of dfm" in result.stdout
+  calls = [json.loads(line) for line in (root / "calls.log").read_text().splitlines()]
+  creates = [c for c in calls if c[2:4] == ["queued-resources", "create"]]
+  assert len(creates) == 2 and all("--spot" in c for c in creates)
+  assert any(c[2:4] == ["queued-resources", "delete"] for c in calls)
+  preempted_at = int((root / "preempted").read_text())
+  assert 4 <= preempted_at < steps  # killed mid-run, after a save
+  log = (root / "worker0" / "dfm_jax_train.log").read_text()
+  assert "resuming from checkpoint at step" in log
+  got, want = read_checkpoint(str(bucket), steps), read_checkpoint(str(reference), steps)
+  for key in want:
+    np.testing.assert_array_equal(got[key], want[key], err_msg=key)
