@@ -9,6 +9,10 @@
 #       and starts the same training command on all of them (one JAX process per host,
 #       --config.distributed.initialize=True); logs to ~/dfm_jax_train.log on each worker.
 #       Launching again (after `kill`) resumes from WORKDIR's newest checkpoint.
+#   launch/tpu_vm.sh encode NAME ZONE CONFIG OUT [--config.FIELD=VALUE ...]
+#       Ships and installs as `launch` does, runs `python -m dfm_jax.encode --out=OUT` on every
+#       worker (each encodes its share of the shards; OUT a gs:// folder) and waits for it.
+#       Running it again goes on from the shards already written.
 #   launch/tpu_vm.sh run NAME ZONE ACCELERATOR CONFIG WORKDIR [--spot | --reserved] [--config...]
 #       create + launch + watch, for a job left running: every POLL_SECONDS it asks the queued
 #       resource and the trainers. A preempted slice (SUSPENDED, FAILED, ...) is deleted, queued
@@ -61,7 +65,7 @@ VENV=dfm_jax_venv             # likewise: the Python that JAX needs (the images 
 UV=uv==0.13.9                 # makes that venv (fetching the Python) and installs into it
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
-usage() { sed -n '2,31p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+usage() { sed -n '2,35p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2; exit 2; }
 die() { echo "tpu_vm.sh: $*" >&2; exit 1; }
 
 runtime_version() {  # ACCELERATOR -> the TPU software version for JAX
@@ -130,6 +134,29 @@ cmd_create() {
 cmd_launch() {
   [ $# -ge 4 ] || usage
   local name=$1 zone=$2 config=$3 workdir=$4; shift 4
+  start_job "$name" "$zone" dfm_jax.main "--config=$config" "--workdir=$workdir" \
+    --config.distributed.initialize=True "$@"
+  echo "started on all workers of $name; follow: launch/tpu_vm.sh logs $name $zone"
+}
+
+cmd_encode() {
+  [ $# -ge 4 ] || usage
+  local name=$1 zone=$2 config=$3 out=$4 status; shift 4
+  start_job "$name" "$zone" dfm_jax.encode "--config=$config" "--out=$out" \
+    --config.distributed.initialize=True "$@"
+  echo "encoding on all workers of $name (each writes its share of the shards to $out)"
+  while :; do
+    sleep "${POLL_SECONDS:-30}"
+    status=$(trainer_status "$name" "$zone")
+    case "$status" in
+      done) echo "encoded: train with --config.data.path=$out"; return 0 ;;
+      failed:* | relaunch) die "encoding on $name stopped (${status#failed:}): launch/tpu_vm.sh logs $name $zone [WORKER]; run encode again to go on" ;;
+    esac
+  done
+}
+
+start_job() {  # NAME ZONE MODULE ARGS...: ship, install, start `python -m MODULE ARGS` everywhere
+  local name=$1 zone=$2 module=$3; shift 3
   local version python_version=${PYTHON_VERSION:-3.11}
   version=$(jax_version)
   [ -n "$version" ] || die "no jax==VERSION pin in $ROOT/requirements.txt"
@@ -138,10 +165,9 @@ cmd_launch() {
   make_archive "$TMP_DIR/$ARCHIVE"
   "$GCLOUD" compute tpus tpu-vm scp "$TMP_DIR/$ARCHIVE" "$name:$ARCHIVE" --zone="$zone" --worker=all
 
-  # The training command, each argument quoted for the workers' shell.
+  # The command, each argument quoted for the workers' shell.
   local train
-  train=$(printf '%q ' python -m dfm_jax.main "--config=$config" "--workdir=$workdir" \
-    --config.distributed.initialize=True "$@")
+  train=$(printf '%q ' python -m "$module" "$@")
   "$GCLOUD" compute tpus tpu-vm ssh "$name" --zone="$zone" --worker=all --command="set -e
 if [ -f ~/$PIDFILE ] && kill -0 \$(cat ~/$PIDFILE) 2>/dev/null; then
   echo \"\$(hostname): dfm_jax is still training; launch/tpu_vm.sh kill first\" >&2; exit 1
@@ -158,7 +184,6 @@ rm -f ~/$RCFILE
 nohup bash -c $(printf '%q' "$(runner "$train")") > ~/$LOG 2>&1 < /dev/null &
 echo \$! > ~/$PIDFILE
 echo \"\$(hostname): started pid \$!, log ~/$LOG\""
-  echo "started on all workers of $name; follow: launch/tpu_vm.sh logs $name $zone"
 }
 
 split_run_args() {  # ARGS after NAME ZONE ACCELERATOR CONFIG WORKDIR -> CREATE_FLAGS, OVERRIDES
@@ -264,6 +289,6 @@ cmd_delete() {
 [ $# -ge 1 ] || usage
 command=$1; shift
 case "$command" in
-  create | launch | run | watch | logs | kill | stop | start | delete) "cmd_$command" "$@" ;;
+  create | launch | encode | run | watch | logs | kill | stop | start | delete) "cmd_$command" "$@" ;;
   *) usage ;;
 esac

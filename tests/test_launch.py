@@ -264,6 +264,30 @@ def test_watch_ends_when_every_worker_finished_and_fails_on_a_crash(cloud, worke
   assert len(ssh) == 1 and _flags(ssh[0])["--worker"] == "all"
 
 
+def test_encode_runs_the_encoder_on_every_worker_and_waits(cloud):
+  run, calls = cloud
+  result = run(
+    "encode",
+    "dfm512",
+    "us-central2-b",
+    "configs/imagenet512.py",
+    "gs://b/in512_latents",
+    "--config.encode.data.data_dir=gs://b/tfds",
+    ssh_output="dfm_jax_status exit 0;dfm_jax_status exit 0",
+  )
+  assert "encoded: train with --config.data.path=gs://b/in512_latents" in result.stdout
+  scp, start, status = calls()
+  assert _positionals(scp)[:4] == ["compute", "tpus", "tpu-vm", "scp"]
+  command = _flags(start)["--command"]
+  assert "dfm_jax.encode --config=configs/imagenet512.py --out=gs://b/in512_latents" in command
+  assert "--config.distributed.initialize=True --config.encode.data.data_dir=gs://b/tfds" in command
+  assert _flags(start)["--worker"] == _flags(status)["--worker"] == "all"
+  failed = run(
+    "encode", "n", "z", "c.py", "gs://b/o", check=False, ssh_output="dfm_jax_status exit 1"
+  )
+  assert failed.returncode == 1 and "run encode again to go on" in failed.stderr
+
+
 def test_usage_errors_call_nothing(cloud):
   run, calls = cloud
   for args in [(), ("bogus",), ("launch", "only-a-name"), ("create", "n", "z")]:
