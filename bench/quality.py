@@ -103,7 +103,6 @@ HEADLINE = ("dfm_pq0.9", "fm")
 # p_q 0.7: the configs' value; the p_q schedule and the fine-stage weight: rows that feed the starved fine stage
 ALL_SEEDS = HEADLINE + ("dfm_pq0.7", "pyramidal", "cascade", "dfm_pq0.9to0.5", "dfm_pq0.9_w2")
 ALL_SEEDS += ("dfm_pq0.7_std", "fm_vel", "dfm_pq0.7_vel") + tuple(SAMPLER_ROWS)
-ALL_SEEDS += ("ft_base_fm", "ft_fm", "ft_dfm_pq0.3")  # fine-tuning: each seed its own base
 # Fine-tuning: an FM model trained for FT_BASE of --steps, then the rest spent on plain FM
 # fine-tuning or on DFM fine-tuning (the coarse stage at the pretrained patch size, upsampled x2
 # as in the paper), both through --config.init_from.
