@@ -190,6 +190,9 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.shape = (-1, 1, 1)  # (data, fsdp, tensor); one axis may be -1
+  # Multislice: slices (TPU; processes on GPU/CPU) each axis spans over the data-centre network,
+  # e.g. (2, 1, 1) for data parallelism across 2 slices; each entry divides mesh.shape's.
+  c.mesh.dcn_shape = (1, 1, 1)
   # Logical axes -> mesh axes. FSDP shards 'embed' over 'fsdp'; tensor parallelism shards
   # 'mlp' and 'heads' over 'tensor'. The activation names: the token activations [B, N, D] in
   # the blocks are constrained to (batch, tokens, embed_act), batch split over data x fsdp and

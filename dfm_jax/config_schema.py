@@ -70,6 +70,12 @@ def _profile_steps(value) -> str | None:
   return None
 
 
+def _three_axes(value) -> str | None:
+  return (
+    None if len(value) == 3 else f"must have 3 entries (data, fsdp, tensor), got {tuple(value)}"
+  )
+
+
 def _pair_or_pairs(value) -> str | None:
   """sampler.guidance_interval: one (lo, hi) pair, or one pair per stage (checked by the
   sampler against the stage count)."""
@@ -207,6 +213,7 @@ SCHEMA: dict[str, Field] = {
   "autoencoder.shift": number(optional=True),
   "autoencoder.batch_size": count(),
   "mesh.shape": items(count(-1)),
+  "mesh.dcn_shape": items(count(), check=_three_axes),
   "mesh.axis_rules": Field(TUPLE),
   "distributed.initialize": FLAG,
   "distributed.coordinator_address": TEXT,

@@ -22,14 +22,43 @@ MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
 
-def make_mesh(shape: Sequence[int], devices=None) -> jax.sharding.Mesh:
+def make_mesh(
+  shape: Sequence[int], devices=None, dcn_shape: Sequence[int] | None = None
+) -> jax.sharding.Mesh:
   """A (data, fsdp, tensor) mesh over ``devices`` (default: all), e.g. from ``mesh_shape``.
 
   Each mesh axis is laid along whole axes of the TPU torus where it can be. Where it cannot (a
   128-way axis on a 16x16 slice), the physical axes are split instead: the same devices and the
   same program, with some of that axis's collectives crossing more links.
+
+  ``dcn_shape`` (``mesh.dcn_shape``; None or all 1: one slice): how many granules each axis
+  spans over the data-centre network, e.g. ``(4, 1, 1)`` for data parallelism over 4 TPU slices
+  (multislice) while fsdp and tensor stay inside a slice's ICI. Granules are TPU slices
+  (``slice_index``) when the devices span several, else processes (GPU or CPU hosts). Each
+  entry divides ``shape``'s.
   """
   axis_types = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+  if dcn_shape is not None and int(np.prod(dcn_shape)) > 1:
+    devices = list(devices if devices is not None else jax.devices())
+    if any(s % d for s, d in zip(shape, dcn_shape)):
+      raise ValueError(
+        f"mesh.dcn_shape {tuple(dcn_shape)} does not divide mesh.shape {tuple(shape)}"
+      )
+    ici = tuple(s // d for s, d in zip(shape, dcn_shape))
+    try:
+      grid = mesh_utils.create_hybrid_device_mesh(
+        ici,
+        tuple(dcn_shape),
+        devices,
+        process_is_granule=len({getattr(d, "slice_index", 0) for d in devices}) == 1,
+        allow_split_physical_axes=True,
+      )
+    except (AssertionError, ValueError, NotImplementedError) as e:
+      raise ValueError(
+        f"mesh.dcn_shape {tuple(dcn_shape)}: the devices do not form that many granules "
+        f"(slices or processes) of {int(np.prod(ici))} devices each: {e}"
+      ) from e
+    return jax.sharding.Mesh(grid, MESH_AXES, axis_types=axis_types)
   try:
     return jax.make_mesh(tuple(shape), MESH_AXES, devices=devices, axis_types=axis_types)
   except NotImplementedError:

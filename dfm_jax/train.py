@@ -344,10 +344,7 @@ def _loop(run: Run, ckpt: checkpoint.Checkpointer, data_iter, state, start: int)
           "profiler trace of steps %d-%d written to %s/profile", *profile[:1], done, workdir
         )
       if config.stop_on_nonfinite and (
-        done % config.log_every == 0
-        or last
-        or done % config.checkpoint_every == 0
-        or stop
+        done % config.log_every == 0 or last or done % config.checkpoint_every == 0 or stop
       ):
         _check_finite(pending)
       if done % config.log_every == 0 or last:

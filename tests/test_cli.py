@@ -151,9 +151,9 @@ def _two_processes(workdir: str, logs, **flags) -> list[subprocess.Popen]:
   their output goes to the files ``logs``."""
   port = _free_port()
   procs = []
+  flags = {"mesh__shape": (1, 4, 1), **flags}
   for pid in range(2):
     args = tiny_flags(
-      mesh__shape=(1, 4, 1),
       distributed__initialize=True,
       distributed__coordinator_address=f"127.0.0.1:{port}",
       distributed__num_processes=2,
@@ -180,13 +180,15 @@ def _wait_all(procs, logs) -> list[str]:
 
 
 def test_two_processes_agree_with_one(reference_run, tmp_path):
-  """Two local processes x 2 CPU devices (gloo collectives) vs one process x 4 devices."""
+  """Two local processes x 2 CPU devices (gloo collectives) vs one process x 4 devices, with
+  the data axis across the processes as across two slices (mesh.dcn_shape) and fsdp inside."""
   steps = 4
+  mesh = dict(mesh__shape=(2, 2, 1))
   single = str(tmp_path / "single")
-  run_main(single, *tiny_flags(total_steps=steps, mesh__shape=(1, 4, 1)), devices=4)
+  run_main(single, *tiny_flags(total_steps=steps, **mesh), devices=4)
   multi = str(tmp_path / "multi")
   logs = [tmp_path / f"p{i}.log" for i in range(2)]
-  procs = _two_processes(multi, logs, total_steps=steps)
+  procs = _two_processes(multi, logs, total_steps=steps, mesh__dcn_shape=(2, 1, 1), **mesh)
   for p, out in zip(procs, _wait_all(procs, logs)):
     assert p.returncode == 0, out[-3000:]
   got, want = read_checkpoint(multi, steps), read_checkpoint(single, steps)

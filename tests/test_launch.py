@@ -9,6 +9,7 @@ and the quoting of the training command are checked as a worker would see them.
 import json
 import os
 import pathlib
+import shlex
 import subprocess
 import sys
 import tarfile
@@ -411,3 +412,57 @@ def test_run_requeues_a_preempted_spot_slice_and_ends_equal_to_an_uninterrupted_
   got, want = read_checkpoint(str(bucket), steps), read_checkpoint(str(reference), steps)
   for key in want:
     np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+
+
+STAND_IN_XPK = """#!{python}
+import json, os, sys
+args = sys.argv[1:]
+script_dir = next(a.split("=", 1)[1] for a in args if a.startswith("--script-dir="))
+files = sorted(os.path.relpath(os.path.join(d, f), script_dir) for d, _, fs in os.walk(script_dir) for f in fs)
+json.dump({{"args": args, "files": files}}, open(os.environ["XPK_LOG"], "w"))
+"""
+
+
+def test_xpk_workload_trains_across_slices_with_restarts(tmp_path):
+  xpk = tmp_path / "xpk"
+  xpk.write_text(STAND_IN_XPK.format(python=sys.executable))
+  xpk.chmod(0o755)
+  log = tmp_path / "xpk.json"
+  result = subprocess.run(
+    ["bash", str(ROOT / "launch" / "xpk.sh"), "c1", "dfm512", "v5p-256", "2"]
+    + ["configs/imagenet512.py", "gs://b/run", "--config.sampler.cfg_scale=(1.5,1.0)"],
+    env=dict(os.environ, XPK=str(xpk), XPK_LOG=str(log), SPOT="1"),
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+  assert result.returncode == 0, result.stderr
+  recorded = json.loads(log.read_text())
+  args = recorded["args"]
+  assert args[:2] == ["workload", "create"]
+  flags = _flags(args)
+  assert flags["--cluster"] == "c1" and flags["--workload"] == "dfm512"
+  assert flags["--tpu-type"] == "v5p-256" and flags["--num-slices"] == "2"
+  assert int(flags["--max-restarts"]) > 0 and flags["--restart-on-user-code-failure"] is True
+  assert flags["--spot"] is True
+  assert "dfm_jax/main.py" in recorded["files"] and "configs/imagenet512.py" in recorded["files"]
+  command = flags["--command"]
+  assert "pip install -q --no-deps -e ." in command
+  train = command.split(" && ")[-1]
+  assert shlex.split(train) == [
+    "python",
+    "-m",
+    "dfm_jax.main",
+    "--config=configs/imagenet512.py",
+    "--workdir=gs://b/run",
+    "--config.distributed.initialize=True",
+    "--config.mesh.dcn_shape=(2,1,1)",
+    "--config.sampler.cfg_scale=(1.5,1.0)",
+  ]
+  bad = subprocess.run(
+    ["bash", str(ROOT / "launch" / "xpk.sh"), "c", "w", "v5p-8", "0", "c.py", "gs://b/r"],
+    env=dict(os.environ, XPK=str(xpk), XPK_LOG=str(log)),
+    capture_output=True,
+    text=True,
+  )
+  assert bad.returncode == 1 and "NUM_SLICES must be a positive integer" in bad.stderr

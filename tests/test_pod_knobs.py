@@ -376,3 +376,13 @@ def test_grad_accumulation_divisibility_is_validated():
   experiment.from_config(config, num_devices=4, check_data=False)
   with pytest.raises(ValueError, match="grad_accum_steps must be >= 1, got 0"):
     experiment.from_config(tiny_config(optim__grad_accum_steps=0), check_data=False)
+
+
+def test_dcn_shape_needs_as_many_granules_and_dividing_axes():
+  """mesh.dcn_shape: one process here is one granule, so two granules are refused by name."""
+  devices = jax.devices()[:1]
+  assert sharding.make_mesh((1, 1, 1), devices, dcn_shape=(1, 1, 1)).devices.size == 1
+  with pytest.raises(ValueError, match=r"mesh.dcn_shape \(2, 1, 1\): the devices do not form"):
+    sharding.make_mesh((2, 1, 1), jax.devices()[:2], dcn_shape=(2, 1, 1))
+  with pytest.raises(ValueError, match=r"mesh.dcn_shape \(3, 1, 1\) does not divide"):
+    sharding.make_mesh((2, 1, 1), devices, dcn_shape=(3, 1, 1))
