@@ -455,10 +455,15 @@ def differences(config: ml_collections.ConfigDict) -> list[str]:
   that the defaults lack), sorted by name: a run's settings in a few lines."""
   from dfm_jax import config_schema  # pylint: disable=g-import-not-at-top
 
+  import json  # pylint: disable=g-import-not-at-top
+
+  def same(a, b) -> bool:  # a config read back from JSON holds lists where tuples were
+    return json.dumps(a, default=str) == json.dumps(b, default=str)
+
   defaults = config_schema.leaves(base_config())
   out = []
   for name, value in sorted(config_schema.leaves(config).items()):
-    if name not in defaults or defaults[name] != value:
+    if name not in defaults or not same(defaults[name], value):
       out.append(f"{name} = {value!r}")
   return out
 
