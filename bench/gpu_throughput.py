@@ -29,7 +29,6 @@ import os
 import tempfile
 
 import jax
-import numpy as np
 
 import common
 from dfm_jax.config_defaults import base_config, flow_matching_twin
@@ -70,12 +69,7 @@ def analytic_flops(config) -> float:
   from dfm_jax import experiment  # pylint: disable=g-import-not-at-top
 
   model = experiment.from_config(config, 1, check_data=False).model
-  d, r = model.hidden_size, model.mlp_ratio
-  first = model.stage_shapes[0]
-  tokens = (first[0] // model.patch_size) * (first[1] // model.patch_size)
-  block = 2 * tokens * (4 + 2 * r) * d * d + 4 * tokens * tokens * d
-  io = sum(2 * 2 * np.prod(s) * d for s in model.stage_shapes)  # patch embed + head per stage
-  return 3.0 * config.batch_size * (model.depth * block + io)
+  return config.batch_size * model.train_flops_per_sample()
 
 
 def is_oom(err: Exception) -> bool:

@@ -53,6 +53,8 @@ import jax  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
+from dfm_jax.hardware import TPU_PEAK_TFLOPS  # noqa: E402
+
 GIB = 2**30
 
 
@@ -110,10 +112,10 @@ _PLANES = {
 # HBM from the Cloud TPU system-architecture pages (v4 32 GiB, v5e 16 GB, v5p 95 GB, v6e 32 GB;
 # the check takes them as GiB, which is what the runtime's per-chip limit is close to).
 _FAMILIES = {
-  "v4": ("v4", "megacore", 2, 32.0, 275.0),
-  "v5p": ("v5", "megacore", 2, 95.0, 459.0),
-  "v5e": ("v5e", "default", 1, 16.0, 197.0),
-  "v6e": ("v6e", "default", 1, 32.0, 918.0),
+  "v4": ("v4", "megacore", 2, 32.0, TPU_PEAK_TFLOPS["v4"]),
+  "v5p": ("v5", "megacore", 2, 95.0, TPU_PEAK_TFLOPS["v5p"]),
+  "v5e": ("v5e", "default", 1, 16.0, TPU_PEAK_TFLOPS["v5e"]),
+  "v6e": ("v6e", "default", 1, 32.0, TPU_PEAK_TFLOPS["v6e"]),
 }
 
 

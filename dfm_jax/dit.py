@@ -175,6 +175,16 @@ class DiTConfig:
   def num_tokens(self) -> int:
     return int(np.prod(token_layout(self.stage_shapes, self.patch_size)[0]))
 
+  def train_flops_per_sample(self) -> float:
+    """Model FLOPs of one training sample (what MFU counts): 3 x the forward's matmuls and
+    attention (the backward costs twice the forward; remat's recomputation is not counted).
+    Per block ``2 N (4 + 2 r) D^2 + 4 N^2 D`` for N tokens of width D, MLP ratio r; plus each
+    stage's patch embedding and output head."""
+    n, d, r = self.num_tokens, self.hidden_size, self.mlp_ratio
+    block = 2 * n * (4 + 2 * r) * d * d + 4 * n * n * d
+    io = sum(2 * 2 * int(np.prod(s)) * d for s in self.stage_shapes)
+    return 3.0 * (self.depth * block + io)
+
   @classmethod
   def from_size(cls, size: str, **kw) -> "DiTConfig":
     if size not in SIZES:

@@ -27,7 +27,7 @@ from etils import epath
 from flax import nnx
 
 from dfm_jax import checkpoint, data as data_lib, dit, reporting, sampling, sharding
-from dfm_jax import config_defaults, init_from, storage, workdir_lock
+from dfm_jax import config_defaults, hardware, init_from, storage, workdir_lock
 from dfm_jax.progress import format_eta
 from dfm_jax.run import Run, init_state, maybe_initialize_distributed, setup, write_json
 from dfm_jax.train_state import StepSettings, make_optimizer, train_step
@@ -315,6 +315,9 @@ def _loop(run: Run, ckpt: checkpoint.Checkpointer, data_iter, state, start: int)
   grid_labels = sampling.class_cycle_labels(config.num_grid_samples, config.data.num_classes)
   profile = tuple(int(v) for v in config.profile_steps)
   signals = _Signals(int(config.preemption_check_every))
+  # Model FLOPs per device per step (dit.DiTConfig.train_flops_per_sample) and the chip's peak.
+  flops = config.batch_size * run.exp.model.train_flops_per_sample() / run.mesh.devices.size
+  peak = hardware.peak_tflops(run.mesh.devices.flat[0].device_kind)
   pending: list[tuple[int, dict]] = []
   data_wait, t_last, step_last = 0.0, time.time(), start
   batch_local = first
@@ -359,8 +362,11 @@ def _loop(run: Run, ckpt: checkpoint.Checkpointer, data_iter, state, start: int)
             "time/data_wait_s": data_wait / steps,
             "steps_per_sec": steps / elapsed,
             "images_per_sec": steps * config.batch_size / elapsed,
+            "perf/tflops_per_device": flops * steps / elapsed / 1e12,
           }
         )
+        if peak:
+          scalars["perf/mfu"] = scalars["perf/tflops_per_device"] / peak
         writer.write_scalars(done, scalars)
         if jax.process_index() == 0:
           rate = steps / elapsed
@@ -368,7 +374,9 @@ def _loop(run: Run, ckpt: checkpoint.Checkpointer, data_iter, state, start: int)
             f"step {done}/{config.total_steps}  loss {scalars['loss']:.4f}  "
             f"grad norm {scalars.get('grad_norm', float('nan')):.3g}  "
             f"{rate:.2f} steps/s  step {1e3 * elapsed / steps:.0f} ms (data "
-            f"{1e3 * data_wait / steps:.0f} ms)  ETA "
+            f"{1e3 * data_wait / steps:.0f} ms)  {scalars['perf/tflops_per_device']:.3g} TFLOP/s"
+            + (f" (MFU {100 * scalars['perf/mfu']:.1f}%)" if peak else "")
+            + "  ETA "
             f"{format_eta((config.total_steps - done) / max(rate, 1e-9))}",
             flush=True,
           )

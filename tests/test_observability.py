@@ -74,7 +74,7 @@ def test_run_logs_interval_means_times_profile_and_small_eval(tmp_path, capsys):
   traces = glob.glob(os.path.join(workdir, "profile", "**", "*.xplane.pb"), recursive=True)
   assert traces, "no profiler trace written"
   out = capsys.readouterr().out
-  assert "step 4/4" in out and "data" in out and "ETA" in out
+  assert "step 4/4" in out and "data" in out and "ETA" in out and "TFLOP/s" in out
 
 
 def test_interval_means_average_every_step():
