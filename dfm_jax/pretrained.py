@@ -11,6 +11,7 @@
 
     gen = Generator.load("published/default")           # a published folder: local, gs://, or
     gen = Generator.load("hf://OWNER/REPO@REVISION")    # a Hub repository at a pinned revision
+    gen = Generator.load("digits")                      # the model shipped in the package
 
 A published folder holds ``weights.safetensors`` (the weights the sampler uses: the EMA model,
 for the cascade also its low-resolution model), ``config.json`` (the run's config),
@@ -23,7 +24,9 @@ Time convention of the sampler: t = 0 is noise, t = 1 is data.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -37,6 +40,21 @@ from dfm_jax.run import STAGE_STATS_FILE, Run, setup, write_json
 WEIGHTS_FILE = "weights.safetensors"
 CONFIG_FILE = "config.json"
 CARD_FILE = "README.md"
+
+# Models inside the package (dfm_jax/models/NAME): name -> sha256 of its weights, checked on
+# load. "digits": configs/default.py trained for 2,000 steps (its model card has the numbers).
+SHIPPED = {"digits": "7a0f19b5e96c89120c3655d0d3a811ae6ca8524ee847b61413c301c23120e5ba"}
+
+
+def shipped_model(name: str) -> str:
+  """The folder of the model shipped as ``name`` (see `SHIPPED`), after checking its weights'
+  sha256; ValueError when it is damaged."""
+  folder = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models", name)
+  with open(os.path.join(folder, WEIGHTS_FILE), "rb") as f:
+    got = hashlib.sha256(f.read()).hexdigest()
+  if got != SHIPPED[name]:
+    raise ValueError(f"the shipped model {folder} is damaged (sha256 {got[:12]}...): reinstall")
+  return folder
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,7 +91,10 @@ class Generator:
   @classmethod
   def load(cls, source: str, step: int = -1) -> Generator:
     """A run's workdir (its newest intact checkpoint, or ``step``) or a published folder, local,
-    ``gs://`` or ``hf://OWNER/REPO@REVISION``; FileNotFoundError when it is neither."""
+    ``gs://`` or ``hf://OWNER/REPO@REVISION``, or the name of a model shipped in the package
+    (`SHIPPED`: ``"digits"``); FileNotFoundError when it is none of these."""
+    if source in SHIPPED and not os.path.exists(source):
+      source = shipped_model(source)
     if source.startswith(storage.HUB):
       source = storage.local_copy(source, "source")
     folder = epath.Path(source)
@@ -180,9 +201,10 @@ class Generator:
 
   # --------------------------------------------------------------------------------- publish
 
-  def publish(self, folder: str) -> str:
-    """Writes the sampling weights, the config and a model card to ``folder`` (local or
-    ``gs://``); returns it. Loading it back gives the same samples."""
+  def publish(self, folder: str, notes: str = "") -> str:
+    """Writes the sampling weights, the config and a model card (ending with ``notes``:
+    results, data licence, ...) to ``folder`` (local or ``gs://``); returns it. Loading it back
+    gives the same samples."""
     from safetensors import numpy as st  # pylint: disable=g-import-not-at-top
 
     out = epath.Path(folder)
@@ -198,9 +220,8 @@ class Generator:
     stats = self.run.exp.decomposition.stats
     if stats is not None:
       write_json(out / STAGE_STATS_FILE, stats.to_dict())
-    (out / CARD_FILE).write_text(
-      _model_card(self, len(arrays), sum(a.size for a in arrays.values()))
-    )
+    card = _model_card(self, len(arrays), sum(a.size for a in arrays.values()))
+    (out / CARD_FILE).write_text(card + (f"\n{notes.strip()}\n" if notes.strip() else ""))
     return str(out)
 
 
