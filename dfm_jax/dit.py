@@ -101,9 +101,10 @@ class DiTConfig:
   activation_rules: tuple = ()
   # Blocks per scan iteration; 0 = auto: all of them (no loop) on GPUs, where the loop's
   # stacking of the saved activations cost DiT-XL/2 on an H100 27% of its step time and half of
-  # its activation memory, and 1 elsewhere (compile time independent of depth; on TPUs the
-  # compiler unrolls by itself where it pays). XLA's cost analysis counts a loop body once, so
-  # FLOP counts need scan_unroll = depth (benchmarks do this).
+  # its activation memory, and on CPUs, where the loop made the default config's step 1.26x
+  # slower than a plain-JAX DiT's (bench/overhead.py; unrolled 0.98x); 1 on TPUs (compile time
+  # independent of depth; the compiler unrolls by itself where it pays). XLA's cost analysis
+  # counts a loop body once, so FLOP counts need scan_unroll = depth (benchmarks do this).
   scan_unroll: int = 0
   time_scale: float = 1000.0  # t in [0, 1] is multiplied by this before the sinusoid
   freq_dim: int = 256
@@ -195,10 +196,10 @@ class DiTConfig:
 
 def scan_unroll(cfg: DiTConfig, platform: str | None = None) -> int:
   """Blocks per scan iteration on ``platform`` (default: the devices being compiled for):
-  ``cfg.scan_unroll``, or for 0 (auto) the whole depth on GPUs and 1 elsewhere."""
+  ``cfg.scan_unroll``, or for 0 (auto) the whole depth on GPUs and CPUs and 1 on TPUs."""
   if cfg.scan_unroll:
     return cfg.scan_unroll
-  return cfg.depth if (platform or compile_platform()) in ("gpu", "cuda") else 1
+  return cfg.depth if (platform or compile_platform()) in ("gpu", "cuda", "cpu") else 1
 
 
 def constrain_activations(x: jax.Array, cfg: DiTConfig) -> jax.Array:

@@ -167,11 +167,11 @@ def test_unrolled_scan_is_equal_and_counts_every_block():
     _cfg(shapes, depth=4, scan_unroll=3)
   with pytest.raises(ValueError, match="scan_unroll"):
     _cfg(shapes, depth=4, scan_unroll=-1)
-  # 0 = auto: the whole depth on GPUs, a scan of one block elsewhere (here: the CPU's count).
+  # 0 = auto: the whole depth on GPUs and CPUs, a scan of one block on TPUs (here: the CPU's).
   auto = _cfg(shapes, depth=4, scan_unroll=0)
-  assert [dit.scan_unroll(auto, p) for p in ("gpu", "cuda", "tpu", "cpu")] == [4, 4, 1, 1]
-  assert dit.scan_unroll(auto) == 1 and dit.scan_unroll(_cfg(shapes, depth=4, scan_unroll=2)) == 2
-  np.testing.assert_allclose(build(4, 0)[2], flops_scanned, rtol=1e-6)
+  assert [dit.scan_unroll(auto, p) for p in ("gpu", "cuda", "tpu", "cpu")] == [4, 4, 1, 4]
+  assert dit.scan_unroll(auto) == 4 and dit.scan_unroll(_cfg(shapes, depth=4, scan_unroll=2)) == 2
+  np.testing.assert_allclose(build(4, 0)[2], flops_unrolled, rtol=1e-6)
 
 
 def test_video_rope_3d_and_jit_grad():
