@@ -8,6 +8,7 @@
     out.images     # uint8 [N, H, W, C] (videos [N, T, H, W, C]; latents decoded to pixels)
     out.previews   # uint8 [S, N, H, W, C]: the sample as it stood when each stage finished
     gen.publish("published/default")                   # EMA weights, config and a model card
+    gen.push_to_hub("OWNER/REPO")                       # the same on the Hub -> hf://OWNER/REPO@COMMIT
 
     gen = Generator.load("published/default")           # a published folder: local, gs://, or
     gen = Generator.load("hf://OWNER/REPO@REVISION")    # a Hub repository at a pinned revision
@@ -16,7 +17,7 @@
 A published folder holds ``weights.safetensors`` (the weights the sampler uses: the EMA model,
 for the cascade also its low-resolution model), ``config.json`` (the run's config),
 ``stage_stats.json`` when the run standardised its stages, and ``README.md`` (a model card).
-Upload it to the Hugging Face Hub with ``huggingface-cli upload OWNER/REPO FOLDER``.
+:meth:`Generator.push_to_hub` uploads it to the Hugging Face Hub and returns its pinned name.
 
 Time convention of the sampler: t = 0 is noise, t = 1 is data.
 """
@@ -223,6 +224,25 @@ class Generator:
     card = _model_card(self, len(arrays), sum(a.size for a in arrays.values()))
     (out / CARD_FILE).write_text(card + (f"\n{notes.strip()}\n" if notes.strip() else ""))
     return str(out)
+
+  def push_to_hub(self, repo_id: str, notes: str = "", private: bool = False) -> str:
+    """Publishes to the Hugging Face Hub repository ``repo_id`` (created if needed; your
+    ``huggingface-cli login`` token) and returns ``hf://REPO_ID@COMMIT``, the pinned name
+    :meth:`load` takes."""
+    import tempfile  # pylint: disable=g-import-not-at-top
+
+    import huggingface_hub  # pylint: disable=g-import-not-at-top
+
+    with tempfile.TemporaryDirectory() as folder:
+      self.publish(folder, notes)
+      api = huggingface_hub.HfApi()
+      api.create_repo(repo_id, private=private, exist_ok=True)
+      commit = api.upload_folder(
+        repo_id=repo_id,
+        folder_path=folder,
+        commit_message=f"dfm_jax model, training step {self.step}",
+      )
+    return f"{storage.HUB}{repo_id}@{commit.oid}"
 
 
 def _key(path) -> str:

@@ -94,3 +94,36 @@ def test_shipped_digits_model_draws_the_digits_asked_for():
   samples = out.images[:, 2:30, 2:30, 0].reshape(30, -1).astype(np.float32)  # unpad 32 -> 28
   guess = np.argmin(((samples[:, None] - means[None]) ** 2).sum(-1), axis=1)
   assert (guess == out.labels).mean() >= 0.7
+
+
+@pytest.mark.integration
+def test_push_to_hub_returns_a_pinned_name_that_loads(trained, tmp_path, monkeypatch):
+  """The Hub is replaced by a stand-in that stores the uploaded folder in the local Hub cache
+  at a new commit, as a download at that revision would: the returned name loads back."""
+  import types  # pylint: disable=g-import-not-at-top
+
+  import huggingface_hub  # pylint: disable=g-import-not-at-top
+
+  monkeypatch.setenv("DFM_JAX_CACHE", str(tmp_path / "cache"))
+  monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+  calls = []
+
+  def create_repo(self, repo_id, **kwargs):
+    calls.append(("create", repo_id, kwargs))
+
+  def upload_folder(self, *, repo_id, folder_path, commit_message=None, **kwargs):
+    calls.append(("upload", repo_id, sorted(os.listdir(folder_path)), commit_message))
+    repo = tmp_path / "cache" / "hub" / ("models--" + repo_id.replace("/", "--"))
+    shutil.copytree(folder_path, repo / "snapshots" / COMMIT)
+    return types.SimpleNamespace(oid=COMMIT)
+
+  monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
+  monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
+  gen = Generator.load(trained)
+  name = gen.push_to_hub("someone/digits-run")
+  assert name == f"hf://someone/digits-run@{COMMIT}"
+  assert calls[0][:2] == ("create", "someone/digits-run")
+  assert calls[1][2] == ["README.md", "config.json", "weights.safetensors"]
+  assert calls[1][3] == "dfm_jax model, training step 4"
+  want = gen.sample(labels=[2, 7], seed=3).data
+  np.testing.assert_array_equal(Generator.load(name).sample(labels=[2, 7], seed=3).data, want)
