@@ -61,9 +61,14 @@ class MetricWriter:
           flat[prefix + k] = str(tuple(v))
 
     walk("", config)
-    self._tb.add_hparams(
-      flat, {f"hparams/{k}": float(v) for k, v in metrics.items()}, name="hparams"
-    )
+    from tensorboardX.summary import hparams  # pylint: disable=g-import-not-at-top
+
+    # Into the run's own event file (SummaryWriter.add_hparams would open a second run).
+    values = {f"hparams/{k}": float(v) for k, v in metrics.items()}
+    for summary in hparams(flat, values):
+      self._tb._get_file_writer().add_summary(summary)  # pylint: disable=protected-access
+    for tag, value in values.items():
+      self._tb.add_scalar(tag, value, 0)
 
   def flush(self):
     if self._tb is not None:

@@ -71,6 +71,11 @@ def test_run_logs_interval_means_times_profile_and_small_eval(tmp_path, capsys):
   assert 0.0 <= scalars["eval/classifier_accuracy"][0][1] <= 1.0
   tags = {v.tag for _, v in _events(workdir)}
   assert any("config" in t for t in tags) and any("parameters" in t for t in tags), tags
+  # The hyperparameters belong to the run itself: no second run folder beside its event file.
+  assert "_hparams_/session_start_info" in tags and "hparams/parameters" in scalars
+  assert not [
+    p for p in os.listdir(os.path.join(workdir, "tensorboard")) if not p.startswith("events.")
+  ]
   traces = glob.glob(os.path.join(workdir, "profile", "**", "*.xplane.pb"), recursive=True)
   assert traces, "no profiler trace written"
   out = capsys.readouterr().out
