@@ -408,11 +408,12 @@ def apply_variants(c: ml_collections.ConfigDict, variants: set[str]) -> ml_colle
 
 def runlocal(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Seconds per run on a CPU: a one-block, 32-wide model, batch 8, 6 steps, checkpoints every
-  2 steps, 1-2 sampling steps per stage, videos of 2 frames (a laptop cannot attend over a
-  13-frame clip's 26,624 tokens); the stages and each frame's token grid are unchanged.
+  2 steps, 1-2 sampling steps per stage, videos cut to the frames that keep 2,048 tokens or
+  fewer (a laptop cannot attend over a 13-frame clip's 13,312); the stages and each frame's token
+  grid are unchanged.
 
-  Training data that is not on this machine (a ``gs://`` path, such as the big configs'
-  placeholder bucket, or a local path that does not exist) is replaced by synthetic data of the same shapes and classes
+  Training data in a bucket (a ``gs://`` path, such as the big configs' placeholder) is replaced
+  by synthetic data of the same shapes and classes
   (``data.source`` ``synthetic`` or ``synthetic_latents``), and autoencoder weights that are not
   on this machine by a small random stand-in with the same latent shape
   (``autoencoder.weights = "stand-in"``): the config's runlocal variant then trains, saves and
@@ -435,9 +436,10 @@ def runlocal(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.optim.grad_accum_steps = 1
   c.optim.warmup_steps = 2
   c.decomposition.stats_batches = 2
+  frames = _runlocal_frames(c)
   for block in (c.data, c.get("encode", {}).get("data"), c.eval.get("reference")):
-    if block is not None and block.get("frames", 0) > 2:
-      block.frames = 2
+    if block is not None and block.get("frames", 0) > frames:
+      block.frames = frames
   stages = len(c.sampler.steps_per_stage)
   c.sampler.steps_per_stage = (2,) + (1,) * (stages - 1)
   c.sampler.num_samples = 12
@@ -477,7 +479,7 @@ def _local_stand_ins(c: ml_collections.ConfigDict) -> None:
   from dfm_jax.autoencoders import STAND_IN  # pylint: disable=g-import-not-at-top
 
   path = str(c.data.get("path", ""))
-  if path and ("://" in path or not os.path.exists(path)):
+  if "://" in path:
     source = "synthetic_latents" if c.data.source == "latents" else "synthetic"
     logging.warning(
       "runlocal: data.path %s is not on this machine; training on data.source=%r (the same "
@@ -498,3 +500,17 @@ def _local_stand_ins(c: ml_collections.ConfigDict) -> None:
       ae.kind,
     )
     ae.weights = STAND_IN
+
+
+RUNLOCAL_TOKENS = 2048  # attention over one runlocal clip: about a minute on a laptop CPU
+
+
+def _runlocal_frames(c: ml_collections.ConfigDict) -> int:
+  """The most frames a runlocal clip keeps: all of them while frames x the coarse stage's tokens
+  per frame stay within `RUNLOCAL_TOKENS`, else fewer (even, for halved time; at least 2)."""
+  frames = int(c.data.get("frames", 0))
+  coarse = int(c.data.resolution) // 2 ** (int(c.decomposition.num_stages) - 1)
+  per_frame = max(1, (coarse // max(1, int(c.model.patch_size))) ** 2)
+  if frames * per_frame <= RUNLOCAL_TOKENS:
+    return frames
+  return max(2, (RUNLOCAL_TOKENS // per_frame) // 2 * 2)

@@ -441,7 +441,7 @@ def test_cloud_paths_are_checked_in_seconds(tmp_path):
     path="dfm-jax-no-such-bucket/run",
   )
   assert time.time() - start < 60
-  cmd = [sys.executable, "-m", "dfm_jax.main", "--config=configs/imagenet512.py:runlocal"]
+  cmd = [sys.executable, "-m", "dfm_jax.main", "--config=configs/imagenet512.py"]
   cmd.append(f"--workdir={tmp_path / 'run'}")
   proc = _run(cmd)
   check_row("placeholder-bucket", cmd, proc.returncode, _error_line(proc.stderr))

@@ -76,7 +76,9 @@ def test_runlocal_stands_in_for_what_is_not_on_this_machine():
   assert (c.data.resolution, c.data.channels, c.data.num_classes) == (64, 16, 1000)
   assert c.autoencoder.weights == autoencoders.STAND_IN
   video = config_file("kinetics700.py", "runlocal")
+  # 13 frames of 32x32 coarse tokens are 13,312 tokens: cut to 2 frames (2,048)
   assert video.data.frames == video.encode.data.frames == video.eval.reference.frames == 2
+  assert config_file("moving_digits.py", "runlocal").data.frames == 8  # 8 x 100 tokens: kept
   full = config_file("imagenet512.py", "dfm")  # only the runlocal variant stands in
   assert full.data.source == "latents" and full.autoencoder.weights.endswith("ae.safetensors")
   local = config_file("default.py", "runlocal")  # embedded data: nothing to stand in for
