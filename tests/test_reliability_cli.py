@@ -358,9 +358,11 @@ def test_missing_autoencoder_weights_are_refused_before_training(tmp_path):
     f"--config={os.path.join(REPO, 'configs', 'latent_demo.py')}:runlocal",
     f"--workdir={tmp_path / 'run'}",
     f"--config.autoencoder.weights={weights}",
+    "--config.data.source=synthetic_latents",  # no encoded latents needed
+    "--config.data.path=",
   ]
   pythonpath = os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p)
-  proc = subprocess.run(  # from tmp_path: the demo's latents are not there (synthetic ones)
+  proc = subprocess.run(  # from tmp_path: nothing of the checkout but the package
     cmd, cwd=tmp_path, env={**env(), "PYTHONPATH": pythonpath}, capture_output=True, text=True
   )
   check_row(
