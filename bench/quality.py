@@ -102,7 +102,7 @@ SAMPLER_ROWS = {
 HEADLINE = ("dfm_pq0.9", "fm")
 # p_q 0.7: the configs' value; the p_q schedule and the fine-stage weight: rows that feed the starved fine stage
 ALL_SEEDS = HEADLINE + ("dfm_pq0.7", "pyramidal", "cascade", "dfm_pq0.9to0.5", "dfm_pq0.9_w2")
-ALL_SEEDS += ("dfm_pq0.7_std", "fm_vel", "dfm_pq0.7_vel") + tuple(SAMPLER_ROWS)
+ALL_SEEDS += ("dfm_pq0.7_std", "fm_vel", "dfm_pq0.7_vel", "config") + tuple(SAMPLER_ROWS)
 # Fine-tuning: an FM model trained for FT_BASE of --steps, then the rest spent on plain FM
 # fine-tuning or on DFM fine-tuning (the coarse stage at the pretrained patch size, upsampled x2
 # as in the paper), both through --config.init_from.
@@ -135,6 +135,8 @@ FINETUNE = [
   ),
 ]
 METRICS = ("fid", "kid", "classifier_fd", "classifier_accuracy")
+# Video configs (configs/moving_digits.py): frame FID, per-frame digit accuracy and motion.
+VIDEO_METRICS = ("frame_fid", "frame_kid", "frame_accuracy", "speed_ratio", "roughness_ratio")
 
 
 def flag(key: str, value) -> str:
@@ -186,7 +188,7 @@ def summarise(rows: list[dict]) -> list[dict]:
     group = [r for r in rows if (r["row"], r["cfg"]) == key]
     entry = {"row": key[0], "cfg": key[1], "seeds": [r["seed"] for r in group]}
     entry["steps"] = group[0].get("steps")
-    for m in METRICS:
+    for m in METRICS + VIDEO_METRICS:
       values = [r[m] for r in group if r.get(m) is not None]
       if values:
         entry[m] = float(np.mean(values))
@@ -196,18 +198,12 @@ def summarise(rows: list[dict]) -> list[dict]:
 
 
 def table(summary: list[dict]) -> str:
+  if any("frame_fid" in e or "frame_accuracy" in e for e in summary):
+    return video_table(summary)
   lines = [
     "| row | steps | cfg | seeds | FID | KID x1e3 | classifier FD | class accuracy |",
     "|---|---:|---:|---:|---:|---:|---:|---:|",
   ]
-
-  def cell(e, m, scale=1.0, fmt="{:.1f}"):
-    if m not in e:
-      return "-"
-    s = fmt.format(e[m] * scale)
-    if len(e["seeds"]) > 1:
-      s += " +- " + fmt.format(e[m + "_spread"] * scale)
-    return s
 
   for e in summary:
     lines.append(
@@ -215,6 +211,32 @@ def table(summary: list[dict]) -> str:
       f"{cell(e, 'fid')} | "
       f"{cell(e, 'kid', 1e3, '{:.2f}')} | {cell(e, 'classifier_fd')} | "
       f"{cell(e, 'classifier_accuracy', 100, '{:.1f}')}% |"
+    )
+  return "\n".join(lines)
+
+
+def cell(e: dict, m: str, scale: float = 1.0, fmt: str = "{:.1f}") -> str:
+  """``mean +- spread`` of metric ``m`` in a summary entry ("-" when it was not measured)."""
+  if m not in e:
+    return "-"
+  s = fmt.format(e[m] * scale)
+  if len(e["seeds"]) > 1:
+    s += " +- " + fmt.format(e[m + "_spread"] * scale)
+  return s
+
+
+def video_table(summary: list[dict]) -> str:
+  lines = [
+    "| row | steps | cfg | seeds | frame FID | frame KID x1e3 | frame accuracy | speed ratio "
+    "| roughness ratio |",
+    "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+  ]
+  for e in summary:
+    lines.append(
+      f"| {e['row']} | {e.get('steps') or '-'} | {e['cfg']:g} | {len(e['seeds'])} | "
+      f"{cell(e, 'frame_fid')} | {cell(e, 'frame_kid', 1e3, '{:.2f}')} | "
+      f"{cell(e, 'frame_accuracy', 100, '{:.1f}')}% | {cell(e, 'speed_ratio', 1, '{:.2f}')} | "
+      f"{cell(e, 'roughness_ratio', 1, '{:.2f}')} |"
     )
   return "\n".join(lines)
 
@@ -358,7 +380,7 @@ def run_one(args, name: str, variant: str, overrides: dict, seed: int, extra: di
     if args.phase == "generate":
       continue
     row = {"row": name, "seed": seed, "cfg": cfg, "steps": steps}
-    row.update({m: r.get(m) for m in METRICS})
+    row.update({m: r[m] for m in METRICS + VIDEO_METRICS if r.get(m) is not None})
     rows.append(row)
     print(json.dumps(row), flush=True)
   return rows
@@ -464,11 +486,12 @@ def main():
   plot(summary, os.path.join(args.workdir, "quality.png"))
   print(table(summary))
   print(table3(summary))
+  main_metric = "frame_fid" if any("frame_fid" in e for e in summary) else "fid"
   for cfg in sorted({e["cfg"] for e in summary}):
-    fid = {e["row"]: e.get("fid") for e in summary if e["cfg"] == cfg}
+    fid = {e["row"]: e.get(main_metric) for e in summary if e["cfg"] == cfg}
     if fid.get("fm"):
       ratios = ", ".join(f"{n} {v / fid['fm']:.3f}" for n, v in fid.items() if v and n != "fm")
-      print(f"FID / flow matching's at equal compute, cfg {cfg:g}: {ratios}")
+      print(f"{main_metric} / flow matching's at equal compute, cfg {cfg:g}: {ratios}")
 
 
 if __name__ == "__main__":
