@@ -68,7 +68,7 @@ def model_parts(step: common.TrainStep) -> dict:
   def grad(params, stages, labels):
     def loss(model):
       return flow.dfm_training_loss(
-        lambda *a: model(*a), key, stages, labels, exp.timesteps, null_label=exp.null_label
+        lambda *a: model(*a), key, stages, labels, exp.flow, null_label=exp.null_label
       )[0]
 
     return nnx.grad(loss)(nnx.merge(graphdef, params))

@@ -19,7 +19,7 @@ class Experiment:
 
   decomposition: decompose.Decomposition
   model: dit.DiTConfig
-  timesteps: flow.TimestepConfig
+  flow: flow.FlowConfig  # the flow objective's settings (the config's flow block)
   sampler: sampler.SamplerConfig
   sample_shape: tuple[int, ...]  # one sample, without the batch axis: [(T,) H, W, C]
   null_label: int
@@ -140,23 +140,7 @@ def from_config(
     problems.append(
       f"flow.stage_probs has {len(config.flow.stage_probs)} entries for {stages} stages"
     )
-  final_probs = config.flow.get("final_stage_probs")
-  final_probs = tuple(final_probs) if final_probs is not None else None
-  timesteps = attempt(
-    lambda: flow.TimestepConfig(
-      stage_probs=tuple(config.flow.stage_probs),
-      final_stage_probs=final_probs,
-      schedule_steps=int(config.total_steps) if final_probs is not None else 0,
-      main_loc=config.flow.main_loc,
-      main_scale=config.flow.main_scale,
-      early_loc=config.flow.early_loc,
-      early_scale=config.flow.early_scale,
-      per_sample_stage=config.flow.per_sample_stage,
-    )
-  )
-  weights = config.flow.stage_weights
-  if weights is not None and len(weights) != stages:
-    problems.append(f"flow.stage_weights has {len(weights)} entries for {stages} stages")
+  flow_cfg = attempt(lambda: flow.FlowConfig.from_config(config))
   if len(config.sampler.steps_per_stage) != stages:
     problems.append(
       f"sampler.steps_per_stage has {len(config.sampler.steps_per_stage)} "
@@ -223,7 +207,7 @@ def from_config(
   return Experiment(
     decomposition=decomposition,
     model=model_cfg,
-    timesteps=timesteps,
+    flow=flow_cfg,
     sampler=sampler_cfg,
     sample_shape=tuple(shape),
     null_label=int(config.data.num_classes),

@@ -20,8 +20,10 @@ import numpy as np
 
 
 @dataclasses.dataclass(frozen=True)
-class TimestepConfig:
-  """Training timestep distribution (defaults: the paper's values)."""
+class FlowConfig:
+  """The flow objective's settings, the config's ``flow`` block (defaults: the paper's values):
+  the training timestep distribution, label dropout and the stages' loss weights. Built once by
+  :meth:`from_config` and passed whole to every method."""
 
   stage_probs: tuple[float, ...] = (1.0,)  # p_q over stages, coarse to fine
   # A p_q schedule: p_q moves linearly from stage_probs at step 0 to final_stage_probs at step
@@ -33,9 +35,35 @@ class TimestepConfig:
   early_loc: float = 1.5  # the re-implementation uses 2.0
   early_scale: float = 1.0
   per_sample_stage: bool = True  # False: one Q per batch (the re-implementation)
+  label_dropout: float = 0.1  # probability of the null label (classifier-free guidance)
+  stage_weights: tuple[float, ...] | None = None  # constant [S] loss weights (None: all 1)
+
+  @classmethod
+  def from_config(cls, config) -> "FlowConfig":
+    """From a run config's ``flow`` block; a p_q schedule spans ``total_steps``."""
+    f = config.flow
+    final = f.get("final_stage_probs")
+    weights = f.get("stage_weights")
+    return cls(
+      stage_probs=tuple(float(p) for p in f.stage_probs),
+      final_stage_probs=tuple(float(p) for p in final) if final is not None else None,
+      schedule_steps=int(config.total_steps) if final is not None else 0,
+      main_loc=float(f.main_loc),
+      main_scale=float(f.main_scale),
+      early_loc=float(f.early_loc),
+      early_scale=float(f.early_scale),
+      per_sample_stage=bool(f.per_sample_stage),
+      label_dropout=float(f.label_dropout),
+      stage_weights=tuple(float(w) for w in weights) if weights is not None else None,
+    )
 
   def __post_init__(self):
     validate_stage_probs(self.stage_probs)
+    if self.stage_weights is not None and len(self.stage_weights) != len(self.stage_probs):
+      raise ValueError(
+        f"flow.stage_weights has {len(self.stage_weights)} entries for "
+        f"{len(self.stage_probs)} stages"
+      )
     if self.final_stage_probs is not None:
       validate_stage_probs(self.final_stage_probs, "final_stage_probs")
       if len(self.final_stage_probs) != len(self.stage_probs):
@@ -70,7 +98,7 @@ def logit_normal(key: jax.Array, shape: Sequence[int], loc: float, scale: float)
   return jax.nn.sigmoid(loc + scale * jax.random.normal(key, shape, jnp.float32))
 
 
-def stage_probs_at(cfg: TimestepConfig, step: jax.Array | int | None = None) -> jax.Array:
+def stage_probs_at(cfg: FlowConfig, step: jax.Array | int | None = None) -> jax.Array:
   """float32 ``[S]``: p_q at training step ``step`` (``cfg.stage_probs`` when there is no
   schedule or no step; otherwise linear from ``stage_probs`` at step 0 to ``final_stage_probs``
   at ``schedule_steps``, constant after)."""
@@ -82,7 +110,7 @@ def stage_probs_at(cfg: TimestepConfig, step: jax.Array | int | None = None) -> 
 
 
 def sample_stage_times(
-  key: jax.Array, batch_size: int, cfg: TimestepConfig, step: jax.Array | int | None = None
+  key: jax.Array, batch_size: int, cfg: FlowConfig, step: jax.Array | int | None = None
 ) -> tuple[jax.Array, jax.Array]:
   """Draws the main stage and per-stage timesteps (p_q at training step ``step`` when
   ``cfg`` has a p_q schedule, see :func:`stage_probs_at`).
@@ -196,11 +224,9 @@ def dfm_training_loss(
   key: jax.Array,
   stages: Sequence[jax.Array],
   labels: jax.Array,
-  cfg: TimestepConfig,
+  cfg: FlowConfig,
   *,
   null_label: int,
-  label_dropout: float = 0.1,
-  stage_weights: Sequence[float] | None = None,
   loss_weight_fn: Callable[[jax.Array], jax.Array] | None = None,
   step: jax.Array | int | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -211,10 +237,9 @@ def dfm_training_loss(
     key: PRNG key; split into (timesteps, noise, label dropout).
     stages: S clean stages ``[B, ...]`` coarse to fine (e.g. ``Decomposition.split(x)``).
     labels: int ``[B]`` class labels.
-    cfg: the timestep distribution; ``cfg.num_stages`` must equal ``len(stages)``.
+    cfg: the timestep distribution, label dropout (the probability of replacing a label by
+      ``null_label``) and stage weights; ``cfg.num_stages`` must equal ``len(stages)``.
     null_label: the label index meaning "no class" (classifier-free guidance).
-    label_dropout: probability of replacing a label by ``null_label``.
-    stage_weights: optional constant ``[S]`` weights of the stages' losses.
     loss_weight_fn: optional ``t [B, S] -> [B, S]`` weights of each sample's per-stage error;
       pass ``model.loss_weights`` of a preconditioned ``DFMDiT`` (``1 / c_out(t)^2``).
       Inactive stages stay masked whatever their weight.
@@ -231,8 +256,12 @@ def dfm_training_loss(
   noise_keys = jax.random.split(k_noise, len(stages))
   noise = [jax.random.normal(k, x.shape, x.dtype) for k, x in zip(noise_keys, stages)]
   inputs, targets = noisy_inputs(stages, noise, t, active)
-  drop = jax.random.bernoulli(k_drop, label_dropout, labels.shape)
-  labels = jnp.where(drop, null_label, labels)
+  labels = drop_labels(k_drop, labels, cfg.label_dropout, null_label)
   pred = velocity_fn(inputs, t, labels, main_stage)
   sample_weights = None if loss_weight_fn is None else loss_weight_fn(t)
-  return masked_stage_loss(pred, targets, active, stage_weights, sample_weights=sample_weights)
+  return masked_stage_loss(pred, targets, active, cfg.stage_weights, sample_weights=sample_weights)
+
+
+def drop_labels(key: jax.Array, labels: jax.Array, rate: float, null_label: int) -> jax.Array:
+  """int ``[B]``: each label replaced by ``null_label`` with probability ``rate``."""
+  return jnp.where(jax.random.bernoulli(key, rate, labels.shape), null_label, labels)

@@ -30,7 +30,7 @@ from dfm_jax import checkpoint, data as data_lib, dit, reporting, sampling, shar
 from dfm_jax import config_defaults, hardware, init_from, storage, workdir_lock
 from dfm_jax.progress import format_eta
 from dfm_jax.run import Run, init_state, maybe_initialize_distributed, setup, write_json
-from dfm_jax.train_state import StepSettings, make_optimizer, train_step
+from dfm_jax.train_state import make_optimizer, train_step
 
 __all__ = [
   "NonFiniteError",
@@ -81,18 +81,13 @@ def lower_step(run: Run, local_batch_shape: dict) -> jax.stages.Lowered:
   ``local_batch_shape = {name: (shape, dtype)}``, not yet compiled."""
   config = run.config
   _, lr_schedule = make_optimizer(config.optim, config.total_steps)
-  weights = config.flow.stage_weights
-  settings = StepSettings(
-    label_dropout=float(config.flow.label_dropout),
-    stage_weights=tuple(weights) if weights is not None else None,
-    grad_accum_steps=int(config.optim.get("grad_accum_steps", 1)),
-  )
+  accum = int(config.optim.grad_accum_steps)
   base_key = jax.random.key(config.seed)
 
   def step(state, batch):
     key = jax.random.fold_in(base_key, state["optimizer"]["step"][...])
     return train_step(
-      run.graphdef, state, batch, key, exp=run.exp, settings=settings, lr_schedule=lr_schedule
+      run.graphdef, state, batch, key, exp=run.exp, lr_schedule=lr_schedule, grad_accum_steps=accum
     )
 
   batch_sh = sharding.batch_sharding(run.mesh)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Callable
 
 import jax
@@ -40,8 +39,8 @@ def make_optimizer(
 
 class TrainState(nnx.Module):
   """Everything a training step changes: the model, its optimizer, the EMA model and, for a
-  method with ``Method.snapshot`` (the cascade), a snapshot of the EMA model (not trained, not
-  averaged; the step refreshes it while ``Method.snapshot_follows``)."""
+  method with ``Method.snapshot_follows`` (the cascade), a snapshot of the EMA model (not
+  trained, not averaged; the step refreshes it while ``snapshot_follows(step)`` holds)."""
 
   def __init__(
     self,
@@ -61,14 +60,8 @@ class TrainState(nnx.Module):
 def create_train_state(exp: Experiment, optim, total_steps: int, seed: int) -> TrainState:
   model = dit.DFMDiT(exp.model, rngs=nnx.Rngs(seed))
   tx, _ = make_optimizer(optim, total_steps)
-  return TrainState(model, tx, float(optim.ema_decay), snapshot=exp.method.snapshot)
-
-
-@dataclasses.dataclass(frozen=True)
-class StepSettings:
-  label_dropout: float
-  stage_weights: tuple[float, ...] | None
-  grad_accum_steps: int = 1  # microbatches per update (optim.grad_accum_steps)
+  snapshot = exp.method.snapshot_follows is not None
+  return TrainState(model, tx, float(optim.ema_decay), snapshot=snapshot)
 
 
 def split_microbatches(x: jax.Array, k: int) -> jax.Array:
@@ -89,8 +82,8 @@ def train_step(
   key: jax.Array,
   *,
   exp: Experiment,
-  settings: StepSettings,
   lr_schedule: Callable,
+  grad_accum_steps: int = 1,
 ) -> tuple[nnx.State, dict[str, jax.Array]]:
   """One optimisation step on ``batch = {'image': [B, H, W, C], 'label': [B]}``.
 
@@ -99,7 +92,7 @@ def train_step(
   moments, EMA (and snapshot) unchanged and reports ``nonfinite = 1`` so the caller can stop with the last
   good state intact.
 
-  With ``settings.grad_accum_steps = k > 1`` the batch is split into k microbatches of ``B / k``
+  With ``grad_accum_steps = k > 1`` (``optim.grad_accum_steps``) the batch is split into k microbatches of ``B / k``
   (:func:`split_microbatches`); a ``lax.scan`` takes the loss and gradients of microbatch i with
   key ``fold_in(key, i)``, and the averaged gradients (and metrics) make one optimizer update.
   """
@@ -108,18 +101,10 @@ def train_step(
   step = ts.optimizer.step[...]
 
   def loss_fn(model, key, images, labels):
-    return method.loss(
-      model,
-      key,
-      images,
-      labels,
-      label_dropout=settings.label_dropout,
-      stage_weights=settings.stage_weights,
-      step=step,
-    )
+    return method.loss(model, key, images, labels, step=step)
 
   grad_fn = nnx.value_and_grad(loss_fn, has_aux=True)
-  k = int(settings.grad_accum_steps)
+  k = int(grad_accum_steps)
   if k == 1:
     (loss, metrics), grads = grad_fn(ts.model, key, batch["image"], batch["label"])
   else:
@@ -154,7 +139,7 @@ def train_step(
   nnx.update(
     ts.ema, jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema_params, new_params)
   )
-  if hasattr(ts, "snapshot"):  # the method keeps one (Method.snapshot)
+  if hasattr(ts, "snapshot"):  # the method keeps one (Method.snapshot_follows)
     follow = method.snapshot_follows(step)
     nnx.update(
       ts.snapshot,

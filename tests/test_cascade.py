@@ -142,9 +142,7 @@ def test_conditioning_noise_levels_in_training_and_sampling():
   rec = Recorder(exp.model.stage_shapes)
   data = jnp.full((4096, 32, 32, 1), 0.5)  # up(down(data)) = 0.5 everywhere
   labels = jnp.zeros((4096,), jnp.int32)
-  loss = jax.jit(
-    lambda step: method.loss(rec, jax.random.key(0), data, labels, label_dropout=0.1, step=step)
-  )
+  loss = jax.jit(lambda step: method.loss(rec, jax.random.key(0), data, labels, step=step))
   loss(jnp.int32(4))
   jax.block_until_ready(loss(jnp.int32(4)))
   assert not rec.seen, "the low-resolution phase used the conditioning"
@@ -165,13 +163,13 @@ def test_conditioning_noise_levels_in_training_and_sampling():
 
 
 def test_phase_one_leaves_the_full_resolution_layers_alone():
-  exp = experiment.from_config(load(), check_data=False)
+  exp = experiment.from_config(load(flow__label_dropout=0.0), check_data=False)
   model = perturbed(dit.DFMDiT(exp.model, rngs=nnx.Rngs(0)))
   data = jax.random.normal(jax.random.key(0), (4, 32, 32, 1))
   labels = jnp.arange(4)
 
   def grads(step):
-    fn = lambda m: exp.method.loss(m, jax.random.key(1), data, labels, label_dropout=0.0, step=step)
+    fn = lambda m: exp.method.loss(m, jax.random.key(1), data, labels, step=step)
     return nnx.to_pure_dict(nnx.grad(lambda m: fn(m)[0])(model))
 
   def norm(tree):

@@ -17,7 +17,7 @@ def _logit_normal_cdf(loc, scale):
 
 @pytest.mark.parametrize("per_sample", [True, False])
 def test_main_stage_frequencies_match_p_q(per_sample):
-  cfg = flow.TimestepConfig(stage_probs=(0.6, 0.3, 0.1), per_sample_stage=per_sample)
+  cfg = flow.FlowConfig(stage_probs=(0.6, 0.3, 0.1), per_sample_stage=per_sample)
   if per_sample:
     q, _ = flow.sample_stage_times(jax.random.key(0), 30000, cfg)
     q = np.asarray(q)
@@ -34,7 +34,7 @@ def test_main_stage_frequencies_match_p_q(per_sample):
 
 
 def test_timestep_marginals_are_logit_normal_and_later_stages_zero():
-  cfg = flow.TimestepConfig(
+  cfg = flow.FlowConfig(
     stage_probs=(0.5, 0.5), main_loc=0.3, main_scale=0.8, early_loc=1.5, early_scale=1.2
   )
   q, t = flow.sample_stage_times(jax.random.key(1), 20000, cfg)
@@ -49,7 +49,7 @@ def test_timestep_marginals_are_logit_normal_and_later_stages_zero():
 
 
 def test_later_stages_are_zeroed_and_masked():
-  cfg = flow.TimestepConfig(stage_probs=(1.0, 0.0, 0.0))  # main stage always the coarsest
+  cfg = flow.FlowConfig(stage_probs=(1.0, 0.0, 0.0))  # main stage always the coarsest
   stages = (jnp.ones((4, 2, 2, 1)), jnp.ones((4, 4, 4, 1)), jnp.ones((4, 8, 8, 1)))
   seen = {}
 
@@ -71,7 +71,7 @@ def test_later_stages_are_zeroed_and_masked():
 
 def test_single_stage_equals_plain_flow_matching_on_the_same_draws():
   """Recover the draws the loss used, then evaluate an independent flow-matching loss."""
-  cfg = flow.TimestepConfig(stage_probs=(1.0,))
+  cfg = flow.FlowConfig(stage_probs=(1.0,), label_dropout=0.0)
   x1 = jax.random.normal(jax.random.key(7), (64, 4, 4, 3))
   labels = jnp.arange(64) % 10
   w = jax.random.normal(jax.random.key(8), (3, 3)) * 0.3
@@ -85,7 +85,7 @@ def test_single_stage_equals_plain_flow_matching_on_the_same_draws():
     return (model(inputs[0], t[:, 0]),)
 
   loss, _ = flow.dfm_training_loss(
-    velocity_fn, jax.random.key(9), (x1,), labels, cfg, null_label=10, label_dropout=0.0
+    velocity_fn, jax.random.key(9), (x1,), labels, cfg, null_label=10
   )
   xt, t = record["xt"], record["t"]
   tb = t[:, None, None, None]
@@ -112,7 +112,7 @@ def test_loss_reduction_and_stage_weights():
 
 
 def test_label_dropout_rate():
-  cfg = flow.TimestepConfig()
+  cfg = flow.FlowConfig(label_dropout=0.1)
   record = {}
 
   def velocity_fn(inputs, t, labels, stage_index):
@@ -126,7 +126,6 @@ def test_label_dropout_rate():
     jnp.zeros(20000, jnp.int32),
     cfg,
     null_label=10,
-    label_dropout=0.1,
   )
   rate = float((record["labels"] == 10).mean())
   assert abs(rate - 0.1) < 0.01
@@ -134,9 +133,9 @@ def test_label_dropout_rate():
 
 def test_bad_stage_probs():
   with pytest.raises(ValueError, match="probability distribution"):
-    flow.TimestepConfig(stage_probs=(0.9, 0.2))
+    flow.FlowConfig(stage_probs=(0.9, 0.2))
   with pytest.raises(ValueError, match="probability distribution"):
-    flow.TimestepConfig(stage_probs=(1.2, -0.2))
+    flow.FlowConfig(stage_probs=(1.2, -0.2))
 
 
 def test_per_sample_loss_weights():
@@ -156,7 +155,7 @@ def test_per_sample_loss_weights():
 
 
 def test_loss_weight_fn_sees_the_drawn_times():
-  cfg = flow.TimestepConfig(stage_probs=(0.5, 0.5))
+  cfg = flow.FlowConfig(stage_probs=(0.5, 0.5))
   stages = (jnp.ones((8, 2, 2, 1)), jnp.ones((8, 4, 4, 1)))
   seen = {}
 
@@ -176,9 +175,7 @@ def test_loss_weight_fn_sees_the_drawn_times():
 
 
 def test_p_q_schedule_moves_linearly_from_start_to_final_probs():
-  cfg = flow.TimestepConfig(
-    stage_probs=(0.9, 0.1), final_stage_probs=(0.5, 0.5), schedule_steps=1000
-  )
+  cfg = flow.FlowConfig(stage_probs=(0.9, 0.1), final_stage_probs=(0.5, 0.5), schedule_steps=1000)
   n = 40000
   for step, p_fine in ((0, 0.1), (500, 0.3), (1000, 0.5), (5000, 0.5)):
     q, _ = flow.sample_stage_times(jax.random.key(step), n, cfg, step=jnp.int32(step))
@@ -186,19 +183,19 @@ def test_p_q_schedule_moves_linearly_from_start_to_final_probs():
     assert abs(freq - p_fine) < 4 * np.sqrt(p_fine * (1 - p_fine) / n), (step, freq)
   # Without a step (sampling-time callers) or without a schedule, p_q is stage_probs.
   np.testing.assert_allclose(flow.stage_probs_at(cfg), [0.9, 0.1])
-  plain = flow.TimestepConfig(stage_probs=(0.9, 0.1))
+  plain = flow.FlowConfig(stage_probs=(0.9, 0.1))
   np.testing.assert_allclose(flow.stage_probs_at(plain, 700), [0.9, 0.1])
 
 
 def test_p_q_schedule_is_checked():
   with pytest.raises(ValueError, match="final_stage_probs has 3 entries for 2 stages"):
-    flow.TimestepConfig(stage_probs=(0.9, 0.1), final_stage_probs=(0.5, 0.3, 0.2), schedule_steps=9)
+    flow.FlowConfig(stage_probs=(0.9, 0.1), final_stage_probs=(0.5, 0.3, 0.2), schedule_steps=9)
   with pytest.raises(
     ValueError, match="final_stage_probs .p_q. must be a probability distribution"
   ):
-    flow.TimestepConfig(stage_probs=(0.9, 0.1), final_stage_probs=(0.5, 0.6), schedule_steps=9)
+    flow.FlowConfig(stage_probs=(0.9, 0.1), final_stage_probs=(0.5, 0.6), schedule_steps=9)
   with pytest.raises(ValueError, match="schedule_steps >= 1"):
-    flow.TimestepConfig(stage_probs=(0.9, 0.1), final_stage_probs=(0.5, 0.5))
+    flow.FlowConfig(stage_probs=(0.9, 0.1), final_stage_probs=(0.5, 0.5))
 
 
 def test_config_p_q_schedule_reaches_the_dfm_loss_through_the_train_step_counter():
@@ -208,16 +205,13 @@ def test_config_p_q_schedule_reaches_the_dfm_loss_through_the_train_step_counter
     flow__stage_probs=(1.0, 0.0, 0.0),
     flow__final_stage_probs=(0.0, 0.0, 1.0),
     total_steps=100,
+    flow__label_dropout=0.0,
   )
   exp = experiment.from_config(c, check_data=False)
   zeros = lambda stages, t, labels, stage_index: tuple(jnp.zeros_like(s) for s in stages)
   r, ch = c.data.resolution, c.data.channels
   data, labels = jnp.zeros((256, r, r, ch)), jnp.zeros((256,), jnp.int32)
-  fn = jax.jit(
-    lambda step: exp.method.loss(
-      zeros, jax.random.key(0), data, labels, label_dropout=0.0, step=step
-    )
-  )
+  fn = jax.jit(lambda step: exp.method.loss(zeros, jax.random.key(0), data, labels, step=step))
   assert float(fn(jnp.int32(0))[1]["frac_main_stage1"]) == 1.0
   assert float(fn(jnp.int32(100))[1]["frac_main_stage3"]) == 1.0
   middle = fn(jnp.int32(50))[1]

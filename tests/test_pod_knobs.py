@@ -255,17 +255,18 @@ def test_activation_constraint_under_a_mesh_keeps_values():
 
 def _step(state_and_def, exp, k, key, batch):
   graphdef, state = state_and_def
-  settings = train_state.StepSettings(label_dropout=0.0, stage_weights=None, grad_accum_steps=k)
   fn = jax.jit(
     lambda s, b, key: train_state.train_step(
-      graphdef, s, b, key, exp=exp, settings=settings, lr_schedule=lambda step: 0.0
+      graphdef, s, b, key, exp=exp, lr_schedule=lambda step: 0.0, grad_accum_steps=k
     )
   )
   return fn(state, batch, key)
 
 
 def _setup(**extra):
-  config = tiny_config(optim__warmup_steps=0, optim__grad_clip=0.0, **extra)
+  config = tiny_config(
+    optim__warmup_steps=0, optim__grad_clip=0.0, flow__label_dropout=0.0, **extra
+  )
   exp = experiment.from_config(config, check_data=False)
 
   @jax.jit
@@ -313,9 +314,7 @@ def test_grad_accumulation_equals_mean_of_microbatch_gradients():
     for i in range(2):
       mb = {n: v[i::2] for n, v in batch.items()}
       (loss, _), grads = nnx.value_and_grad(
-        lambda m: method.loss(
-          m, jax.random.fold_in(key, i), mb["image"], mb["label"], label_dropout=0.0
-        ),
+        lambda m: method.loss(m, jax.random.fold_in(key, i), mb["image"], mb["label"]),
         has_aux=True,
       )(ts.model)
       losses.append(loss)
@@ -341,7 +340,7 @@ def test_grad_accumulation_equals_full_batch_for_a_deterministic_loss():
   config, exp, (graphdef, state), batch = _setup()
 
   class Deterministic:
-    def loss(self, model, key, data, labels, *, label_dropout, stage_weights, step=None):
+    def loss(self, model, key, data, labels, step=None):
       stages = exp.decomposition.split(data)
       t = jnp.full((data.shape[0], len(stages)), 0.5)
       out = model(tuple(0.5 * s for s in stages), t, labels, jnp.zeros_like(labels))

@@ -150,9 +150,8 @@ def test_single_stage_is_preconditioned_flow_matching(digits):
       jax.random.key(4),
       (x1,),
       labels,
-      flow.TimestepConfig(),
+      flow.FlowConfig(label_dropout=0.0),
       null_label=10,
-      label_dropout=0.0,
       loss_weight_fn=model.loss_weights,
     )
     return loss, metrics, record["xt"], record["t"]

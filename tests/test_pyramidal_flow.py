@@ -18,14 +18,15 @@ from tests.train_utils import config_file
 
 def _method(stage_shapes, probs=None, null_label=10, final_probs=None, schedule_steps=0):
   k = len(stage_shapes)
-  timesteps = flow.TimestepConfig(
+  flow_cfg = flow.FlowConfig(
     stage_probs=probs or (1.0 / k,) * k,
     final_stage_probs=final_probs,
     schedule_steps=schedule_steps,
+    label_dropout=0.0,
   )
   exp = types.SimpleNamespace(
     model=types.SimpleNamespace(stage_shapes=tuple(stage_shapes)),
-    timesteps=timesteps,
+    flow=flow_cfg,
     null_label=null_label,
   )
   return METHODS.get("pyramidal_flow")(exp)
@@ -154,7 +155,7 @@ def test_training_target_is_end_minus_start_against_numpy():
 
   @jax.jit
   def run(key):
-    loss, metrics = method.loss(model, key, jnp.asarray(data), labels, label_dropout=0.0)
+    loss, metrics = method.loss(model, key, jnp.asarray(data), labels)
     return loss, metrics, dict(seen)
 
   loss, metrics, seen = run(jax.random.key(4))

@@ -10,24 +10,20 @@ Time convention: t = 0 noise, t = 1 data.
 from __future__ import annotations
 
 import abc
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import jax
-import jax.numpy as jnp
 
 from dfm_jax.registry import Registry
-
-if TYPE_CHECKING:
-  from dfm_jax.experiment import Experiment
-  from dfm_jax.sampler import SamplerConfig
 
 METHODS: Registry = Registry("method")
 
 
 class Method(abc.ABC):
-  """A training objective and its sampler, bound to an :class:`Experiment`."""
+  """A training objective and its sampler, bound to a run's ``experiment.Experiment`` (its
+  decomposition, model config, ``flow`` settings and, from :meth:`options`, the method's own)."""
 
-  def __init__(self, exp: "Experiment"):
+  def __init__(self, exp):
     self.exp = exp
 
   @classmethod
@@ -49,16 +45,11 @@ class Method(abc.ABC):
     del config
     return {}
 
-  # Whether the train state carries ``snapshot``: a copy of the EMA model that the training step
-  # refreshes after each update while ``snapshot_follows(step)`` holds and keeps fixed otherwise.
-  # It is saved with the checkpoint, never trained and never averaged.
-  snapshot: bool = False
-
-  def snapshot_follows(self, step: jax.Array) -> jax.Array:
-    """Whether the snapshot takes the EMA weights after optimizer step ``step`` (the step being
-    taken, int32 scalar, may be traced); a bool scalar."""
-    del step
-    return jnp.asarray(False)
+  # A method that keeps a snapshot (the cascade's fixed low-resolution model) defines
+  # ``snapshot_follows(step) -> bool scalar``: the train state then carries ``snapshot``, a copy
+  # of the EMA model that the step refreshes after each update while it holds (``step``: the
+  # step being taken, int32, may be traced). Saved with the checkpoint, never trained or averaged.
+  snapshot_follows = None
 
   def sampling_state(self, state):
     """What ``sample`` takes as its model, from a train state (``nnx.State``, also an abstract
@@ -81,12 +72,10 @@ class Method(abc.ABC):
     key: jax.Array,
     data: jax.Array,
     labels: jax.Array,
-    *,
-    label_dropout: float,
-    stage_weights=None,
     step: jax.Array | None = None,
   ) -> tuple[jax.Array, dict[str, Any]]:
-    """One Monte-Carlo estimate of the training loss.
+    """One Monte-Carlo estimate of the training loss (label dropout, stage weights and the
+    timestep distribution: ``self.exp.flow``).
 
     Args:
       model: the network (e.g. ``dit.DFMDiT``).
@@ -105,10 +94,11 @@ class Method(abc.ABC):
     model,
     key: jax.Array,
     labels: jax.Array,
-    sampler_cfg: "SamplerConfig",
+    sampler_cfg,
     previews: bool = False,
   ) -> dict[str, Any]:
-    """Samples from noise to data; traceable (the caller jits it). ``model``: what
+    """Samples from noise to data with ``sampler_cfg`` (``sampler.SamplerConfig``); traceable
+    (the caller jits it). ``model``: what
     ``sampling_state`` picks, merged into models (by default the EMA model).
 
     Returns a dict with ``images`` ``[B, H, W, C]`` in the data space, ``nfe`` (int32 model

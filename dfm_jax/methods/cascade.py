@@ -72,8 +72,6 @@ def phase(step, switch: int):
 class Cascade(Method):
   """A low-resolution model, then a full-resolution model conditioned on it."""
 
-  snapshot = True  # the low-resolution model, fixed from the switch on
-
   @classmethod
   def check_config(cls, config) -> list[str]:
     d = config.decomposition
@@ -126,7 +124,8 @@ class Cascade(Method):
     return {"cond_image": True}
 
   def snapshot_follows(self, step: jax.Array) -> jax.Array:
-    """The snapshot takes the EMA after every low-resolution step, then stays as it is."""
+    """The snapshot (the low-resolution model) takes the EMA after every low-resolution step,
+    then stays as it is."""
     return phase(step, self.exp.method_options.switch_step) == 0
 
   def sampling_state(self, state):
@@ -145,18 +144,16 @@ class Cascade(Method):
   def data_stats(self, batches):
     return split_stats(jax.jit(self.resolutions), 2, batches)
 
-  def loss(self, model, key, data, labels, *, label_dropout, stage_weights=None, step=None):
-    del stage_weights
+  def loss(self, model, key, data, labels, step=None):
     if step is None:
       raise ValueError("the cascade trains one model, then the other: pass the training step")
     exp, opts = self.exp, self.exp.method_options
     low, full = self.resolutions(data)
     b = data.shape[0]
     k_t, k_noise, k_ct, k_cond, k_drop = jax.random.split(key, 5)
-    t = flow.logit_normal(k_t, (b,), exp.timesteps.main_loc, exp.timesteps.main_scale)
+    t = flow.logit_normal(k_t, (b,), exp.flow.main_loc, exp.flow.main_scale)
     zeros_t = jnp.zeros_like(t)
-    drop = jax.random.bernoulli(k_drop, label_dropout, labels.shape)
-    labels = jnp.where(drop, exp.null_label, labels)
+    labels = flow.drop_labels(k_drop, labels, exp.flow.label_dropout, exp.null_label)
 
     def fm_loss(x1, stage, **cond):
       x0 = jax.random.normal(k_noise, x1.shape, x1.dtype)

@@ -19,7 +19,7 @@ def velocity_fn(model) -> flow.VelocityFn:
 class DecomposableFlowMatching(Method):
   """The paper's method on ``exp.decomposition``'s stages."""
 
-  def loss(self, model, key, data, labels, *, label_dropout, stage_weights=None, step=None):
+  def loss(self, model, key, data, labels, step=None):
     exp = self.exp
     stages = exp.decomposition.split(data)
     extra = {}
@@ -30,10 +30,8 @@ class DecomposableFlowMatching(Method):
       key,
       stages,
       labels,
-      exp.timesteps,
+      exp.flow,
       null_label=exp.null_label,
-      label_dropout=label_dropout,
-      stage_weights=stage_weights,
       step=step,
       **extra,
     )

@@ -204,13 +204,13 @@ class PyramidalFlow(Method):
   def _window(self, key, batch, step=None):
     """int32 ``[B]``: each sample's window, drawn from p_q at ``step`` (a
     ``flow.final_stage_probs`` schedule moves it as for DFM)."""
-    cfg = self.exp.timesteps
+    cfg = self.exp.flow
     logits = jnp.log(flow.stage_probs_at(cfg, step))
     draws = batch if cfg.per_sample_stage else 1
     window = jax.random.categorical(key, logits, shape=(draws,)).astype(jnp.int32)
     return jnp.broadcast_to(window, (batch,))
 
-  def loss(self, model, key, data, labels, *, label_dropout, stage_weights=None, step=None):
+  def loss(self, model, key, data, labels, step=None):
     """Plain MSE of the model's level-k output against ``end - start`` of each sample's window
     k (``data [B, (T,) H, W, C]`` at the finest level); metrics per window (1-based)."""
     num = self.num_levels
@@ -231,8 +231,7 @@ class PyramidalFlow(Method):
     bounds = jnp.asarray(window_times(num), jnp.float32)
     t_glob = r * bounds[window] + (1.0 - r) * bounds[window + 1]
     t = onehot * t_glob[:, None]
-    drop = jax.random.bernoulli(k_drop, label_dropout, labels.shape)
-    labels = jnp.where(drop, self.exp.null_label, labels)
+    labels = flow.drop_labels(k_drop, labels, self.exp.flow.label_dropout, self.exp.null_label)
     pred = model(tuple(inputs), t, labels, window)
     mse = jnp.stack(
       [
@@ -241,6 +240,7 @@ class PyramidalFlow(Method):
       ],
       axis=1,
     )  # [B, K]
+    stage_weights = self.exp.flow.stage_weights
     weights = jnp.ones((num,)) if stage_weights is None else jnp.asarray(stage_weights)
     per_sample = jnp.sum(mse * onehot * weights[None, :], axis=1)
     loss = jnp.mean(per_sample)
