@@ -103,7 +103,7 @@ class Checkpointer:
     self.facts = json.loads(json.dumps(facts)) if facts else None
     mode = (
       ocp.options.AtomicityMode.COMMIT_FILE
-      if _is_url(self.directory)
+      if storage.is_remote(self.directory)
       else ocp.options.AtomicityMode.ATOMIC_RENAME
     )
     options = ocp.CheckpointManagerOptions(
@@ -321,7 +321,7 @@ class Checkpointer:
     object stores only those holding the commit file (the others are unfinished saves)."""
     root, on_disk = epath.Path(self.directory), set()
     if root.is_dir():
-      url = _is_url(self.directory)
+      url = storage.is_remote(self.directory)
       on_disk = {
         int(p.name)
         for p in root.iterdir()
@@ -556,7 +556,7 @@ def _one_line(e: BaseException, limit: int = 300) -> str:
 def _move_dir(source: epath.Path, target: epath.Path) -> None:
   """Renames a directory; on object stores (no directories, no rename) copies every object,
   then deletes the source, so an interrupted move leaves the source whole."""
-  if not _is_url(os.fspath(source)):
+  if not storage.is_remote(os.fspath(source)):
     source.rename(target)
     return
 
@@ -577,22 +577,7 @@ def disk_full(error: BaseException) -> bool:
   return False
 
 
-def _is_url(path: str) -> bool:
-  return "://" in os.fspath(path)
-
-
 def _absolute(path: str) -> str:
   """A URL as given; a local path made absolute (Orbax wants absolute directories)."""
   path = os.fspath(path)
-  return path if _is_url(path) else os.path.abspath(path)  # a string operation, no I/O
-
-
-def save_json(path: str, obj: Any) -> None:
-  """Writes JSON atomically (temporary file + rename, local or ``gs://``) on process 0."""
-  if jax.process_index() != 0:
-    return
-  path = epath.Path(_absolute(path))
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.parent / (path.name + ".tmp")
-  tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
-  tmp.replace(path)
+  return path if storage.is_remote(path) else os.path.abspath(path)  # a string operation, no I/O

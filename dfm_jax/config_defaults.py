@@ -18,6 +18,7 @@ import ml_collections
 import numpy as np
 
 from dfm_jax import data as data_lib
+from dfm_jax import storage
 
 
 def per_stage_field(value) -> ml_collections.FieldReference:
@@ -479,7 +480,7 @@ def _local_stand_ins(c: ml_collections.ConfigDict) -> None:
   from dfm_jax.autoencoders import STAND_IN  # pylint: disable=g-import-not-at-top
 
   path = str(c.data.get("path", ""))
-  if "://" in path:
+  if storage.is_remote(path):
     source = "synthetic_latents" if c.data.source == "latents" else "synthetic"
     logging.warning(
       "runlocal: data.path %s is not on this machine; training on data.source=%r (the same "
@@ -492,7 +493,9 @@ def _local_stand_ins(c: ml_collections.ConfigDict) -> None:
       c.data[field] = None if field == "data_dir" else ""
   ae = c.get("autoencoder")
   weights = str(ae.get("weights", "")) if ae is not None else ""
-  if weights and weights != STAND_IN and ("://" in weights or not os.path.exists(weights)):
+  if (
+    weights and weights != STAND_IN and (storage.is_remote(weights) or not os.path.exists(weights))
+  ):
     logging.warning(
       "runlocal: autoencoder.weights %s is not on this machine; a small random stand-in with "
       "%s's latent shape decodes the samples (they are not images)",

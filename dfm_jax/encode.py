@@ -192,7 +192,7 @@ def encode_dataset(
     raise ValueError(f"--shard_size must be a positive int, got {shard_size!r}")
   if not out:
     raise ValueError("--out is empty; give the shard folder (local or gs://)")
-  if "://" not in out and os.path.exists(out) and not os.path.isdir(out):
+  if not storage.is_remote(out) and os.path.exists(out) and not os.path.isdir(out):
     raise ValueError(f"--out {out} is a file; give the shard folder (local or gs://)")
   data = pixel_data_config(config)
   data_lib.validate_data_config(data)

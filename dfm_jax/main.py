@@ -138,14 +138,14 @@ def parse_flags(argv: list[str]) -> list[str]:
   """absl flag parsing with flag and config-file problems (missing file, syntax error, unknown
   field, wrong type) and a ``--workdir`` that is not a folder reported as one ``error: ...`` line
   and exit code 2."""
-  from dfm_jax import cli_errors  # pylint: disable=g-import-not-at-top
+  from dfm_jax import cli_errors, storage  # pylint: disable=g-import-not-at-top
 
   rest = cli_errors.parse_flags(FLAGS, argv)
   workdir = FLAGS.workdir
   if not workdir.strip():
     print("error: --workdir is empty; name the run's folder (local or gs://)", file=sys.stderr)
     sys.exit(cli_errors.EXIT_USAGE)
-  if "://" not in workdir and os.path.exists(workdir) and not os.path.isdir(workdir):
+  if not storage.is_remote(workdir) and os.path.exists(workdir) and not os.path.isdir(workdir):
     print(f"error: --workdir {workdir} is a file, not a folder", file=sys.stderr)
     sys.exit(cli_errors.EXIT_USAGE)
   return rest

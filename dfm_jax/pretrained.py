@@ -36,7 +36,7 @@ import numpy as np
 from etils import epath
 
 from dfm_jax import config_defaults, sampling, storage
-from dfm_jax.run import STAGE_STATS_FILE, Run, setup, write_json
+from dfm_jax.run import STAGE_STATS_FILE, Run, setup
 
 WEIGHTS_FILE = "weights.safetensors"
 CONFIG_FILE = "config.json"
@@ -213,14 +213,13 @@ class Generator:
     leaves = jax.tree_util.tree_flatten_with_path(self.weights)[0]
     arrays = {_key(path): _host(leaf) for path, leaf in leaves}
     data = st.save(arrays, metadata={"format": "dfm_jax", "step": str(self.step)})
-    partial = out / f".{WEIGHTS_FILE}.partial"
-    partial.write_bytes(data)
-    partial.rename(out / WEIGHTS_FILE)
+    with storage.atomic_path(out / WEIGHTS_FILE) as tmp:
+      tmp.write_bytes(data)
     config = json.loads(json.dumps(self.config.to_dict(), default=str))
-    write_json(out / CONFIG_FILE, {**config, "published_step": self.step})
+    storage.write_json(out / CONFIG_FILE, {**config, "published_step": self.step})
     stats = self.run.exp.decomposition.stats
     if stats is not None:
-      write_json(out / STAGE_STATS_FILE, stats.to_dict())
+      storage.write_json(out / STAGE_STATS_FILE, stats.to_dict())
     card = _model_card(self, len(arrays), sum(a.size for a in arrays.values()))
     (out / CARD_FILE).write_text(card + (f"\n{notes.strip()}\n" if notes.strip() else ""))
     return str(out)

@@ -17,6 +17,7 @@ from etils import epath
 from flax import nnx
 
 from dfm_jax import data as data_lib, decompose, experiment, sharding
+from dfm_jax import storage
 from dfm_jax.train_state import create_train_state
 
 
@@ -82,17 +83,8 @@ def stage_stats(config, exp, workdir, check_data: bool = True) -> decompose.Stag
   batches = (next(it)["image"] for _ in range(int(config.decomposition.stats_batches)))
   stats = decompose.estimate_stats(exp.decomposition, batches)
   if path is not None and jax.process_index() == 0:
-    write_json(path, stats.to_dict())
+    storage.write_json(path, stats.to_dict())
   return stats
-
-
-def write_json(path, obj) -> None:
-  """Writes JSON atomically (temporary file + rename) to a local or ``gs://`` path."""
-  path = epath.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.parent / f".{path.name}.tmp"
-  tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
-  tmp.rename(path)
 
 
 def setup(

@@ -22,6 +22,7 @@ from etils import epath
 from flax import nnx
 
 from dfm_jax import checkpoint, reporting, sharding
+from dfm_jax import storage
 from dfm_jax.experiment import Experiment
 from dfm_jax.progress import Progress
 from dfm_jax.run import Run, setup
@@ -348,7 +349,7 @@ def write_video_grid(
 
 def _write_file(path: str, write: Callable[[str], object]) -> None:
   """``write(local_path)``, through a local temporary file when ``path`` is remote (gs://)."""
-  if "://" not in path:
+  if not storage.is_remote(path):
     write(path)
     return
   import os  # pylint: disable=g-import-not-at-top

@@ -1,5 +1,6 @@
 """Paths that may be local or in a bucket (``gs://...``), and the checks a run makes on them
 before any heavy work: placeholders refused by name, cloud credentials present. Also the one
+way to write a file whole or not at all (`atomic_path`, `write_text`, `write_json`), the one
 tree copy between any two such paths, and weights fetched from where users keep them
 (`local_copy`: a local path, ``gs://``, or the Hugging Face Hub at a pinned revision).
 
@@ -9,11 +10,14 @@ fails with a traceback; `preflight` answers in about a second instead.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import os
 import re
 import shutil
 from pathlib import Path
+from typing import Any, Iterator
 
 from dfm_jax import config_schema
 
@@ -97,6 +101,36 @@ def enable_compilation_cache(config) -> None:
 
   jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "xla"))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+@contextlib.contextmanager
+def atomic_path(path) -> Iterator[Any]:
+  """A temporary name beside ``path`` (local or ``gs://``; an ``etils.epath.Path`` with the
+  same suffix) for the block to write; renamed onto ``path`` when the block succeeds and removed
+  when it fails, so a reader (or a crash) finds the file whole or as it was before."""
+  from etils import epath  # pylint: disable=g-import-not-at-top
+
+  path = epath.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.parent / f".{path.name}.{os.getpid()}.tmp{path.suffix}"
+  try:
+    yield tmp
+    tmp.replace(path)  # os.replace locally: atomic, replacing an older file
+  except BaseException:
+    with contextlib.suppress(OSError):
+      tmp.unlink()
+    raise
+
+
+def write_text(path, text: str) -> None:
+  """Writes ``text`` to ``path`` (local or ``gs://``) whole or not at all."""
+  with atomic_path(path) as tmp:
+    tmp.write_text(text)
+
+
+def write_json(path, obj: Any) -> None:
+  """Writes ``obj`` as indented, key-sorted JSON to ``path`` whole or not at all."""
+  write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str))
 
 
 def copy_tree(source, target) -> None:

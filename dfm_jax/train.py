@@ -29,7 +29,7 @@ from flax import nnx
 from dfm_jax import checkpoint, data as data_lib, dit, reporting, sampling, sharding
 from dfm_jax import config_defaults, hardware, init_from, storage, workdir_lock
 from dfm_jax.progress import format_eta
-from dfm_jax.run import Run, init_state, maybe_initialize_distributed, setup, write_json
+from dfm_jax.run import Run, init_state, maybe_initialize_distributed, setup
 from dfm_jax.train_state import make_optimizer, train_step
 
 __all__ = [
@@ -172,7 +172,7 @@ def _write_config(workdir: str, config) -> None:
       return
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     path.rename(path.parent / f"config.{stamp}.json")
-  write_json(path, new)
+  storage.write_json(path, new)
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> nnx.State:
@@ -406,14 +406,14 @@ def _loop(run: Run, ckpt: checkpoint.Checkpointer, data_iter, state, start: int)
 def _trace_dir(workdir: str) -> str:
   """Where the profiler writes: ``workdir/profile``, or a local temporary folder for a ``gs://``
   workdir (the profiler's own GCS client does not go through etils.epath)."""
-  if "://" not in workdir:
+  if not storage.is_remote(workdir):
     return str(epath.Path(workdir) / "profile")
   return tempfile.mkdtemp(prefix="dfm_profile_")
 
 
 def _publish_trace(trace_dir: str, workdir: str) -> None:
   """Copies a trace written to a temporary folder into ``workdir/profile`` (through epath)."""
-  if "://" not in workdir:
+  if not storage.is_remote(workdir):
     return
   try:
     storage.copy_tree(trace_dir, epath.Path(workdir) / "profile")

@@ -38,6 +38,8 @@ import threading
 import time
 import uuid
 
+from dfm_jax import storage
+
 LOCK_NAME = ".lock"
 _TAKEOVER_SUFFIX = ".takeover"
 _log = logging.getLogger(__name__)
@@ -51,10 +53,6 @@ class WorkdirLockedError(RuntimeError):
   def __init__(self, message: str, holder: dict | None = None):
     super().__init__(message)
     self.holder = holder or {}
-
-
-def _is_local(path: str) -> bool:
-  return "://" not in path
 
 
 def _pid_start(pid: int) -> str | None:
@@ -108,7 +106,7 @@ class _Store:
 
   def __init__(self, path: str):
     self.path = path
-    self.local = _is_local(path)
+    self.local = not storage.is_remote(path)
 
   def create(self, path: str, text: str) -> bool:
     """Creates ``path`` holding ``text`` if it does not exist; False if it does."""
@@ -143,15 +141,7 @@ class _Store:
       return None
 
   def replace(self, path: str, text: str) -> None:
-    if self.local:
-      tmp = f"{path}.{os.getpid()}.tmp"
-      with open(tmp, "w") as f:
-        f.write(text)
-      os.replace(tmp, path)
-    else:
-      from etils import epath  # pylint: disable=g-import-not-at-top
-
-      epath.Path(path).write_text(text)
+    storage.write_text(path, text)
 
   def remove(self, path: str) -> None:
     try:
@@ -257,7 +247,9 @@ def acquire(
   """
   if process_index is None:
     process_index = sys.modules["jax"].process_index() if "jax" in sys.modules else 0
-  path = os.path.join(os.path.abspath(workdir) if _is_local(workdir) else workdir, LOCK_NAME)
+  path = os.path.join(
+    os.path.abspath(workdir) if not storage.is_remote(workdir) else workdir, LOCK_NAME
+  )
   if process_index != 0:
     return Lock(path, None, None, None)
   store = _Store(path)

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from dfm_jax.evaluation import dinov2 as D
-from dfm_jax.evaluation.torch_pickle import load_torch_file
+from dfm_jax.torch_pickle import load_torch_file
 
 FIXTURES = Path(__file__).parent / "fixtures"
 CHECKPOINT = FIXTURES / "dinov2_tiny.pth"

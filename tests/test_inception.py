@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from dfm_jax.evaluation import fid_features, inception, weights
-from dfm_jax.evaluation.torch_pickle import load_torch_file, load_torch_pickle
+from dfm_jax.torch_pickle import load_torch_file, load_torch_pickle
 
 FIXTURES = Path(__file__).parent / "fixtures"
 # About 10x the measured error on a CPU: pool3 and logits 9.6e-7 relative, preprocessing 3e-7.

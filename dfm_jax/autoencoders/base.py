@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 from flax import traverse_util
 
-from dfm_jax.evaluation.torch_pickle import load_torch_file
+from dfm_jax.torch_pickle import load_torch_file
 from dfm_jax.registry import Registry
 
 AUTOENCODERS: Registry[Callable[..., "Autoencoder"]] = Registry("autoencoder")

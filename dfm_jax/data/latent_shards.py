@@ -44,6 +44,7 @@ from etils import epath
 import numpy as np
 
 from dfm_jax.data.corrupt import read_skipping
+from dfm_jax import storage
 
 FORMAT = "dfm_jax.latent_shards/1"
 METADATA = "metadata.json"
@@ -118,22 +119,12 @@ def merge_stats(parts: list[dict]) -> tuple[np.ndarray, np.ndarray]:
 # Writing.
 
 
-def _is_local(path: epath.Path) -> bool:
-  return "://" not in os.fspath(path)
-
-
 def _sha256(path: str) -> str:
   h = hashlib.sha256()
   with open(path, "rb") as f:
     for chunk in iter(lambda: f.read(1 << 20), b""):
       h.update(chunk)
   return h.hexdigest()
-
-
-def _write_text_atomic(path: epath.Path, text: str) -> None:
-  tmp = path.parent / (path.name + ".tmp")
-  tmp.write_text(text)
-  tmp.rename(path)
 
 
 def _write_array_record(path: str, latents: np.ndarray, labels: np.ndarray) -> None:
@@ -167,7 +158,7 @@ def start(out: str | os.PathLike, plan: dict) -> None:
     raise ValueError(
       f"--out {os.fspath(out)} already holds a shard set without a plan; choose an empty --out"
     )
-  _write_text_atomic(plan_path, text)
+  storage.write_text(plan_path, text)
 
 
 def completed_shards(out: str | os.PathLike, num_shards: int) -> dict[int, dict]:
@@ -204,7 +195,7 @@ def write_shard(
   if not np.isfinite(stored).all():
     raise ValueError(f"shard {name}: latents overflow float16 (|z| > 65504) or are not finite")
   final, tmp = out / name, out / (name + ".tmp")
-  if _is_local(out):
+  if not storage.is_remote(out):
     _write_array_record(os.fspath(tmp), stored, labels)
     digest, size = _sha256(os.fspath(tmp)), tmp.stat().length
   else:
@@ -226,7 +217,7 @@ def write_shard(
     "labels": [int(labels.min()), int(labels.max())] if len(labels) else [0, -1],
   }
   marker = out / PROGRESS_DIR / (name.removesuffix(".array_record") + ".json")
-  _write_text_atomic(marker, json.dumps(info, sort_keys=True))
+  storage.write_text(marker, json.dumps(info, sort_keys=True))
   return info
 
 
@@ -260,7 +251,7 @@ def finalize(out: str | os.PathLike, plan: dict) -> dict:
     raise ValueError(
       f"{os.fspath(out)}: shards hold {meta['count']} records, the plan {plan['count']}"
     )
-  _write_text_atomic(epath.Path(out) / METADATA, json.dumps(meta, indent=1, sort_keys=True))
+  storage.write_text(epath.Path(out) / METADATA, json.dumps(meta, indent=1, sort_keys=True))
   return meta
 
 
@@ -352,7 +343,9 @@ def check_shard_set(
       f"{os.fspath(path)!r} lacks {len(missing)} shard file(s) listed in "
       f"{METADATA}, e.g. {missing[0]}"
     )
-  if _is_local(epath.Path(path)):  # sizes are one stat each here (a bucket: read-time checks)
+  if not storage.is_remote(
+    epath.Path(path)
+  ):  # sizes are one stat each here (a bucket: read-time checks)
     for shard in meta["shards"]:
       size = os.path.getsize(os.path.join(os.fspath(path), shard["name"]))
       if "bytes" in shard and size != shard["bytes"]:

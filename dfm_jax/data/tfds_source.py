@@ -10,6 +10,7 @@ import os
 
 import numpy as np
 
+from dfm_jax import storage
 from dfm_jax.data.transforms import decode_image
 from dfm_jax.data.transforms import to_channels
 
@@ -26,7 +27,7 @@ def dataset_info(name: str, data_dir: str | None):
   root = os.fspath(data_dir) if data_dir else tfds.core.constants.DATA_DIR
   base = name.split(":")[0].split("/")[0]
   # Without local files tfds.builder would fall back to fetching metadata over the network.
-  if "://" not in root and not os.path.isdir(os.path.join(root, base)):
+  if not storage.is_remote(root) and not os.path.isdir(os.path.join(root, base)):
     raise ValueError(
       f"tfds dataset {name!r} is not prepared under data_dir {root!r} "
       f"(no folder {base!r}); build it first, e.g. `tfds build {base} "

@@ -21,7 +21,6 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 
 import jax
@@ -208,13 +207,10 @@ def _key(path) -> str:
 
 
 def _save(path: Path, model: SmallCNN, fingerprint: str) -> None:
-  path.parent.mkdir(parents=True, exist_ok=True)
   pure = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   arrays = {_key(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(pure)}
-  fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz")
-  with os.fdopen(fd, "wb") as f:
-    np.savez(f, __fingerprint__=np.array(fingerprint), **arrays)
-  os.replace(tmp, path)
+  with storage.atomic_path(path) as tmp:
+    np.savez(os.fspath(tmp), __fingerprint__=np.array(fingerprint), **arrays)
 
 
 def _load(path: Path, fingerprint: str) -> SmallCNN:

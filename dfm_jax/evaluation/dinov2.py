@@ -30,7 +30,7 @@ import numpy as np
 from flax import nnx
 
 from dfm_jax.evaluation.metrics import feature_statistics, frechet_distance
-from dfm_jax.evaluation.torch_pickle import load_torch_file
+from dfm_jax.torch_pickle import load_torch_file
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -175,10 +175,8 @@ def reference_statistics(key: str, real_uint8=None, batch_size: int = 50, params
     raise FileNotFoundError(f"no cached reference statistics {path}; pass the real images")
   features, _ = extract_features(real_uint8, batch_size, params)
   mu, sigma = metrics.feature_statistics(features)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
-  np.savez(tmp, mu=mu, sigma=sigma, features=features, num=np.int64(len(features)))
-  os.replace(tmp, path)
+  with storage.atomic_path(path) as tmp:
+    np.savez(os.fspath(tmp), mu=mu, sigma=sigma, features=features, num=np.int64(len(features)))
   return {"mu": mu, "sigma": sigma, "features": features, "num": len(features)}
 
 

