@@ -54,6 +54,7 @@ from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 
+from dfm_jax.errors import CheckpointSaveError, CheckpointCorruptError, CheckpointMismatchError
 from dfm_jax import checksums, storage
 
 MANIFEST_FORMAT = "dfm_jax.checkpoint_integrity/1"
@@ -65,28 +66,6 @@ _STEP_METADATA_FILE = "_CHECKPOINT_METADATA"
 _COMMIT_FILE = "commit_success.txt"  # Orbax's completion marker of a step written in place
 
 _log = logging.getLogger(__name__)
-
-
-class CheckpointSaveError(RuntimeError):
-  """A checkpoint could not be written; ``step`` is the step that was lost."""
-
-  def __init__(self, message: str, step: int | None = None):
-    super().__init__(message)
-    self.step = step
-
-
-class CheckpointCorruptError(RuntimeError):
-  """A saved step is damaged, truncated or incomplete. ``reason`` is a short slug used in the
-  quarantine directory name (``checksum``, ``unreadable``, ``metadata``, ``manifest``,
-  ``data-iter``); the message names the step and what is wrong."""
-
-  def __init__(self, step: int, reason: str, detail: str):
-    super().__init__(f"checkpoint step {step} is damaged ({reason}): {detail}")
-    self.step, self.reason, self.detail = step, reason, detail
-
-
-class CheckpointMismatchError(ValueError):
-  """The checkpoint is intact but was written for a different model (config or code)."""
 
 
 class Checkpointer:

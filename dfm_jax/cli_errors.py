@@ -20,7 +20,7 @@ from pathlib import Path
 import ml_collections
 from absl import flags
 
-EXIT_USAGE = 2
+from dfm_jax.errors import EXIT_USAGE
 
 
 def sigterm_as_interrupt() -> None:

@@ -53,13 +53,10 @@ import jax  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
+from dfm_jax.errors import CompileCheckError
 from dfm_jax.hardware import TPU_PEAK_TFLOPS  # noqa: E402
 
 GIB = 2**30
-
-
-class CompileCheckError(Exception):
-  """A problem reported as one line (unknown topology, no libtpu, bad mesh)."""
 
 
 # ---------------------------------------------------------------------------------------------

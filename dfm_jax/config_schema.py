@@ -12,17 +12,9 @@ from __future__ import annotations
 import dataclasses
 import math
 from typing import Any, Callable
+from dfm_jax.errors import InvalidConfigError
 
 INT, FLOAT, BOOL, STR, TUPLE, ANY = "int", "float", "bool", "str", "tuple", "any"
-
-
-class InvalidConfigError(ValueError):
-  """A config the run refuses before any heavy work: one ``  - `` line per problem. The command
-  lines report it as one ``error: ...`` line and exit 2, like a bad flag."""
-
-  def __init__(self, problems: list[str]):
-    super().__init__("invalid configuration:\n  - " + "\n  - ".join(problems))
-    self.problems = list(problems)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -50,12 +50,10 @@ import ml_collections
 from ml_collections import config_flags
 import numpy as np
 
-from dfm_jax import cli_errors, config_schema, storage
+from dfm_jax import cli_errors, config_schema, errors, storage
 
 FLAGS = flags.FLAGS
 
-EXIT_ERROR = 1
-EXIT_INTERRUPTED = 130
 _READ_THREADS = 8
 _VIDEO_FIELDS = ("frames", "frame_stride", "num_videos", "num_digits")
 _SOURCE_FIELDS = (
@@ -327,12 +325,12 @@ def main(argv):
     if debug:
       raise
     print("interrupted (run the same command again to resume)", file=sys.stderr)
-    sys.exit(EXIT_INTERRUPTED)
+    sys.exit(errors.EXIT_INTERRUPTED)
   except expected_errors() as e:
     if debug:
       raise
     print(f"error: {e}", file=sys.stderr, flush=True)
-    sys.exit(cli_errors.EXIT_USAGE if isinstance(e, storage.USAGE_ERRORS) else EXIT_ERROR)
+    sys.exit(errors.exit_code(e))
   if meta is not None:
     logging.info(
       "wrote %d latents %s in %d shards to %s; channel std %s",

@@ -32,16 +32,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from dfm_jax.errors import InputError
 from dfm_jax.data import transforms
 from dfm_jax.data.folder import IMAGE_EXTENSIONS
 
 NPZ_IMAGE_KEYS = ("images", "samples", "arr_0")  # tried in this order
 # What numpy raises on files that are not (complete) .npz archives.
 _NPZ_ERRORS = (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error)
-
-
-class InputError(Exception):
-  """A path that cannot be turned into a set of images."""
 
 
 def _read_image(path: Path) -> np.ndarray:

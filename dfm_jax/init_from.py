@@ -45,6 +45,7 @@ import numpy as np
 from etils import epath
 from flax import nnx
 
+from dfm_jax.errors import InitFromMismatchError
 from dfm_jax import checkpoint, dit
 from dfm_jax.run import Run, setup
 
@@ -53,10 +54,6 @@ CACHES = ("rope_cos", "rope_sin", "pos")  # derived from the config, never copie
 STATS = ("data_mean", "data_std")
 # Fields that change the function without changing any tensor's shape.
 FUNCTION_FIELDS = ("num_heads", "pos_embed", "precondition", "time_scale", "freq_dim")
-
-
-class InitFromMismatchError(ValueError):
-  """The source checkpoint's model cannot initialise this one (other width, depth, ...)."""
 
 
 @dataclasses.dataclass

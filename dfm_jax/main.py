@@ -23,6 +23,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from dfm_jax import errors
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to a config file.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory (local or gs://) for checkpoints, logs, samples.")
@@ -30,26 +32,16 @@ flags.DEFINE_enum("mode", "train", ["train", "sample", "eval"], "What to run.")
 flags.DEFINE_bool("debug", False, "Show tracebacks of errors (also: DFM_JAX_DEBUG=1).")
 flags.mark_flags_as_required(["config", "workdir"])
 
-EXIT_ERROR = 1
-EXIT_USAGE = 2  # a bad flag, config file, config value or --workdir
-EXIT_PREEMPTED = 75
-EXIT_INTERRUPTED = 130
-
 
 def expected_errors() -> tuple[type[BaseException], ...]:
   """Errors reported as one line: bad configs, inputs, workdirs and checkpoints."""
-  from dfm_jax import checkpoint, train, workdir_lock  # pylint: disable=g-import-not-at-top
-
   return (
     ValueError,
-    FileNotFoundError,
-    NotADirectoryError,
-    PermissionError,
     OSError,
-    checkpoint.CheckpointSaveError,
-    checkpoint.CheckpointCorruptError,
-    workdir_lock.WorkdirLockedError,
-    train.NonFiniteError,
+    errors.CheckpointSaveError,
+    errors.CheckpointCorruptError,
+    errors.WorkdirLockedError,
+    errors.NonFiniteError,
   )
 
 
@@ -78,30 +70,30 @@ def main(argv):
   from dfm_jax import cli_errors  # pylint: disable=g-import-not-at-top
 
   debug = FLAGS.debug or cli_errors.debug_requested()
-  from dfm_jax import checkpoint, storage, train  # pylint: disable=g-import-not-at-top
+  from dfm_jax import storage  # pylint: disable=g-import-not-at-top
 
   try:
     storage.preflight(FLAGS.config, workdir=FLAGS.workdir)  # seconds, before any heavy work
     run_mode(FLAGS.config, FLAGS.workdir, FLAGS.mode)
-  except train.Preempted as e:
+  except errors.Preempted as e:
     logging.warning("%s", e)
-    sys.exit(EXIT_PREEMPTED)
+    sys.exit(errors.EXIT_PREEMPTED)
   except KeyboardInterrupt:
     if debug:
       raise
     print("interrupted", file=sys.stderr)
-    sys.exit(EXIT_INTERRUPTED)
+    sys.exit(errors.EXIT_INTERRUPTED)
   except expected_errors() as e:
     if debug:
       raise
     print(f"error: {_message(e)}", file=sys.stderr, flush=True)
-    if isinstance(e, checkpoint.CheckpointSaveError):
+    if isinstance(e, errors.CheckpointSaveError):
       # The failed save's abandoned write tasks would print tracebacks at interpreter shutdown,
       # after this line; the lock is released and every file closed, so leave at once.
       logging.flush()
       sys.stdout.flush()
-      os._exit(EXIT_ERROR)  # pylint: disable=protected-access
-    sys.exit(EXIT_USAGE if isinstance(e, storage.USAGE_ERRORS) else EXIT_ERROR)
+      os._exit(errors.EXIT_ERROR)  # pylint: disable=protected-access
+    sys.exit(errors.exit_code(e))
 
 
 def _message(e: BaseException) -> str:
@@ -144,10 +136,10 @@ def parse_flags(argv: list[str]) -> list[str]:
   workdir = FLAGS.workdir
   if not workdir.strip():
     print("error: --workdir is empty; name the run's folder (local or gs://)", file=sys.stderr)
-    sys.exit(cli_errors.EXIT_USAGE)
+    sys.exit(errors.EXIT_USAGE)
   if not storage.is_remote(workdir) and os.path.exists(workdir) and not os.path.isdir(workdir):
     print(f"error: --workdir {workdir} is a file, not a folder", file=sys.stderr)
-    sys.exit(cli_errors.EXIT_USAGE)
+    sys.exit(errors.EXIT_USAGE)
   return rest
 
 

@@ -19,18 +19,11 @@ import shutil
 from pathlib import Path
 from typing import Any, Iterator
 
+from dfm_jax.errors import CloudAccessError
 from dfm_jax import config_schema
 
 # The placeholder bucket the shipped configs name (configs/imagenet512.py and others).
 _PLACEHOLDER = re.compile(r"^gs://BUCKET(/|$)")
-
-
-class CloudAccessError(OSError):
-  """A ``gs://`` path that cannot be reached from here (no credentials)."""
-
-
-# Bad input rather than a failure: the command lines exit 2 on these, as on a bad flag.
-USAGE_ERRORS = (config_schema.InvalidConfigError, CloudAccessError)
 
 
 def is_remote(path: str | os.PathLike) -> bool:

@@ -26,6 +26,7 @@ import numpy as np
 from etils import epath
 from flax import nnx
 
+from dfm_jax.errors import NonFiniteError, Preempted
 from dfm_jax import checkpoint, data as data_lib, dit, reporting, sampling, sharding
 from dfm_jax import config_defaults, hardware, init_from, storage, workdir_lock
 from dfm_jax.progress import format_eta
@@ -42,20 +43,6 @@ __all__ = [
   "setup",
   "train",
 ]
-
-
-class NonFiniteError(FloatingPointError):
-  """Raised when a step produced a non-finite loss or gradient."""
-
-
-class Preempted(Exception):
-  """SIGTERM or Ctrl-C: a checkpoint was saved at ``step``; re-running the command resumes."""
-
-  def __init__(self, step: int, signame: str):
-    super().__init__(
-      f"{signame}: saved a checkpoint at step {step}; re-run the same command to resume"
-    )
-    self.step = step
 
 
 def compile_step(run: Run, local_batch_shape: dict):

@@ -38,6 +38,7 @@ import threading
 import time
 import uuid
 
+from dfm_jax.errors import WorkdirLockedError
 from dfm_jax import storage
 
 LOCK_NAME = ".lock"
@@ -45,14 +46,6 @@ _TAKEOVER_SUFFIX = ".takeover"
 _log = logging.getLogger(__name__)
 _held: set[str] = set()  # lock paths held by this process
 _held_mutex = threading.Lock()
-
-
-class WorkdirLockedError(RuntimeError):
-  """Another trainer holds the workdir; the message names its host, pid and start time."""
-
-  def __init__(self, message: str, holder: dict | None = None):
-    super().__init__(message)
-    self.holder = holder or {}
 
 
 def _pid_start(pid: int) -> str | None:

@@ -8,16 +8,13 @@ import collections
 import logging
 import threading
 from typing import Callable, TypeVar
+from dfm_jax.errors import CorruptRecordError
 
 MAX_CONSECUTIVE = 100
 _log = logging.getLogger(__name__)
 _lock = threading.Lock()
 _skipped: collections.Counter = collections.Counter()
 T = TypeVar("T")
-
-
-class CorruptRecordError(ValueError):
-  """An image file or record that cannot be decoded; the message names it."""
 
 
 def skipped_records() -> dict[str, int]:
