@@ -75,7 +75,7 @@ class Checkpointer:
     self, directory: str, *, keep: int = 3, async_save: bool = True, facts: dict | None = None
   ):
     """``facts``: JSON values the run was set up with outside the state (the per-stage
-    standardisation statistics of ``workdir/stage_stats.json``), saved in every step's manifest
+    standardisation statistics, read back by :func:`saved_facts`), saved in every step's manifest
     and compared on restore: a checkpoint copied from a run with other facts is refused
     (CheckpointMismatchError) instead of resuming with this workdir's."""
     self.directory = _absolute(directory)
@@ -390,6 +390,21 @@ def build_manifest(step: int, pure_state: dict, data_iter: Any | None) -> dict:
 
 
 # ------------------------------------------------------------------------------ verification
+
+
+def saved_facts(directory: str) -> dict | None:
+  """The ``facts`` of the newest step in ``directory`` whose manifest reads (``{}`` when it has
+  none), without restoring anything; None when no step does (a new run)."""
+  root = epath.Path(directory)
+  if not root.is_dir():
+    return None
+  steps = sorted((int(p.name) for p in root.iterdir() if p.name.isdigit()), reverse=True)
+  for step in steps:
+    try:
+      return _read_manifest(step, root / str(step)).get("facts") or {}
+    except CheckpointCorruptError:
+      continue  # restore_latest names and quarantines it
+  return None
 
 
 def _saved_items(step: int, step_dir: epath.Path) -> set[str]:

@@ -16,8 +16,7 @@ import ml_collections
 from etils import epath
 from flax import nnx
 
-from dfm_jax import data as data_lib, decompose, experiment, sharding
-from dfm_jax import storage
+from dfm_jax import checkpoint, data as data_lib, decompose, experiment, sharding
 from dfm_jax.train_state import create_train_state
 
 
@@ -35,14 +34,15 @@ class Run:
 
   @property
   def checkpoint_dir(self) -> str:
-    return str(epath.Path(self.workdir) / "checkpoints")
+    return checkpoint_dir(self.workdir)
 
   def ema_graphdef(self) -> nnx.GraphDef:
     return nnx.split(nnx.merge(self.graphdef, self.abstract_state).ema)[0]
 
   def checkpoint_facts(self) -> dict | None:
-    """What a checkpoint of this run must agree with beyond its arrays (checkpoint.Checkpointer):
-    the per-stage standardisation statistics, when ``decomposition.standardize`` is on."""
+    """What every checkpoint of this run stores beyond its arrays and must agree with on restore
+    (checkpoint.Checkpointer): the per-stage standardisation statistics, when
+    ``decomposition.standardize`` is on (the checkpoints are where they are kept)."""
     stats = self.exp.decomposition.stats
     return {"stage_stats": stats.to_dict()} if stats is not None else None
 
@@ -62,29 +62,41 @@ def maybe_initialize_distributed(config) -> None:
   jax.distributed.initialize(**kwargs)
 
 
+def checkpoint_dir(workdir: str) -> str:
+  return str(epath.Path(workdir) / "checkpoints")
+
+
+# A published model (pretrained.Generator.publish) has no checkpoints: its statistics are here.
 STAGE_STATS_FILE = "stage_stats.json"
 
 
-def stage_stats(config, exp, workdir, check_data: bool = True) -> decompose.StageStats | None:
-  """Per-stage standardisation statistics (``decomposition.standardize``): read from the workdir,
-  else estimated once from data and written there (only when ``check_data``)."""
-  if not config.decomposition.standardize:
-    return None
-  path = epath.Path(workdir) / STAGE_STATS_FILE if workdir else None
-  if path is not None and path.exists():
-    return decompose.StageStats.from_dict(json.loads(path.read_text()))
-  if not check_data:
-    raise FileNotFoundError(
-      f"decomposition.standardize is on but {path} is missing: it is written when training starts"
-    )
+def stats_batches(config):
+  """The training batches ``[B, (T,) H, W, C]`` per-stage statistics are estimated from:
+  ``decomposition.stats_batches`` of them, from a data stream of its own (seed + 1)."""
   it = data_lib.make_train_iterator(
     config.data, global_batch_size=config.batch_size, seed=config.seed + 1
   )
-  batches = (next(it)["image"] for _ in range(int(config.decomposition.stats_batches)))
-  stats = decompose.estimate_stats(exp.decomposition, batches)
-  if path is not None and jax.process_index() == 0:
-    storage.write_json(path, stats.to_dict())
-  return stats
+  return (next(it)["image"] for _ in range(int(config.decomposition.stats_batches)))
+
+
+def stage_stats(config, exp, workdir, check_data: bool = True) -> decompose.StageStats | None:
+  """Per-stage standardisation statistics (``decomposition.standardize``): those the run's
+  newest checkpoint was saved with, else (a new run, when ``check_data``) estimated from data;
+  the checkpoints then keep them. A published model's folder holds them in its own file."""
+  if not config.decomposition.standardize:
+    return None
+  facts = checkpoint.saved_facts(checkpoint_dir(workdir)) if workdir else None
+  if facts and "stage_stats" in facts:
+    return decompose.StageStats.from_dict(facts["stage_stats"])
+  published = epath.Path(workdir) / STAGE_STATS_FILE if workdir else None
+  if published is not None and published.exists():
+    return decompose.StageStats.from_dict(json.loads(published.read_text()))
+  if not check_data:
+    raise FileNotFoundError(
+      f"decomposition.standardize is on but no checkpoint in {workdir} holds the per-stage "
+      "statistics (they are estimated when training starts and saved with every checkpoint)"
+    )
+  return decompose.estimate_stats(exp.decomposition, stats_batches(config))
 
 
 def setup(

@@ -30,7 +30,7 @@ from dfm_jax.errors import NonFiniteError, Preempted
 from dfm_jax import checkpoint, data as data_lib, dit, reporting, sampling, sharding
 from dfm_jax import config_defaults, hardware, init_from, storage, workdir_lock
 from dfm_jax.progress import format_eta
-from dfm_jax.run import Run, init_state, maybe_initialize_distributed, setup
+from dfm_jax.run import Run, init_state, maybe_initialize_distributed, setup, stats_batches
 from dfm_jax.train_state import make_optimizer, train_step
 
 __all__ = [
@@ -254,12 +254,7 @@ def _init_data_stats(run: Run, state: nnx.State) -> nnx.State:
     return state
   from dfm_jax import precondition  # pylint: disable=g-import-not-at-top
 
-  config = run.config
-  it = data_lib.make_train_iterator(
-    config.data, global_batch_size=config.batch_size, seed=config.seed + 1
-  )
-  batches = (next(it)["image"] for _ in range(int(config.decomposition.stats_batches)))
-  stats = run.exp.method.data_stats(batches)
+  stats = run.exp.method.data_stats(stats_batches(run.config))
   logging.info(
     "per-stage data statistics for preconditioning: mean %s, std %s",
     np.round(stats.mean, 4).tolist(),
