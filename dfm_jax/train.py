@@ -10,6 +10,7 @@ time spent waiting for data go to the log and TensorBoard.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import logging
@@ -18,6 +19,7 @@ import signal
 import tempfile
 import threading
 import time
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -282,6 +284,87 @@ def _log_start(run: Run, writer: reporting.MetricWriter) -> None:
   writer.write_hparams(run.config, {"parameters": dit.count_parameters(model)})
 
 
+@dataclasses.dataclass(eq=False)
+class _Periodic:
+  """Work done after every ``every`` steps (0: never) and, with ``at_end``, after the last."""
+
+  every: int
+  action: Callable[[int, nnx.State], None]
+  at_end: bool = False
+
+  def due(self, done: int, last: bool) -> bool:
+    return bool(self.every and done % self.every == 0) or (last and self.at_end)
+
+
+class _IntervalLog:
+  """Each logging interval's metrics (averaged over its steps), step time, data wait and model
+  FLOP rate, to TensorBoard and as one console line."""
+
+  def __init__(self, run: Run, writer: reporting.MetricWriter, start: int):
+    config = run.config
+    self.config, self.writer = config, writer
+    # Model FLOPs per device per step (dit.DiTConfig.train_flops_per_sample) and the chip's peak.
+    self.flops = config.batch_size * run.exp.model.train_flops_per_sample() / run.mesh.devices.size
+    self.peak = hardware.peak_tflops(run.mesh.devices.flat[0].device_kind)
+    self.pending: list[tuple[int, dict]] = []
+    self.data_wait, self.t_last, self.step_last = 0.0, time.time(), start
+
+  def __call__(self, done: int, state) -> None:
+    del state
+    config = self.config
+    jax.block_until_ready(self.pending[-1][1])
+    now = time.time()
+    steps = done - self.step_last
+    elapsed = max(now - self.t_last, 1e-9)
+    scalars = _interval_means(self.pending)
+    scalars.update(
+      {
+        "time/step_s": elapsed / steps,
+        "time/data_wait_s": self.data_wait / steps,
+        "steps_per_sec": steps / elapsed,
+        "images_per_sec": steps * config.batch_size / elapsed,
+        "perf/tflops_per_device": self.flops * steps / elapsed / 1e12,
+      }
+    )
+    if self.peak:
+      scalars["perf/mfu"] = scalars["perf/tflops_per_device"] / self.peak
+    self.writer.write_scalars(done, scalars)
+    if jax.process_index() == 0:
+      rate = steps / elapsed
+      print(
+        f"step {done}/{config.total_steps}  loss {scalars['loss']:.4f}  "
+        f"grad norm {scalars.get('grad_norm', float('nan')):.3g}  "
+        f"{rate:.2f} steps/s  step {1e3 * elapsed / steps:.0f} ms (data "
+        f"{1e3 * self.data_wait / steps:.0f} ms)  {scalars['perf/tflops_per_device']:.3g} TFLOP/s"
+        + (f" (MFU {100 * scalars['perf/mfu']:.1f}%)" if self.peak else "")
+        + f"  ETA {format_eta((config.total_steps - done) / max(rate, 1e-9))}",
+        flush=True,
+      )
+    self.t_last, self.step_last, self.data_wait = now, done, 0.0
+    self.pending = []
+
+
+class _Profile:
+  """A profiler trace of steps ``profile_steps = (first, last)`` into ``workdir/profile``."""
+
+  def __init__(self, steps, workdir: str):
+    self.steps, self.workdir, self.trace_dir = tuple(int(v) for v in steps), workdir, None
+
+  def before(self, step: int) -> None:
+    if self.steps and step + 1 == self.steps[0]:
+      self.trace_dir = _trace_dir(self.workdir)
+      jax.profiler.start_trace(self.trace_dir)
+
+  def after(self, done: int, state) -> None:
+    if self.steps and done == self.steps[-1]:
+      jax.block_until_ready(state)
+      jax.profiler.stop_trace()
+      _publish_trace(self.trace_dir, self.workdir)
+      logging.info(
+        "profiler trace of steps %d-%d written to %s/profile", self.steps[0], done, self.workdir
+      )
+
+
 def _loop(run: Run, ckpt: checkpoint.Checkpointer, data_iter, state, start: int) -> nnx.State:
   config, workdir = run.config, run.workdir
   first = next(data_iter)
@@ -290,82 +373,48 @@ def _loop(run: Run, ckpt: checkpoint.Checkpointer, data_iter, state, start: int)
   _log_start(run, writer)
   sample_fn = sampling.make_sample_fn(run.ema_graphdef(), run.exp, previews=True)
   grid_labels = sampling.class_cycle_labels(config.num_grid_samples, config.data.num_classes)
-  profile = tuple(int(v) for v in config.profile_steps)
+  profile = _Profile(config.profile_steps, workdir)
   signals = _Signals(int(config.preemption_check_every))
-  # Model FLOPs per device per step (dit.DiTConfig.train_flops_per_sample) and the chip's peak.
-  flops = config.batch_size * run.exp.model.train_flops_per_sample() / run.mesh.devices.size
-  peak = hardware.peak_tflops(run.mesh.devices.flat[0].device_kind)
-  pending: list[tuple[int, dict]] = []
-  data_wait, t_last, step_last = 0.0, time.time(), start
+  log = _IntervalLog(run, writer, start)
+  # After each step, in this order: a stop on a non-finite step before anything is logged or
+  # saved; the log; the checkpoint; sample grids and evaluations (which read the saved state).
+  log_hook = _Periodic(config.log_every, log, at_end=True)
+  save = _Periodic(config.checkpoint_every, lambda n, s: ckpt.save(n, s, data_iter), at_end=True)
+  hooks = [
+    log_hook,
+    save,
+    _Periodic(
+      config.sample_every,
+      lambda done, s: _write_samples(run, sample_fn, s, grid_labels, done, writer),
+    ),
+    _Periodic(int(config.eval.every), lambda done, s: _small_eval(run, s, done, writer)),
+  ]
   batch_local = first
   failure = None
   try:
     for step in range(start, config.total_steps):
-      if profile and step + 1 == profile[0]:
-        trace_dir = _trace_dir(workdir)
-        jax.profiler.start_trace(trace_dir)
+      profile.before(step)
       if batch_local is None:
         t_data = time.time()
         batch_local = next(data_iter)
-        data_wait += time.time() - t_data
+        log.data_wait += time.time() - t_data
       batch = sharding.global_batch(batch_local, run.mesh)
       batch_local = None
       with jax.profiler.StepTraceAnnotation("train", step_num=step + 1):
         state, metrics = compiled(state, batch)
       done = step + 1
-      pending.append((done, metrics))
+      log.pending.append((done, metrics))
       last = done == config.total_steps
       stop = signals.agreed(done)
-      if profile and done == profile[-1]:
-        jax.block_until_ready(state)
-        jax.profiler.stop_trace()
-        _publish_trace(trace_dir, workdir)
-        logging.info(
-          "profiler trace of steps %d-%d written to %s/profile", *profile[:1], done, workdir
-        )
-      if config.stop_on_nonfinite and (
-        done % config.log_every == 0 or last or done % config.checkpoint_every == 0 or stop
-      ):
-        _check_finite(pending)
-      if done % config.log_every == 0 or last:
-        jax.block_until_ready(metrics)
-        now = time.time()
-        steps = done - step_last
-        elapsed = max(now - t_last, 1e-9)
-        scalars = _interval_means(pending)
-        scalars.update(
-          {
-            "time/step_s": elapsed / steps,
-            "time/data_wait_s": data_wait / steps,
-            "steps_per_sec": steps / elapsed,
-            "images_per_sec": steps * config.batch_size / elapsed,
-            "perf/tflops_per_device": flops * steps / elapsed / 1e12,
-          }
-        )
-        if peak:
-          scalars["perf/mfu"] = scalars["perf/tflops_per_device"] / peak
-        writer.write_scalars(done, scalars)
-        if jax.process_index() == 0:
-          rate = steps / elapsed
-          print(
-            f"step {done}/{config.total_steps}  loss {scalars['loss']:.4f}  "
-            f"grad norm {scalars.get('grad_norm', float('nan')):.3g}  "
-            f"{rate:.2f} steps/s  step {1e3 * elapsed / steps:.0f} ms (data "
-            f"{1e3 * data_wait / steps:.0f} ms)  {scalars['perf/tflops_per_device']:.3g} TFLOP/s"
-            + (f" (MFU {100 * scalars['perf/mfu']:.1f}%)" if peak else "")
-            + "  ETA "
-            f"{format_eta((config.total_steps - done) / max(rate, 1e-9))}",
-            flush=True,
-          )
-        t_last, step_last, data_wait = now, done, 0.0
-        pending = []
-      if done % config.checkpoint_every == 0 or last or stop:
-        ckpt.save(done, state, data_iter)
-      ckpt.check()
-      if done % config.sample_every == 0:
-        _write_samples(run, sample_fn, state, grid_labels, done, writer)
-      if config.eval.every and done % int(config.eval.every) == 0:
-        _small_eval(run, state, done, writer)
+      profile.after(done, state)
+      due = [h for h in hooks if h.due(done, last) or (stop and h is save)]  # a stop saves
+      if config.stop_on_nonfinite and (log_hook in due or save in due):
+        _check_finite(log.pending)
+      for hook in hooks:
+        if hook in due:
+          hook.action(done, state)
+        if hook is save:
+          ckpt.check()  # a finished asynchronous save that failed, now
       if stop:
         ckpt.wait()
         logging.warning("%s: saved a checkpoint at step %d, exiting", stop, done)
