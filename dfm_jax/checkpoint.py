@@ -54,8 +54,8 @@ from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from dfm_jax.errors import CheckpointSaveError, CheckpointCorruptError, CheckpointMismatchError
 from dfm_jax import checksums, storage
+from dfm_jax.errors import CheckpointSaveError, CheckpointCorruptError, CheckpointMismatchError
 
 MANIFEST_FORMAT = "dfm_jax.checkpoint_integrity/1"
 CHECKSUM_ALGORITHM = "fmix32-sum-x2/1"

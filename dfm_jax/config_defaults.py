@@ -453,6 +453,23 @@ def runlocal(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return c
 
 
+def from_saved(saved: dict, target=None) -> ml_collections.ConfigDict:
+  """A run's saved ``config.json`` (a dict) as a complete config: the defaults with the saved
+  values over them (a run saved before a field existed gets today's default), one process,
+  and no ``init_from``. ``target`` (a config): take its mesh and distributed blocks (the saved
+  run is rebuilt on the target's devices); None: every device data-parallel."""
+  c = base_config()
+  c.update(saved)
+  if target is not None:
+    c.mesh = ml_collections.ConfigDict(target.mesh.to_dict())
+    c.distributed = ml_collections.ConfigDict(target.distributed.to_dict())
+  else:
+    c.mesh.shape, c.mesh.dcn_shape = (-1, 1, 1), (1, 1, 1)
+    c.distributed.initialize = False
+  c.init_from = ""
+  return c
+
+
 def differences(config: ml_collections.ConfigDict) -> list[str]:
   """``field = value`` for every field of ``config`` that is not `base_config`'s default (or
   that the defaults lack), sorted by name: a run's settings in a few lines."""

@@ -290,9 +290,19 @@ def check(config) -> None:
 
 
 def validate(config) -> list[str]:
-  """One problem line for every field of ``config`` whose value is out of its type or range."""
+  """One problem line for every field of ``config`` whose value is out of its type or range,
+  and one naming the schema's fields ``config`` lacks (configs start from
+  ``config_defaults.base_config()``, so the code reads every field without a second default)."""
+  present = leaves(config)
+  absent = [name for name in SCHEMA if name not in present]
   problems = []
-  for name, value in leaves(config).items():
+  if absent:
+    problems.append(
+      f"the config lacks {len(absent)} field(s): {', '.join(absent[:6])}"
+      + (", ..." if len(absent) > 6 else "")
+      + "; build it on dfm_jax.config_defaults.base_config()"
+    )
+  for name, value in present.items():
     f = spec(name)
     if f is not None:
       problem = check_value(name, f, value)

@@ -210,7 +210,7 @@ def encode_dataset(
     raise ValueError(
       f"data.resolution={resolution} is not a multiple of the autoencoder's {down}x downsampling"
     )
-  batch_size = int(config.autoencoder.get("batch_size", 32))
+  batch_size = int(config.autoencoder.batch_size)
   if batch_size < 1:
     raise ValueError(f"autoencoder.batch_size must be >= 1, got {batch_size}")
   encoder = _Encoder(ae, max(1, batch_size // frames) if video else batch_size)
@@ -232,8 +232,8 @@ def encode_dataset(
     "num_shards": num_shards,
     "latent_shape": list(encoder.latent_shape(sample_shape)),
     "autoencoder": {
-      "kind": config.autoencoder.get("kind", "") or getattr(ae, "name", ""),
-      "weights": os.fspath(config.autoencoder.get("weights", "") or "shipped"),
+      "kind": config.autoencoder.kind or getattr(ae, "name", ""),
+      "weights": os.fspath(config.autoencoder.weights or "shipped"),
       "scale": float(getattr(ae, "scale", 1.0)),
       "shift": float(getattr(ae, "shift", 0.0)),
       "downsample": down,

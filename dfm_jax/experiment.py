@@ -37,7 +37,7 @@ def _sample_shape(config, check_data: bool) -> tuple[int, ...]:
   ``resolution`` / ``channels`` give the latent grid."""
   d = config.data
   shape = (int(d.resolution), int(d.resolution), int(d.channels))
-  frames = int(d.get("frames", 0))
+  frames = int(d.frames)
   if frames < 0:
     raise ValueError(f"data.frames must be >= 0 (0 = images), got {frames}")
   try:
@@ -108,7 +108,7 @@ def from_config(
       return None
 
   data_ok = not check_data or attempt(lambda: data_lib.validate_data_config(config.data) or True)
-  method_name = config.get("method", "dfm")
+  method_name = config.method
   method_cls = attempt(lambda: methods.METHODS.get(method_name))
   if method_cls is not None:
     problems.extend(method_cls.check_config(config))
@@ -121,11 +121,11 @@ def from_config(
       f"{mesh[0] * mesh[1]} data-parallel devices (mesh data x fsdp = "
       f"{mesh[0]} x {mesh[1]})"
     )
-  attention_impl = config.model.get("attention", "auto")
+  attention_impl = config.model.attention
   if platform is not None and attention_impl in attention.ATTENTIONS:
     attempt(lambda: attention.check_attention_platform(attention_impl, platform))
   dec_cfg = config.decomposition
-  upsample = tuple(config.model.get("stage_upsample", ()) or ())
+  upsample = tuple(config.model.stage_upsample or ())
   decomposition = attempt(
     lambda: decompose.build(
       dec_cfg.kind,
@@ -153,7 +153,7 @@ def from_config(
       solver=config.sampler.solver,
       cfg_scale=config.sampler.cfg_scale,
       guidance_interval=config.sampler.guidance_interval,
-      heun_final_euler=config.sampler.get("heun_final_euler", False),
+      heun_final_euler=config.sampler.heun_final_euler,
       auto_schedule=bool(config.sampler.auto_schedule),
     )
   )
@@ -181,13 +181,13 @@ def from_config(
         pos_embed=config.model.pos_embed,
         stage_index_embed=config.model.stage_index_embed,
         dtype=config.model.dtype,
-        residual_dtype=config.model.get("residual_dtype", "float32"),
-        remat=bool(config.model.get("remat", False)),
-        remat_policy=config.model.get("remat_policy", "none"),
+        residual_dtype=config.model.residual_dtype,
+        remat=bool(config.model.remat),
+        remat_policy=config.model.remat_policy,
         attention=attention_impl,
         activation_rules=tuple(config.mesh.axis_rules),
         scan_unroll=config.model.scan_unroll,
-        precondition=bool(config.model.get("precondition", False)),
+        precondition=bool(config.model.precondition),
         loss_weighting=config.model.loss_weighting,
         **method_cls.model_options(config),
       )

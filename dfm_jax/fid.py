@@ -32,9 +32,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from dfm_jax.errors import InputError
 from dfm_jax.data import transforms
 from dfm_jax.data.folder import IMAGE_EXTENSIONS
+from dfm_jax.errors import InputError
 
 NPZ_IMAGE_KEYS = ("images", "samples", "arr_0")  # tried in this order
 # What numpy raises on files that are not (complete) .npz archives.

@@ -42,8 +42,7 @@ class FlowConfig:
   def from_config(cls, config) -> "FlowConfig":
     """From a run config's ``flow`` block; a p_q schedule spans ``total_steps``."""
     f = config.flow
-    final = f.get("final_stage_probs")
-    weights = f.get("stage_weights")
+    final, weights = f.final_stage_probs, f.stage_weights
     return cls(
       stage_probs=tuple(float(p) for p in f.stage_probs),
       final_stage_probs=tuple(float(p) for p in final) if final is not None else None,

@@ -45,8 +45,8 @@ import numpy as np
 from etils import epath
 from flax import nnx
 
+from dfm_jax import checkpoint, config_defaults, dit
 from dfm_jax.errors import InitFromMismatchError
-from dfm_jax import checkpoint, dit
 from dfm_jax.run import Run, setup
 
 STAGE_MODULES = ("embedders", "time_embedders", "heads")
@@ -92,11 +92,7 @@ def source_config(workdir: str, target: ml_collections.ConfigDict) -> ml_collect
     raise FileNotFoundError(
       f"config.init_from: {path} is missing, so the source model cannot be rebuilt"
     )
-  c = ml_collections.ConfigDict(json.loads(path.read_text()))
-  c.mesh = ml_collections.ConfigDict(target.mesh.to_dict())
-  c.distributed = ml_collections.ConfigDict(target.distributed.to_dict())
-  c.init_from = ""
-  return c
+  return config_defaults.from_saved(json.loads(path.read_text()), target)
 
 
 def prepare(path: str, run: Run) -> Source:

@@ -258,11 +258,7 @@ def _saved_config(folder: epath.Path) -> tuple[ml_collections.ConfigDict, int | 
   process; and the step a published model was taken from (None for a workdir)."""
   saved = json.loads((folder / CONFIG_FILE).read_text())
   step = saved.pop("published_step", None)
-  c = ml_collections.ConfigDict(saved)
-  c.mesh.shape, c.mesh.dcn_shape = (-1, 1, 1), (1, 1, 1)
-  c.distributed.initialize = False
-  c.init_from = ""
-  return c, step
+  return config_defaults.from_saved(saved), step
 
 
 def _model_card(gen: Generator, tensors: int, parameters: int) -> str:
@@ -271,7 +267,7 @@ def _model_card(gen: Generator, tensors: int, parameters: int) -> str:
   lines = [
     f"# dfm_jax model: {c.method} on {c.data.source}",
     "",
-    f"A class-conditional {'video' if int(c.data.get('frames', 0)) else 'image'} generator trained "
+    f"A class-conditional {'video' if int(c.data.frames) else 'image'} generator trained "
     f"with dfm_jax ({c.method}; {c.decomposition.num_stages} stages of a {c.decomposition.kind} "
     f"decomposition), {c.data.num_classes} classes, samples of "
     f"{c.data.resolution}x{c.data.resolution}x{c.data.channels}"

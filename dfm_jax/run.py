@@ -114,7 +114,7 @@ def setup(
   stats = stage_stats(config, exp, workdir, check_data)
   exp = dataclasses.replace(exp, decomposition=exp.decomposition.with_stats(stats))
   mesh = sharding.make_mesh(
-    experiment.mesh_shape(config, len(devices)), devices, config.mesh.get("dcn_shape")
+    experiment.mesh_shape(config, len(devices)), devices, config.mesh.dcn_shape
   )
   abstract = nnx.eval_shape(
     lambda: create_train_state(exp, config.optim, config.total_steps, config.seed)

@@ -295,12 +295,11 @@ def display_autoencoder(config):
   first, so that missing or damaged weights stop a run before it trains or samples."""
   from dfm_jax import autoencoders, data as data_lib  # pylint: disable=g-import-not-at-top
 
-  ae_config = config.get("autoencoder", None)
-  if data_lib.source_class(config.data).pixels or not (ae_config and ae_config.get("kind", "")):
+  if data_lib.source_class(config.data).pixels or not config.autoencoder.kind:
     return None
-  key = json.dumps(ae_config.to_dict(), sort_keys=True, default=str)
+  key = json.dumps(config.autoencoder.to_dict(), sort_keys=True, default=str)
   if key not in _AUTOENCODERS:
-    _AUTOENCODERS[key] = autoencoders.from_config(ae_config)
+    _AUTOENCODERS[key] = autoencoders.from_config(config.autoencoder)
   return _AUTOENCODERS[key]
 
 

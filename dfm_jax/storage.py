@@ -19,8 +19,8 @@ import shutil
 from pathlib import Path
 from typing import Any, Iterator
 
-from dfm_jax.errors import CloudAccessError
 from dfm_jax import config_schema
+from dfm_jax.errors import CloudAccessError
 
 # The placeholder bucket the shipped configs name (configs/imagenet512.py and others).
 _PLACEHOLDER = re.compile(r"^gs://BUCKET(/|$)")
@@ -88,7 +88,7 @@ def enable_compilation_cache(config) -> None:
   default): a restart, a resumed run or a second sample run loads the compiled train step and
   sampler instead of compiling them again. Entries are keyed by the program, the devices and
   the JAX version, so a stale one is never used."""
-  if not config.get("compilation_cache", True):
+  if not config.compilation_cache:
     return
   import jax  # pylint: disable=g-import-not-at-top
 

@@ -28,9 +28,9 @@ import numpy as np
 from etils import epath
 from flax import nnx
 
-from dfm_jax.errors import NonFiniteError, Preempted
 from dfm_jax import checkpoint, data as data_lib, dit, reporting, sampling, sharding
 from dfm_jax import config_defaults, hardware, init_from, storage, workdir_lock
+from dfm_jax.errors import NonFiniteError, Preempted
 from dfm_jax.progress import format_eta
 from dfm_jax.run import Run, init_state, maybe_initialize_distributed, setup, stats_batches
 from dfm_jax.train_state import make_optimizer, train_step
@@ -221,7 +221,7 @@ def _train_locked(run: Run) -> nnx.State:
   try:
     start, state = ckpt.restore_latest(run.abstract_state, data_iter)
     source = None
-    if config.get("init_from", ""):
+    if config.init_from:
       if start is None:  # checked before anything is written or trained
         source = init_from.prepare(config.init_from, run)
       else:

@@ -38,8 +38,8 @@ import threading
 import time
 import uuid
 
-from dfm_jax.errors import WorkdirLockedError
 from dfm_jax import storage
+from dfm_jax.errors import WorkdirLockedError
 
 LOCK_NAME = ".lock"
 _TAKEOVER_SUFFIX = ".takeover"

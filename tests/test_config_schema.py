@@ -9,6 +9,7 @@ another exception. The fixed-seed slice here runs in the unit tier; a longer run
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import os
 from pathlib import Path
@@ -16,8 +17,8 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from dfm_jax import config_defaults, experiment
 from dfm_jax import config_schema as S
-from dfm_jax import experiment
 from dfm_jax.config_defaults import base_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -163,3 +164,25 @@ def test_fuzz_every_field_is_accepted_or_refused_in_one_line_per_problem(data):
       assert f"  - {expected}" in lines, (expected, lines)
   else:
     assert expected is None, f"{name}={value!r} accepted: {expected}"
+
+
+def test_a_config_lacking_fields_is_refused_by_name():
+  c = config_defaults.base_config()
+  del c.model["remat"]
+  del c.eval["inception_batch"]
+  (problem,) = S.validate(c)
+  assert problem.startswith("the config lacks 2 field(s): ")
+  assert "model.remat" in problem and "eval.inception_batch" in problem
+  assert problem.endswith("; build it on dfm_jax.config_defaults.base_config()")
+
+
+def test_a_saved_config_from_before_a_field_existed_gets_todays_default():
+  """``config.json`` of an older run (here without ``eval.inception_batch`` and
+  ``preemption_check_every``) rebuilds as a complete config that passes the schema."""
+  saved = json.loads(json.dumps(config_defaults.base_config().to_dict()))
+  saved["model"]["hidden_size"] = 96
+  del saved["eval"]["inception_batch"], saved["preemption_check_every"]
+  c = config_defaults.from_saved(saved)
+  assert S.validate(c) == []
+  assert c.model.hidden_size == 96 and c.eval.inception_batch == 50
+  assert c.mesh.shape == (-1, 1, 1) and not c.distributed.initialize and c.init_from == ""

@@ -133,7 +133,7 @@ def eval_mode(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Samples ``config.eval.num_samples`` items (or reads ``eval.samples_from``) and scores them;
   returns the metrics dict and writes it to ``workdir/eval/<tag>.json``."""
   check_eval_config(config)
-  if config.eval.get("samples_from"):
+  if config.eval.samples_from:
     saved = load_samples(config.eval.samples_from)
     pictures, labels, step = saved["pictures"], saved["labels"], saved["step"]
     sample_seconds, sampler_settings = saved["sample_seconds"], saved["sampler"]
@@ -152,7 +152,7 @@ def eval_mode(config: ml_collections.ConfigDict, workdir: str) -> dict:
       sampler_settings["thresholds"] = list(resolved.thresholds)
   tag = eval_tag(step, ml_collections.ConfigDict(sampler_settings))
   folder = epath.Path(workdir) / "eval"
-  if config.eval.get("save_samples") and not config.eval.get("samples_from"):
+  if config.eval.save_samples and not config.eval.samples_from:
     if jax.process_index() == 0:
       save_samples(folder / (tag + ".samples.npz"), pictures, labels, step, sample_seconds, config)
   metrics = score_pictures(config, pictures, labels)

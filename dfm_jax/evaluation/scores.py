@@ -146,11 +146,11 @@ class FDD(Metric):
 
   @classmethod
   def enabled(cls, config) -> bool:
-    return bool(config.eval.get("fdd_weights", "")) and not is_video(config)
+    return bool(config.eval.fdd_weights) and not is_video(config)
 
   @classmethod
   def check_config(cls, config) -> list[str]:
-    path = storage.local_copy(config.eval.get("fdd_weights", ""), "eval.fdd_weights")
+    path = storage.local_copy(config.eval.fdd_weights, "eval.fdd_weights")
     if path and not os.path.isfile(path):
       return [
         f"eval.fdd_weights: file {path!r} does not exist (an official DINOv2 checkpoint, "
@@ -180,7 +180,7 @@ class ClassifierScores(Metric):
 
   @classmethod
   def enabled(cls, config) -> bool:
-    return bool(config.eval.get("classifier", "")) and not is_video(config)
+    return bool(config.eval.classifier) and not is_video(config)
 
   def compute(self, ctx):
     from dfm_jax import data as data_lib  # pylint: disable=g-import-not-at-top
@@ -204,7 +204,7 @@ class ClassifierScores(Metric):
 
 def is_video(config) -> bool:
   """Whether ``config`` generates videos (``data.frames`` > 0)."""
-  return int(config.data.get("frames", 0)) > 0
+  return int(config.data.frames) > 0
 
 
 def frame_indices(num_frames: int, keep: int) -> np.ndarray:
@@ -318,9 +318,7 @@ def digit_classifier(config):
 
   digits = data_lib.default_data_config()  # mnist5k at 32 px, padded
   images, labels = data_lib.load_images(digits, data_lib.dataset_size(digits), seed=0)
-  return classifier_lib.get_classifier(
-    config.eval.get("classifier", "") or "mnist5k", images, labels
-  )
+  return classifier_lib.get_classifier(config.eval.classifier or "mnist5k", images, labels)
 
 
 @METRICS.register("motion")
@@ -362,8 +360,8 @@ class MotionScores(Metric):
 def reference_data(config):
   """The data block of the reference pictures: ``eval.reference`` when its source is set (needed
   for latent runs), else the training data."""
-  ref = config.eval.get("reference", None)
-  if ref is not None and ref.get("source", ""):
+  ref = config.eval.reference
+  if ref.source:
     return ref
   return config.data
 

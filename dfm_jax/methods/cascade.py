@@ -97,9 +97,7 @@ class Cascade(Method):
           f"method 'cascade' trains one model at a time (cascade.low_res_fraction), so "
           f"flow.{field} would be ignored: set flow.{field}=None"
         )
-    c = config.get("cascade")
-    if c is None:
-      return problems + ["method 'cascade' needs the config block 'cascade' (config_defaults)"]
+    c = config.cascade
     frac, total = c.low_res_fraction, int(config.total_steps)  # ranges: config_schema
     if not 0 < switch_step(frac, total) < total:
       problems.append(

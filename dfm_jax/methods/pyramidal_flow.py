@@ -181,7 +181,7 @@ class PyramidalFlow(Method):
         f"{name} carries each level into the next at every jump, so all levels share one scale: "
         "set decomposition.standardize=False"
       )
-    if config.model.get("precondition", False):
+    if config.model.precondition:
       problems.append(
         f"{name} regresses window velocities, not the x_t = t x1 + (1 - t) x0 path that "
         "model.precondition scales for: set model.precondition=False"
