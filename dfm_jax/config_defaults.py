@@ -269,22 +269,31 @@ def paper_imagenet_config() -> ml_collections.ConfigDict:
   return c
 
 
-def flow_matching_twin(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """The single-stage twin of a DFM config with the same backbone and token count."""
+def _twin(c, method: str, per_stage) -> tuple[ml_collections.ConfigDict, int, int, int]:
+  """A copy of DFM config ``c`` for another method: ``per_stage(value, name)`` maps its
+  per-stage guidance settings, the p_q schedule and stage weights (DFM's own) are dropped.
+  Returns ``(copy, S, L, steps)``: the DFM's stage count, pyramid levels between its coarsest
+  stage and the full sample, and total sampling steps."""
   c = ml_collections.ConfigDict(c.to_dict())
   for name in ("cfg_scale", "guidance_interval"):  # to_dict() drops the field type
-    c.sampler[name] = per_stage_field(_one_stage(c.sampler[name], name))
+    c.sampler[name] = per_stage_field(per_stage(c.sampler[name], name))
   stages = c.decomposition.num_stages
   levels = sum(c.decomposition.level_gaps) if c.decomposition.level_gaps else stages - 1
+  c.method = method
+  c.flow.stage_weights = None
+  c.flow.final_stage_probs = None
+  return c, stages, levels, sum(c.sampler.steps_per_stage)
+
+
+def flow_matching_twin(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The single-stage twin of a DFM config with the same backbone and token count."""
+  c, _, levels, steps = _twin(c, "fm", _one_stage)
   c.model.patch_size = c.model.patch_size * 2**levels
-  c.method = "fm"
   c.decomposition.num_stages = 1
   c.decomposition.level_gaps = ()
   c.model.stage_upsample = ()
   c.flow.stage_probs = (1.0,)
-  c.flow.stage_weights = None
-  c.flow.final_stage_probs = None
-  c.sampler.steps_per_stage = (sum(c.sampler.steps_per_stage),)
+  c.sampler.steps_per_stage = (steps,)
   c.sampler.thresholds = ()
   return c
 
@@ -293,19 +302,11 @@ def cascade_twin(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """The cascade twin of a DFM config: the DFM config's coarsest stage is the low resolution
   (same patch, so the same tokens per model), the full sample the high one (one level gap
   spanning the pyramid), the same backbone, and the total sampling steps split evenly."""
-  c = ml_collections.ConfigDict(c.to_dict())
-  for name in ("cfg_scale", "guidance_interval"):  # to_dict() drops the field type
-    c.sampler[name] = per_stage_field(_stage_ends(c.sampler[name], name))
-  stages = c.decomposition.num_stages
-  levels = sum(c.decomposition.level_gaps) if c.decomposition.level_gaps else stages - 1
-  c.method = "cascade"
+  c, _, levels, total = _twin(c, "cascade", _stage_ends)
   c.decomposition.num_stages = 2
   c.decomposition.level_gaps = (levels,)
   c.decomposition.standardize = False  # whole images; model.precondition scales them
   c.flow.stage_probs = (1.0, 0.0)  # unused by the cascade
-  c.flow.stage_weights = None
-  c.flow.final_stage_probs = None
-  total = sum(c.sampler.steps_per_stage)
   c.sampler.steps_per_stage = (total // 2, total - total // 2)  # the paper: 20 + 20
   c.sampler.thresholds = c.sampler.thresholds[:1] or (0.5,)  # unused by the cascade
   return c
@@ -351,23 +352,15 @@ def pyramidal_twin(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   between levels, the coarsest patch scaled so the token grid is unchanged, equal window shares
   and the DFM's total sampling steps split equally over the windows (earlier windows take any
   remainder)."""
-  c = ml_collections.ConfigDict(c.to_dict())
-  for name in ("cfg_scale", "guidance_interval"):  # to_dict() drops the field type
-    c.sampler[name] = per_stage_field(c.sampler[name])
   if c.decomposition.halve_time:
     raise ValueError("the pyramidal twin halves space only: drop decomposition.halve_time")
-  stages = c.decomposition.num_stages
-  levels = sum(c.decomposition.level_gaps) if c.decomposition.level_gaps else stages - 1
+  c, stages, levels, total = _twin(c, "pyramidal_flow", lambda value, name: value)
   c.model.patch_size = c.model.patch_size * 2 ** (levels - (stages - 1))
   c.model.precondition = False
-  c.method = "pyramidal_flow"
   c.decomposition.kind = "laplacian"
   c.decomposition.level_gaps = ()
   c.decomposition.standardize = False
   c.flow.stage_probs = (1.0 / stages,) * stages
-  c.flow.stage_weights = None
-  c.flow.final_stage_probs = None
-  total = sum(c.sampler.steps_per_stage)
   c.sampler.steps_per_stage = tuple(total // stages + (k < total % stages) for k in range(stages))
   c.sampler.thresholds = tuple((k + 1) / stages for k in range(stages - 1))
   c.sampler.solver = "euler"
