@@ -30,7 +30,6 @@ import json
 import os
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from etils import epath
@@ -179,23 +178,13 @@ class Generator:
       )
     sample_fn = self._sample_fns[key]
     batch = int(batch_size or min(len(labels), int(self.config.sampler.batch_size)))
-    rng = jax.random.key(seed)
-    data, stages = [], []
     with jax.set_mesh(self.run.mesh):
-      for i in range(0, len(labels), batch):
-        chunk = labels[i : i + batch]
-        padded = np.concatenate([chunk, np.zeros(batch - len(chunk), np.int32)])
-        out = jax.device_get(
-          sample_fn(self.weights, jax.random.fold_in(rng, i), jnp.asarray(padded))
-        )
-        data.append(np.asarray(out["images"])[: len(chunk)])
-        if previews:
-          stages.append(np.asarray(out["previews"])[:, : len(chunk)])
-    data = np.concatenate(data)
+      out = sampling.generate(sample_fn, self.weights, jax.random.key(seed), labels, batch)
+    data = out["images"]
     images = sampling.to_display(data, self.config)
     shown = None
     if previews:
-      pv = np.concatenate(stages, axis=1)  # [S, N, ...]
+      pv = out["previews"]  # [S, N, ...]
       flat = sampling.to_display(pv.reshape((-1,) + pv.shape[2:]), self.config)
       shown = flat.reshape(pv.shape[:2] + flat.shape[1:])
     return Samples(images=images, labels=labels, previews=shown, data=data)

@@ -94,18 +94,25 @@ def generate(
   labels: np.ndarray,
   batch_size: int,
   progress: Progress | None = None,
-) -> np.ndarray:
-  """Samples ``len(labels)`` items in batches; returns float32 ``[N, ...]`` on the host."""
-  out = []
+) -> dict[str, np.ndarray]:
+  """Samples ``len(labels)`` items in batches of ``batch_size`` (the last one padded; batch i
+  with key ``fold_in(key, i)``). Returns float32 host arrays: ``images [N, ...]`` and, from a
+  sample function made with previews, ``previews [S, N, ...]``."""
+  images, previews = [], []
   for i in range(0, len(labels), batch_size):
     chunk = labels[i : i + batch_size]
     pad = batch_size - len(chunk)
     padded = np.concatenate([chunk, np.zeros(pad, np.int32)]) if pad else chunk
-    result = sample_fn(model_state, jax.random.fold_in(key, i), jnp.asarray(padded))
-    out.append(np.asarray(jax.device_get(result["images"]))[: len(chunk)])
+    result = jax.device_get(sample_fn(model_state, jax.random.fold_in(key, i), jnp.asarray(padded)))
+    images.append(np.asarray(result["images"])[: len(chunk)])
+    if "previews" in result:
+      previews.append(np.asarray(result["previews"])[:, : len(chunk)])
     if progress is not None:
       progress.update(len(chunk))
-  return np.concatenate(out)
+  out = {"images": np.concatenate(images)}
+  if previews:
+    out["previews"] = np.concatenate(previews, axis=1)
+  return out
 
 
 def restore_ema(
@@ -243,8 +250,8 @@ def sample_images(
     )
   progress = Progress(num, what, enabled=jax.process_index() == 0)
   with jax.set_mesh(run.mesh):
-    images = generate(sample_fn, ema_state, jax.random.key(seed), labels, batch_size, progress)
-  return images, labels
+    out = generate(sample_fn, ema_state, jax.random.key(seed), labels, batch_size, progress)
+  return out["images"], labels
 
 
 def channel_projection(latents: np.ndarray) -> np.ndarray:

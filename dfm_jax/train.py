@@ -486,7 +486,7 @@ def _small_eval(run: Run, state, step: int, writer) -> None:
   with jax.set_mesh(run.mesh):
     samples = sampling.generate(
       sample_fn, weights, jax.random.key(config.seed + 3), labels, int(config.eval.batch_size)
-    )
+    )["images"]
   if jax.process_index() != 0:
     return
   result = evaluate.score_samples(config, samples, labels, progress=False)
