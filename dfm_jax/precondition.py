@@ -20,14 +20,14 @@ network input stays zero, as the paper's input masking requires.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from dfm_jax import decompose
-from dfm_jax.flow import VelocityFn, per_sample
+from dfm_jax.flow import per_sample
 
 
 def coefficients(
@@ -106,56 +106,6 @@ def data_velocities(
       + per_sample(c_out[:, s], xc) * f.astype(jnp.float32)
     )
   return tuple(out)
-
-
-def network_targets(
-  velocities: Sequence[jax.Array],
-  stages: Sequence[jax.Array],
-  t: jax.Array,
-  mean: jax.Array,
-  std: jax.Array,
-) -> tuple[jax.Array, ...]:
-  """The regression target of F: ``(v - m - c_skip * xc) / c_out`` per stage.
-
-  Args:
-    velocities: S targets ``v = x1 - x0 [B, ...]``.
-    stages: S noisy stages ``x_t [B, ...]``.
-    t: ``[B, S]``; mean, std: ``[S]``.
-  """
-  centred, _ = network_inputs(stages, t, mean, std)
-  mean = jnp.asarray(mean, jnp.float32)
-  _, c_skip, c_out = coefficients(t, mean, std)
-  out = []
-  for s, (v, xc) in enumerate(zip(velocities, centred)):
-    out.append(
-      (v.astype(jnp.float32) - mean[s] - per_sample(c_skip[:, s], xc) * xc)
-      / per_sample(c_out[:, s], xc)
-    )
-  return tuple(out)
-
-
-def wrap_velocity_fn(
-  raw_fn: VelocityFn, mean, std
-) -> tuple[VelocityFn, Callable[[jax.Array], jax.Array]]:
-  """Wraps a raw network into a data-space velocity function plus its loss weights.
-
-  Args:
-    raw_fn: ``(network inputs, t [B, S], labels [B], stage_index [B]) -> S outputs F``.
-    mean, std: ``[S]`` per-stage data statistics.
-  Returns:
-    (``velocity_fn(x_t stages, t, labels, stage_index) -> S velocities``, for
-    ``flow.dfm_training_loss`` and ``sampler.sample``; ``loss_weight_fn(t [B, S]) -> [B, S]``,
-    for ``dfm_training_loss(..., loss_weight_fn=...)``).
-  """
-  mean = jnp.asarray(mean, jnp.float32)
-  std = jnp.asarray(std, jnp.float32)
-
-  def velocity_fn(stages, t, labels, stage_index):
-    centred, inputs = network_inputs(stages, t, mean, std)
-    raw = raw_fn(inputs, t, labels, stage_index)
-    return data_velocities(raw, centred, t, mean, std)
-
-  return velocity_fn, lambda t: loss_weights(t, std)
 
 
 def stats_for_model(decomposition: decompose.Decomposition, batches) -> decompose.StageStats:

@@ -111,13 +111,6 @@ class SamplerConfig:
     """Whether any stage is guided (a scale != 1)."""
     return any(w != 1.0 for w in self.stage_cfg_scales)
 
-  @property
-  def cfg_label(self) -> str:
-    """The scale(s) for file names and tables: ``'1.5'`` or ``'2-1'`` (per stage)."""
-    return "-".join(
-      f"{w:g}" for w in (self.cfg_scale if isinstance(self.cfg_scale, tuple) else (self.cfg_scale,))
-    )
-
 
 def _is_scalar(v) -> bool:
   """A real number (Python, NumPy or a 0-d array), not a bool."""
