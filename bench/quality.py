@@ -164,6 +164,18 @@ def run(cmd: list[str]) -> str:
   return proc.stdout
 
 
+def num_scored(path: str, r: dict) -> int | None:
+  """How many samples an evaluation scored: its image FID's count, else (videos) the kept
+  samples' (``eval.save_samples``, which every run here sets)."""
+  if "num_fake" in r:
+    return r["num_fake"]
+  kept = path[: -len(".json")] + ".samples.npz"
+  if not os.path.exists(kept):
+    return None
+  with np.load(kept) as z:
+    return len(z["labels"])
+
+
 def cached_eval(
   workdir: str, step: int, eval_samples: int, cfg: float, auto: bool = False
 ) -> dict | None:
@@ -171,9 +183,10 @@ def cached_eval(
     with open(path) as f:
       r = json.load(f)
     scale = np.ravel(r["sampler"]["cfg_scale"]).tolist()
-    scored = r.get("fid") is not None  # a generate-only eval holds no metrics
+    # a generate-only eval holds no metrics
+    scored = r.get("fid") is not None or r.get("frame_fid") is not None
     same_sampler = bool(r["sampler"].get("auto_schedule", False)) == auto
-    same_eval = r["step"] == step and r.get("num_fake") == eval_samples and scale == [cfg]
+    same_eval = r["step"] == step and num_scored(path, r) == eval_samples and scale == [cfg]
     if same_eval and same_sampler and scored:
       return r
   return None
