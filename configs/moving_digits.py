@@ -11,7 +11,8 @@ clips on 2 cores shared with light jobs, so the default 1,600 steps take 12-15 m
 minute of compiling and grids). What that buys (docs/benchmarks.md, "Video"): at cfg 3.0 (the paper's
 value for qualitative samples, used for the grids) the digits move and a "1" or "7" reads in most
 clips, but other digits still change shape from frame to frame; an MNIST classifier reads the
-conditioning digit in 31% of the generated frames (98% of real frames). More steps help
+conditioning digit in 35% of the generated frames (98% of real frames; mean of 3 seeds,
+docs/quality_video_results.json). More steps help
 (`--config.total_steps=N`).
 
 Train (periodic GIF/contact-sheet grids in workdir/samples, TensorBoard in workdir/tb):

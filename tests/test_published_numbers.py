@@ -73,3 +73,15 @@ def test_readme_default_run_table_is_its_results_file():
       f"{r['fid']:.1f}",
     ):
       assert f" {figure} " in cells, (r["cfg"], figure, cells)
+
+
+def test_video_table_is_its_results_file():
+  """Section 10 (moving digits, DFM against flow matching) and the README's video row."""
+  d = results("quality_video_results.json")
+  assert d["provenance"]["command"].startswith(
+    "python bench/quality.py --config=configs/moving_digits.py"
+  )
+  summary = quality.summarise(d["runs"])
+  assert quality.table(summary) in read("docs/benchmarks.md")
+  fid = {(e["row"], e["cfg"]): e["frame_fid"] for e in summary}
+  assert f"frame FID {fid['config', 1.0]:.1f} vs {fid['fm', 1.0]:.1f}" in read("README.md")
