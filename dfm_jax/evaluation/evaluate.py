@@ -20,7 +20,7 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from dfm_jax import config_schema, data as data_lib, sampling
+from dfm_jax import config_schema, data as data_lib, sampling, storage
 from dfm_jax.evaluation import scores
 
 
@@ -160,8 +160,7 @@ def eval_mode(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if jax.process_index() == 0:
     if metrics:  # a sampling-only pass must not replace scored numbers
       path = folder / (tag + ".json")
-      path.parent.mkdir(parents=True, exist_ok=True)
-      path.write_text(json.dumps(result, indent=2, default=str))
+      storage.write_json(path, result)  # whole or not at all: a kill keeps the last scores
       logging.info("eval at step %d -> %s", step, path)
     print(json.dumps({k: v for k, v in result.items() if k != "sampler"}, default=str))
   return result
