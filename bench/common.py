@@ -96,8 +96,44 @@ def _cell(v: Any) -> str:
   return str(v)
 
 
-def print_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
-  print(f"\n{title}\n{format_table(headers, rows)}", flush=True)
+class Report:
+  """What a benchmark prints, kept for its results file.
+
+  ``say`` prints a line of context (machine, setup), ``table`` a table, and ``finish`` the
+  headline (always the last line) and then, given ``out``, writes all of it with the run's
+  provenance to that JSON file. docs/benchmarks.md quotes those tables and headlines verbatim,
+  and tests/test_published_numbers.py checks that it still does.
+  """
+
+  def __init__(self, out: str = ""):
+    self.out = out
+    self.lines: list[str] = []
+    self.tables: list[dict[str, Any]] = []
+    self.records: dict[str, Any] = {}  # raw figures kept beside the tables
+
+  def say(self, line: str) -> None:
+    print(line, flush=True)
+    self.lines.append(line)
+
+  def table(self, title: str, headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    rows = [[_cell(v) for v in row] for row in rows]
+    print(f"\n{title}\n{format_table(headers, rows)}", flush=True)
+    self.tables.append({"title": title, "headers": [str(h) for h in headers], "rows": rows})
+
+  def finish(self, headline: str) -> None:
+    print(headline, flush=True)
+    if self.out:
+      from dfm_jax import storage  # pylint: disable=g-import-not-at-top
+
+      record = {"provenance": provenance(sys.argv), "lines": self.lines, "tables": self.tables}
+      storage.write_json(self.out, dict(record, headline=headline, **self.records))
+
+
+def add_out_flag(parser) -> None:
+  """``--out``: where ``Report.finish`` writes the results file (docs/bench_<script>.json)."""
+  parser.add_argument(
+    "--out", default="", help="write the tables and headline, with provenance, to this JSON file"
+  )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -43,8 +43,10 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--config", default="configs/default.py")
   parser.add_argument("--samples", type=int, default=16, help="images of the sample run")
+  common.add_out_flag(parser)
   args = parser.parse_args()
-  print(common.machine_summary())
+  report = common.Report(args.out)
+  report.say(common.machine_summary())
   with tempfile.TemporaryDirectory() as tmp:
     cache = os.path.join(tmp, "cache")
     base = [f"--config={args.config}", f"--workdir={os.path.join(tmp, 'run')}"]
@@ -61,12 +63,23 @@ def main():
         flags = flags[:-2] + ["--config.total_steps=2", "--config.sample_every=1000000"]
       warm = run(flags, cache)
       rows.append((name, cold, warm))
-  print(f"\n{args.config}: cold = empty cache, warm = the same programs cached")
-  print("| run | wall cold (s) | wall warm (s) | ratio | train-step compile cold / warm (s) |")
-  print("|---|---:|---:|---:|---|")
-  for name, cold, warm in rows:
-    compile_s = f"{cold[1]:.1f} / {warm[1]:.1f}" if cold[1] is not None else "-"
-    print(f"| {name} | {cold[0]:.1f} | {warm[0]:.1f} | {cold[0] / warm[0]:.2f}x | {compile_s} |")
+  table = [
+    [
+      name,
+      f"{cold[0]:.1f}",
+      f"{warm[0]:.1f}",
+      f"{cold[0] / warm[0]:.2f}x",
+      f"{cold[1]:.1f} / {warm[1]:.1f}" if cold[1] is not None else "-",
+    ]
+    for name, cold, warm in rows
+  ]
+  report.table(
+    f"{args.config}: cold = empty cache, warm = the same programs cached",
+    ["run", "wall cold (s)", "wall warm (s)", "ratio", "train-step compile cold / warm (s)"],
+    table,
+  )
+  total = sum(r[1][0] for r in rows) / sum(r[2][0] for r in rows)
+  report.finish(f"cold / warm wall time, train and sample runs together: {total:.2f}x")
 
 
 if __name__ == "__main__":

@@ -61,9 +61,11 @@ def main():
   parser.add_argument("--num", type=int, default=150, help="images per set (multiple of 50)")
   parser.add_argument("--blur", default="1,2", help="Gaussian blur sigmas in pixels")
   parser.add_argument("--seed", type=int, default=0)
+  common.add_out_flag(parser)
   args = parser.parse_args()
+  report = common.Report(args.out)
 
-  print(common.machine_summary())
+  report.say(common.machine_summary())
   params = fid_features.inception_params()
   train = fashion_images("train-images-idx3-ubyte.gz", args.num, args.seed)
   test = fashion_images("t10k-images-idx3-ubyte.gz", args.num, args.seed)
@@ -115,18 +117,18 @@ def main():
         os.environ["DFM_JAX_CACHE"] = previous
 
   rate = args.num / reference_s
-  common.print_table(
+  report.table(
     f"FID / KID against {args.num} Fashion-MNIST training images (32x32 grayscale, padded), "
     f"{args.num} images per set; KID over 100 subsets of {min(1000, args.num // 2)}; s and "
     f"images/s include FID and KID",
     ["set", "FID", "KID", "s", "images/s"],
     rows,
   )
-  print(
-    f"\nInception compile + first batch: {compile_s:.1f} s; reference statistics of "
+  report.say(
+    f"Inception compile + first batch: {compile_s:.1f} s; reference statistics of "
     f"{args.num} images: {reference_s:.1f} s"
   )
-  print(f"Inception feature extraction throughput: {rate:.2f} images/s")
+  report.finish(f"Inception feature extraction throughput: {rate:.2f} images/s")
 
 
 if __name__ == "__main__":

@@ -62,12 +62,14 @@ def main():
   parser.add_argument("--channels", type=int, default=4)
   parser.add_argument("--patch", type=int, default=2, help="patch of DFM's coarse stage")
   parser.add_argument("--batch", type=int, default=8, help="global batch (a multiple of 8)")
+  common.add_out_flag(parser)
   args = parser.parse_args()
+  report = common.Report(args.out)
 
   devices = jax.devices()
   if len(devices) < 8:
     raise SystemExit(f"needs 8 devices, found {len(devices)}: set XLA_FLAGS before JAX loads")
-  print(common.machine_summary())
+  report.say(common.machine_summary())
   rows, state_ratio = [], {}
   with tempfile.TemporaryDirectory() as workdir:
     for size in args.sizes.split(","):
@@ -101,7 +103,7 @@ def main():
         )
       state_ratio[size] = state["FSDP 8"] / state["1 device"]
       rows.append([f"DiT-{size}", "FSDP/1", "", "", "", "", f"{state_ratio[size]:.3f}", "", ""])
-  common.print_table(
+  report.table(
     f"Train-step memory per device (MiB), batch {args.batch}, {args.resolution}x"
     f"{args.resolution}x{args.channels} latents; state = arguments - batch; rules = shard "
     f"shapes from the sharding rules; replicated = state leaves split over no axis",
@@ -119,7 +121,7 @@ def main():
     rows,
   )
   headline = "B" if "B" in state_ratio else list(state_ratio)[-1]
-  print(
+  report.finish(
     f"FSDP(8)/1-device parameter+optimizer memory per device (DiT-{headline}): "
     f"{state_ratio[headline]:.2f}"
   )

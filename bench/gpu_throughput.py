@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import math
 import os
 import tempfile
@@ -164,7 +163,6 @@ def main():
     action="store_true",
     help="tiny model, 16 and 64 tokens, batch 4, 2 rounds: checks the script",
   )
-  parser.add_argument("--out", default="", help="also write the rows to this JSON file")
   parser.add_argument(
     "--skip-xla-flops",
     action="store_true",
@@ -173,14 +171,16 @@ def main():
   parser.add_argument(
     "--profile", default="", help="trace two extra steps per method into this folder"
   )
+  common.add_out_flag(parser)
   args = parser.parse_args()
+  report = common.Report(args.out)
   if not args.methods or not set(args.methods.split(",")) <= {"DFM", "FM"}:
     parser.error(f"--methods takes DFM, FM or DFM,FM, got {args.methods!r}")
   if args.quick:
     args.sizes, args.tokens, args.batch, args.rounds, args.warmup = "tiny", "16,64", 4, 2, 1
 
-  print(common.machine_summary())
-  print(
+  report.say(common.machine_summary())
+  report.say(
     f"dtype {args.dtype}, residual {args.residual_dtype}, remat {args.remat_policy}, "
     f"{os.environ.get('XLA_FLAGS', 'no XLA_FLAGS')}, peak {args.peak_tflops:g} TFLOP/s, "
     f"{args.rounds} timed steps per method after {args.warmup} warm-up steps"
@@ -215,7 +215,7 @@ def main():
     ]
     for r in results
   ]
-  common.print_table(
+  report.table(
     f"Training throughput, {jax.devices()[0].device_kind}, {args.dtype}",
     [
       "model",
@@ -236,15 +236,11 @@ def main():
     ],
     table,
   )
-  if args.out:
-    with open(args.out, "w") as f:
-      json.dump(
-        {"device": jax.devices()[0].device_kind, "args": vars(args), "rows": results}, f, indent=1
-      )
+  report.records.update(args=vars(args), rows=results)
   if not results:
     raise SystemExit("no configuration fitted in memory")
   last = results[-1]
-  print(
+  report.finish(
     f"{last['method']} {last['model']} {last['tokens']} tokens: "
     f"{last['images_per_s']:.1f} images/s, MFU {100 * last['mfu_analytic']:.3g}% "
     f"(analytic FLOPs, peak {peak:g} TFLOP/s)"

@@ -142,9 +142,11 @@ def main():
   parser.add_argument("--workers", type=int, default=0, help="data.num_workers (0: threads)")
   parser.add_argument("--rounds", type=int, default=5)
   parser.add_argument("--no-tfds", action="store_true", help="skip the TFDS source")
+  common.add_out_flag(parser)
   args = parser.parse_args()
+  report = common.Report(args.out)
 
-  print(common.machine_summary())
+  report.say(common.machine_summary())
   with tempfile.TemporaryDirectory() as tmp:
     start = time.perf_counter()
     pil = list(synthetic_images(args.images, 256))
@@ -163,7 +165,7 @@ def main():
     mnist = data_lib.default_data_config()
     mnist.num_workers = args.workers
     sources["mnist5k (arrays)"] = mnist
-    print(
+    report.say(
       f"{args.images} images 256x256: JPEG {np.mean([len(b) for b in jpegs]) / 1024:.1f} "
       f"KiB, PNG {np.mean([len(b) for b in pngs]) / 1024:.1f} KiB on average; prepared in "
       f"{time.perf_counter() - start:.1f} s"
@@ -209,13 +211,13 @@ def main():
       "1",
     ]
   )
-  common.print_table(
+  report.table(
     f"Images/s (median over {args.rounds} rounds; pixel sources at 64x64x3, centre crop, "
     f"data.num_workers={args.workers}); ratio = pipeline / train-step consumption (IQR)",
     ["source", "images/s", "first batch s", "ratio to train step"],
     rows,
   )
-  print(
+  report.finish(
     f"folder (JPEG) pipeline / default train-step consumption: {ratios['folder (JPEG)'][0]:.2f}"
   )
 

@@ -47,8 +47,10 @@ def main():
   parser.add_argument("--resolution", type=int, default=64)
   parser.add_argument("--batch", type=int, default=32)
   parser.add_argument("--rounds", type=int, default=5)
+  common.add_out_flag(parser)
   args = parser.parse_args()
-  print(common.machine_summary())
+  report = common.Report(args.out)
+  report.say(common.machine_summary())
   sys.path.insert(0, str(common.REPO / "configs"))
   import latent_demo  # pylint: disable=g-import-not-at-top
 
@@ -79,12 +81,12 @@ def main():
     ],
     ["train step (latent_demo)", "8x8x32", config.batch_size, f"{common.median(train):.1f}", ""],
   ]
-  common.print_table(
+  report.table(
     "TAEF2 against the latent train step",
     ["program", "input", "batch", "images/s", "ms per sample"],
     rows,
   )
-  print(
+  report.finish(
     f"encode / train images per second: {ratio:.2f} (IQR {lo:.2f}-{hi:.2f}); decode "
     f"{1e3 * common.median(times['decode']) / args.batch:.1f} ms per sample"
   )

@@ -156,11 +156,12 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--config", default="default")
   parser.add_argument("--rounds", type=int, default=30)
-  parser.add_argument("--out", default="")
   parser.add_argument(
     "--set", action="append", default=[], help="FIELD=VALUE for both dfm_jax configs (repeatable)"
   )
+  common.add_out_flag(parser)
   args = parser.parse_args()
+  report = common.Report(args.out)
   from dfm_jax import experiment  # pylint: disable=g-import-not-at-top
 
   configs = {
@@ -195,23 +196,20 @@ def main():
     [name, f"{1e3 * common.median(t):.1f}", f"{common.paired_ratio(t, times['plain JAX'])[0]:.3f}"]
     for name, t in times.items()
   ]
-  print(common.machine_summary())
-  print(
+  report.say(common.machine_summary())
+  report.say(
     f"{args.config}: batch {fm.batch_size}, {model.num_tokens} tokens, width "
     f"{model.hidden_size}, depth {model.depth}; parameters: dfm_jax FM "
     f"{steps['dfm_jax FM'].num_params:,}, plain {plain_params:,}"
   )
-  common.print_table(
+  report.table(
     "ms per train step (median) and per-round ratio to plain JAX", ["step", "ms", "/ plain"], rows
   )
-  if args.out:
-    with open(args.out, "w") as f:
-      json.dump(
-        {"provenance": common.provenance(__import__("sys").argv), "rows": rows}, f, indent=1
-      )
+  ratios = []
   for name in steps:
     q50, q25, q75 = common.paired_ratio(times[name], times["plain JAX"])
-    print(f"{name} / plain JAX: {q50:.3f} (interquartile {q25:.3f}-{q75:.3f})")
+    ratios.append(f"{name} / plain JAX: {q50:.3f} (interquartile {q25:.3f}-{q75:.3f})")
+  report.finish("; ".join(ratios))
 
 
 if __name__ == "__main__":

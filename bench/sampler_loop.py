@@ -39,9 +39,11 @@ def main():
   parser.add_argument("--cfg-scale", type=float, default=1.5, help="guidance of variant 2")
   parser.add_argument("--interval", default="0.2,0.8", help="guidance interval of variant 2")
   parser.add_argument("--rounds", type=int, default=5)
+  common.add_out_flag(parser)
   args = parser.parse_args()
+  report = common.Report(args.out)
 
-  print(common.machine_summary())
+  report.say(common.machine_summary())
   config = common.load_config(args.config)
   with tempfile.TemporaryDirectory() as workdir:
     run = train.setup(config, workdir, jax.devices()[:1])
@@ -114,11 +116,11 @@ def main():
       ]
     )
     headline = headline or (name, ratio[0])
-  print(
-    f"\nforward at B={args.batch}: {common.median(per_b) * 1e3:.2f} ms, at 2B: "
+  report.say(
+    f"forward at B={args.batch}: {common.median(per_b) * 1e3:.2f} ms, at 2B: "
     f"{common.median(per_2b) * 1e3:.2f} ms (loops of {calls} calls)"
   )
-  common.print_table(
+  report.table(
     f"Sampling loop vs bare forwards, configs/{args.config}.py model, batch {args.batch}, "
     f"steps {base.steps_per_stage}, thresholds {base.thresholds}, {base.solver}",
     [
@@ -132,7 +134,7 @@ def main():
     ],
     rows,
   )
-  print(f"sampling loop / (nfe x forward) ({headline[0]}): {headline[1]:.3f}")
+  report.finish(f"sampling loop / (nfe x forward) ({headline[0]}): {headline[1]:.3f}")
 
 
 if __name__ == "__main__":

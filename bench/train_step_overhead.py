@@ -93,12 +93,14 @@ def main():
     action="store_true",
     help="also time the model's forward and forward+backward alone",
   )
+  common.add_out_flag(parser)
   args = parser.parse_args()
+  report = common.Report(args.out)
 
-  print(common.machine_summary())
+  report.say(common.machine_summary())
   tokens = (args.resolution // (2 * args.patch)) ** 2 * max(1, args.frames)
   clip = f"{args.frames}x" if args.frames else ""
-  print(
+  report.say(
     f"data {clip}{args.resolution}x{args.resolution}x{args.channels}, batch {args.batch}, "
     f"{tokens} tokens, {args.rounds} interleaved rounds after one warm-up step each"
   )
@@ -157,7 +159,7 @@ def main():
           [f"DiT-{size}", "whole train step", rows[-1][1], rows[-1][2], rows[-1][3], rows[-1][4]]
         )
       del steps, dfm, fm
-  common.print_table(
+  report.table(
     "DFM vs flow-matching twin, one train step (ms: median; time ratio: median of per-round "
     "DFM/FM with its interquartile range; min ratio: fastest DFM / fastest FM; temp: XLA "
     "temporaries; copy: bytes of HLO copy instructions per step; state: FM train state)",
@@ -182,14 +184,14 @@ def main():
     rows,
   )
   if parts_rows:
-    common.print_table(
+    report.table(
       "The model alone (jitted separately; the train step adds AdamW, EMA and "
       "the non-finite guard)",
       ["model", "part", "DFM ms", "FM ms", "time ratio", "IQR"],
       parts_rows,
     )
   headline = "B" if "B" in ratio_by_size else list(ratio_by_size)[-1]
-  print(f"DFM/FM train-step time ratio (DiT-{headline}): {ratio_by_size[headline]:.3f}")
+  report.finish(f"DFM/FM train-step time ratio (DiT-{headline}): {ratio_by_size[headline]:.3f}")
 
 
 if __name__ == "__main__":
