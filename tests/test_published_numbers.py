@@ -1,10 +1,13 @@
-"""The quality figures in docs/benchmarks.md are the committed results files' figures: the
-tables are regenerated here from ``docs/*results.json`` and ``docs/oracle_*.json`` (written by
-``bench/quality.py`` and ``bench/oracle.py``, which also record the command, host, accelerator
-and library versions), so a stale number fails this test."""
+"""The figures in docs/benchmarks.md are the committed results files' figures: the tables are
+regenerated here from ``docs/*results.json``, ``docs/oracle_*.json`` (written by
+``bench/quality.py`` and ``bench/oracle.py``) and ``docs/bench_*.json`` (the micro-benchmarks'
+``--out``), which also record the command, host, accelerator and library versions, so a stale
+number fails this test."""
 
+import glob
 import json
 import os
+import re
 import sys
 
 import pytest
@@ -12,6 +15,7 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "bench"))
 
+import common  # noqa: E402  (bench/common.py)
 import oracle as oracle_bench  # noqa: E402  (bench/oracle.py)
 import quality  # noqa: E402  (bench/quality.py)
 
@@ -25,6 +29,12 @@ def results(name):
   return json.loads(read(os.path.join("docs", name)))
 
 
+def quoted(table: str, name: str = "docs/benchmarks.md") -> bool:
+  """Whether ``table`` is in the file verbatim, at any indentation (tables inside list items)."""
+  text = "\n".join(line.lstrip() for line in read(name).splitlines())
+  return table in text
+
+
 @pytest.mark.parametrize("name", ["quality_methods_results.json", "quality_mnist5k_results.json"])
 def test_every_mean_fid_and_spread_is_quoted(name):
   text = read("docs/benchmarks.md")
@@ -33,18 +43,19 @@ def test_every_mean_fid_and_spread_is_quoted(name):
     assert cell in text, (name, e["row"], e["cfg"], cell)
 
 
-def test_hypotheses_table_is_its_results_file():
-  d = results("quality_hypotheses_results.json")
+@pytest.mark.parametrize(
+  "name", ["quality_hypotheses_results.json", "quality_noprecond_results.json"]
+)
+def test_hypotheses_table_is_its_results_file(name):
+  d = results(name)
   assert d["provenance"]["command"].startswith("python bench/quality.py")
-  assert quality.table(quality.summarise(d["runs"])) in read("docs/benchmarks.md")
+  assert quoted(quality.table(quality.summarise(d["runs"])))
 
 
 def test_finetune_table_is_its_results_file():
   d = results("quality_finetune_results.json")
   assert d["provenance"]["command"].startswith("python bench/quality.py")
-  table = quality.table(quality.summarise(d["runs"]))
-  indented = "\n".join("   " + line for line in table.splitlines())
-  assert indented in read("docs/benchmarks.md")
+  assert quoted(quality.table(quality.summarise(d["runs"])))
 
 
 def test_oracle_table_is_its_results_file():
@@ -85,3 +96,49 @@ def test_video_table_is_its_results_file():
   assert quality.table(summary) in read("docs/benchmarks.md")
   fid = {(e["row"], e["cfg"]): e["frame_fid"] for e in summary}
   assert f"frame FID {fid['config', 1.0]:.1f} vs {fid['fm', 1.0]:.1f}" in read("README.md")
+
+
+BENCH_FILES = sorted(
+  os.path.basename(p) for p in glob.glob(os.path.join(REPO, "docs", "bench_*.json"))
+)
+# Benchmarks whose figures need hardware this project's CI lacks; their sections say so.
+WITHOUT_RESULTS_FILE = {"gpu_throughput.py": "needs an NVIDIA GPU"}
+
+
+@pytest.mark.parametrize("name", BENCH_FILES)
+def test_benchmark_tables_and_headline_are_its_results_file(name):
+  """Every table a micro-benchmark printed is in docs/benchmarks.md verbatim, and so is its
+  headline."""
+  d = results(name)
+  script = d["provenance"]["command"].split()[1]
+  assert re.fullmatch(r"bench/\w+\.py", script) and os.path.exists(os.path.join(REPO, script))
+  text = read("docs/benchmarks.md")
+  for t in d["tables"]:
+    assert common.format_table(t["headers"], t["rows"]) in text, (name, t["title"])
+  assert d["headline"] in text, (name, d["headline"])
+
+
+def test_every_summary_row_quotes_a_results_file():
+  """Each script in the summary table at the top of docs/benchmarks.md has a committed results
+  file whose headline the row quotes (quality.py: its results files, checked above)."""
+  text = read("docs/benchmarks.md")
+  headlines = {}
+  for name in BENCH_FILES:
+    d = results(name)
+    headlines.setdefault(d["provenance"]["command"].split()[1], []).append(d["headline"])
+  rows = re.findall(r"^\| `(\w+\.py)`[^|]*\| [^|]+ \| (.+) \|$", text, flags=re.M)
+  assert len(rows) >= 8
+  for script, headline in rows:
+    if script in WITHOUT_RESULTS_FILE or script == "quality.py":
+      continue
+    assert any(h in headline for h in headlines.get(f"bench/{script}", [])), (script, headline)
+
+
+def test_readme_benchmark_headlines_are_the_results_files():
+  """The README's table of benchmark headlines quotes each results file's headline figures."""
+  readme = read("README.md")
+  table = readme[readme.index("Headlines on this 2-core CPU") :]
+  table = table[: table.index("\n### ")]
+  for name in BENCH_FILES:
+    for figure in re.findall(r": ([\d.]*\d)", results(name)["headline"]):
+      assert figure in table, (name, figure)
