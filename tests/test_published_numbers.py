@@ -142,3 +142,16 @@ def test_readme_benchmark_headlines_are_the_results_files():
   for name in BENCH_FILES:
     for figure in re.findall(r": ([\d.]*\d)", results(name)["headline"]):
       assert figure in table, (name, figure)
+
+
+def test_readme_quality_table_quotes_the_benchmarks_document():
+  """Every mean +- spread in the README's quality table is a figure of docs/benchmarks.md
+  (whose tables the tests above check against the results files)."""
+  readme = read("README.md")
+  table = readme[readme.index("| method | seeds | FID | classifier FD | class accuracy |") :]
+  table = table[: table.index("\n\n")]
+  figures = re.findall(r"\d+\.\d%? \+- \d+\.\d%?", table)
+  assert len(figures) >= 20
+  text = read("docs/benchmarks.md")
+  for figure in figures:
+    assert figure in text, figure
