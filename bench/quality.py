@@ -50,9 +50,12 @@ REPO = str(common.REPO)
 # (0.8 * 21.68 + 0.2 * 46.45) / 21.68 = 1.2285, so the cascade gets 1 / 1.2285 of the steps.
 CASCADE_COST = 1.2285
 
-# (name, config variant, overrides, training FLOPs per step relative to FM); every row but
-# "config" runs with model.precondition=True unless its overrides say otherwise (the setting the
-# committed results were measured with, whatever a config's default). The first two are
+# Variants whose rows were measured with preconditioning on (the base config's setting; the
+# Pyramidal Flow twin turns it off itself): every row of these but "config" runs with
+# model.precondition=True unless its overrides say otherwise, whatever a config's default.
+PRECONDITIONED_VARIANTS = ("dfm", "fm", "cascade")
+
+# (name, config variant, overrides, training FLOPs per step relative to FM). The first two are
 # the headline pair and get every seed of --seeds; the other rows the first seed, the methods
 # comparison (pyramidal, cascade) and the configs' DFM (p_q 0.7) every seed too.
 ROWS = [
@@ -367,13 +370,13 @@ def row_steps(args, name: str) -> int:
 
 def run_one(args, name: str, variant: str, overrides: dict, seed: int, extra: dict) -> list[dict]:
   """Trains (row, seed) unless only scoring, then evaluates it at every cfg scale."""
-  variant += ",runlocal" if args.runlocal else ""
   trained, sampler_ov = SAMPLER_ROWS.get(name, (name, {}))
   workdir = os.path.join(args.workdir, trained, f"seed{seed}")
   base = os.path.join(args.workdir, "ft_base_fm", f"seed{seed}")
   ov = {k: (v.format(base=base) if isinstance(v, str) else v) for k, v in overrides.items()}
-  if trained != "config":  # every row was measured with preconditioning on unless it says not
+  if trained != "config" and variant in PRECONDITIONED_VARIANTS:
     ov = {"model.precondition": True, **ov}
+  variant += ",runlocal" if args.runlocal else ""
   ov = dict(ov, seed=seed, **extra)
   steps = row_steps(args, name)
   if args.phase in ("all", "generate") and trained == name:

@@ -29,9 +29,10 @@ def results(name):
   return json.loads(read(os.path.join("docs", name)))
 
 
-def quoted(table: str, name: str = "docs/benchmarks.md") -> bool:
-  """Whether ``table`` is in the file verbatim, at any indentation (tables inside list items)."""
-  text = "\n".join(line.lstrip() for line in read(name).splitlines())
+def quoted(table: str) -> bool:
+  """Whether ``table`` is in docs/benchmarks.md verbatim, at any indentation (tables inside
+  list items)."""
+  text = "\n".join(line.lstrip() for line in read("docs/benchmarks.md").splitlines())
   return table in text
 
 
@@ -105,17 +106,21 @@ BENCH_FILES = sorted(
 WITHOUT_RESULTS_FILE = {"gpu_throughput.py": "needs an NVIDIA GPU"}
 
 
+def script_of(d: dict) -> str:
+  """The bench script that wrote a results file (``python bench/<script>.py ...``)."""
+  return d["provenance"]["command"].split()[1]
+
+
 @pytest.mark.parametrize("name", BENCH_FILES)
 def test_benchmark_tables_and_headline_are_its_results_file(name):
   """Every table a micro-benchmark printed is in docs/benchmarks.md verbatim, and so is its
   headline."""
   d = results(name)
-  script = d["provenance"]["command"].split()[1]
+  script = script_of(d)
   assert re.fullmatch(r"bench/\w+\.py", script) and os.path.exists(os.path.join(REPO, script))
-  text = read("docs/benchmarks.md")
   for t in d["tables"]:
-    assert common.format_table(t["headers"], t["rows"]) in text, (name, t["title"])
-  assert d["headline"] in text, (name, d["headline"])
+    assert quoted(common.format_table(t["headers"], t["rows"])), (name, t["title"])
+  assert d["headline"] in read("docs/benchmarks.md"), (name, d["headline"])
 
 
 def test_every_summary_row_quotes_a_results_file():
@@ -125,7 +130,7 @@ def test_every_summary_row_quotes_a_results_file():
   headlines = {}
   for name in BENCH_FILES:
     d = results(name)
-    headlines.setdefault(d["provenance"]["command"].split()[1], []).append(d["headline"])
+    headlines.setdefault(script_of(d), []).append(d["headline"])
   rows = re.findall(r"^\| `(\w+\.py)`[^|]*\| [^|]+ \| (.+) \|$", text, flags=re.M)
   assert len(rows) >= 8
   for script, headline in rows:
