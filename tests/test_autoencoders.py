@@ -27,7 +27,8 @@ KL_FILES = {
   "flux1": "kl_flux1_tiny_ae.safetensors",
 }
 # Max abs error allowed against the float64 references (values are O(1)), about 10x the error
-# measured on a CPU: TAEF2 4.4e-6 (encode) and 2.5e-6 (decode), the KL family 7.2e-6.
+# bench/parity.py measures on a CPU (docs/bench_parity.json): TAEF2 4.4e-6 (encode) and 2.5e-6
+# (decode), the KL family 7.2e-6.
 TAEF2_ATOL = 5e-5
 ATOL = 7e-5
 

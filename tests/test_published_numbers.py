@@ -160,3 +160,67 @@ def test_readme_quality_table_quotes_the_benchmarks_document():
   text = read("docs/benchmarks.md")
   for figure in figures:
     assert figure in text, figure
+
+
+def parity_tolerances() -> dict[str, tuple[float, list[str]]]:
+  """Each parity test's tolerance and the (network: output) rows of docs/bench_parity.json it
+  bounds."""
+  from tests import test_autoencoders, test_dinov2, test_i3d, test_inception  # noqa: PLC0415
+
+  return {
+    "TAEF2": (test_autoencoders.TAEF2_ATOL, ["TAEF2: encode", "TAEF2: decode"]),
+    "KL": (
+      test_autoencoders.ATOL,
+      [f"KL ({k}): {o}" for k in ("SD", "FLUX.1") for o in ("encode", "decode")],
+    ),
+    "Inception features": (
+      test_inception.REL_TOL,
+      ["FID Inception: pool3", "FID Inception: logits"],
+    ),
+    "Inception preprocessing": (
+      test_inception.PREPROCESS_ATOL,
+      ["FID Inception: preprocessing (absolute)"],
+    ),
+    "DINOv2": (
+      test_dinov2.REL_TOL,
+      ["DINOv2 (FDD): CLS features, every input size", "DINOv2 (FDD): all tokens, 126x196"],
+    ),
+    "I3D": (
+      test_i3d.REL_TOL,
+      ["I3D (FVD): pre-pool features", "I3D (FVD): logits", "I3D (FVD): pool"],
+    ),
+    "I3D preprocessing": (test_i3d.PREPROCESS_REL_TOL, ["I3D (FVD): preprocessing"]),
+  }
+
+
+def test_parity_tolerances_are_about_ten_times_the_measured_error():
+  """Every parity test allows 5-20x the largest error bench/parity.py measured for the outputs
+  it checks: loose enough for other CPUs, tight enough that the docs' precision holds."""
+  measured = {
+    f"{net}: {out}": float(err)
+    for net, out, err in results("bench_parity.json")["tables"][0]["rows"]
+  }
+  covered = []
+  for name, (tolerance, rows) in parity_tolerances().items():
+    worst = max(measured[r] for r in rows)
+    assert 5 <= tolerance / worst <= 20, (name, tolerance, worst)
+    covered += rows
+  assert sorted(covered) == sorted(measured)
+
+
+def test_readme_parity_figures_are_the_results_file():
+  """The README's "measured" errors and tolerances are docs/bench_parity.json's and the tests'."""
+  d = results("bench_parity.json")
+  measured = {float(row[2]) for row in d["tables"][0]["rows"]}
+  tolerances = {t for t, _ in parity_tolerances().values()}
+  readme = read("README.md")
+  claims = re.findall(
+    r"tests' ([\d.e-]+) (?:absolute|relative) tolerance[ ,(]+measured ([^)]+)\)", readme
+  )
+  assert len(claims) == 3, claims
+  for tolerance, figures in claims:
+    assert float(tolerance) in tolerances, tolerance
+    for figure in re.findall(r"\d\.\de-\d", figures):
+      assert float(figure) in measured, figure
+  psnr = {row[0]: row[1] for row in d["tables"][1]["rows"]}
+  assert f"reconstructs Fashion-MNIST at {psnr['Fashion-MNIST test']} dB" in readme
