@@ -44,7 +44,6 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 import copy  # noqa: E402
 import dataclasses  # noqa: E402
 import importlib.util  # noqa: E402
-import json  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from typing import Sequence  # noqa: E402
@@ -270,6 +269,15 @@ class Result:
     d["total"] = self.memory.total if self.memory else None
     return d
 
+  @classmethod
+  def from_dict(cls, d: dict) -> "Result":
+    """The inverse of :meth:`to_dict` (a ``--json`` file's results)."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    r = cls(**{k: v for k, v in d.items() if k in fields})
+    r.mesh_shape = tuple(r.mesh_shape)
+    r.memory = Memory(**d["memory"]) if d["memory"] else None
+    return r
+
 
 def _flops(compiled) -> float:
   analysis = compiled.cost_analysis()
@@ -471,31 +479,43 @@ def format_result(r: Result, topology: Topology) -> str:
   return "\n".join(lines)
 
 
+SUMMARY_HEAD = (
+  "| config | topology (chips) | mesh | program | global batch | args | temps | total | HBM "
+  "| GFLOP/step/device | ms at peak | fits |\n"
+  "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|"
+)
+
+
 def summary_table(results: Sequence[Result], topology: Topology, config_name: str) -> str:
-  """Markdown rows: config, topology, mesh, program, per-device GiB, GFLOPs, fits."""
-  head = (
-    "| config | topology | mesh | program | batch | args GiB | temps GiB | total GiB | "
-    "HBM GiB | GFLOP/step/device | fits |\n|---|---|---|---|---:|---:|---:|---:|---:|---:"
-    "|---|"
-  )
+  """Markdown rows (GiB per device; FLOPs with every block counted, and the step time they
+  would take at the chip's dense bf16 peak), as docs/compile_check.md quotes them."""
   rows = []
   for r in results:
     m = r.memory
+    counted = not np.isnan(r.flops)
     cells = [
       config_name,
-      topology.name,
+      f"{topology.name} ({topology.num_chips})",
       f"{r.mesh} {'x'.join(map(str, r.mesh_shape))}",
       r.program,
       str(r.batch),
       _gib(m.arguments) if m else "-",
       _gib(m.temporaries) if m else "-",
-      _gib(m.total) if m else "> HBM",
+      f"{_gib(m.total)} ({100 * m.total / r.hbm_bytes:.0f}%)" if m else "> HBM",
       f"{topology.hbm_gib:g}",
-      "" if np.isnan(r.flops) else f"{r.flops / 1e9:.1f}",
+      f"{r.flops / 1e9:,.0f}" if counted else "",
+      f"{r.flops / topology.peak_tflops / 1e9:.0f}" if counted else "",
       "yes" if r.fits else "**NO**",
     ]
     rows.append("| " + " | ".join(cells) + " |")
-  return "\n".join([head] + rows)
+  return "\n".join([SUMMARY_HEAD] + rows)
+
+
+def config_name(config_path: str, argv: Sequence[str]) -> str:
+  """The config's label with the command line's config overrides: ``imagenet512
+  model.remat_policy=none``."""
+  overrides = [a[len("--config.") :] for a in argv if a.startswith("--config.")]
+  return " ".join([config_label(config_path)] + overrides)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -523,7 +543,9 @@ def _define_flags():
     "FLOPs of the step with every block unrolled: lowered on the host (global "
     "count / devices), compiled for the topology (one more compile), or none.",
   )
-  flags.DEFINE_string("json", None, "Also write the results to this JSON file.")
+  flags.DEFINE_string(
+    "json", None, "Also write the results, with the command, host and versions, to this JSON file."
+  )
   flags.DEFINE_string("dump_hlo", None, "Also write each compiled program's HLO to this folder.")
   flags.mark_flags_as_required(["config", "topology"])
 
@@ -552,7 +574,7 @@ def main(argv) -> int:
   except CompileCheckError as e:
     print(f"compile_check: {e}", file=sys.stderr)
     return 2
-  name = config_label(config_flags.get_config_filename(f["config"]))
+  name = config_name(config_flags.get_config_filename(f["config"]), sys.argv[1:])
   print(
     f"{topology.name}: {len(devices)} devices ({devices[0].device_kind}), libtpu topology "
     f"{topology.topology_name} x {f.num_slices} slice(s), {topology.hbm_gib:g} GiB HBM "
@@ -576,16 +598,18 @@ def main(argv) -> int:
     return 2
   print("\n" + summary_table(results, topology, name))
   if f.json:
-    with open(f.json, "w") as fh:
-      json.dump(
-        {
-          "topology": dataclasses.asdict(topology),
-          "config": name,
-          "results": [r.to_dict() for r in results],
-        },
-        fh,
-        indent=1,
-      )
+    from dfm_jax import provenance, storage  # pylint: disable=g-import-not-at-top
+
+    command = ["-m", "dfm_jax.compile_check"] + sys.argv[1:]
+    storage.write_json(
+      f.json,
+      {
+        "provenance": provenance.provenance(command),
+        "topology": dataclasses.asdict(topology),
+        "config": name,
+        "results": [r.to_dict() for r in results],
+      },
+    )
   bad = [r for r in results if not r.fits]
   for r in bad:
     print(f"DOES NOT FIT: {name} {r.program} on {topology.name} mesh {r.mesh}", flush=True)

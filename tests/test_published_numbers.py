@@ -224,3 +224,39 @@ def test_readme_parity_figures_are_the_results_file():
       assert float(figure) in measured, figure
   psnr = {row[0]: row[1] for row in d["tables"][1]["rows"]}
   assert f"reconstructs Fashion-MNIST at {psnr['Fashion-MNIST test']} dB" in readme
+
+
+COMPILE_CHECK_FILES = sorted(glob.glob(os.path.join(REPO, "docs", "compile_check", "*.json")))
+
+
+def compile_check_rows(path: str) -> list[str]:
+  """The table rows ``python -m dfm_jax.compile_check`` prints for a ``--json`` file."""
+  from dfm_jax import compile_check as cc  # noqa: PLC0415
+
+  with open(path) as f:
+    d = json.load(f)
+  assert d["provenance"]["command"].startswith("python -m dfm_jax.compile_check --config=")
+  topology = cc.Topology(
+    **{k: tuple(v) if isinstance(v, list) else v for k, v in d["topology"].items()}
+  )
+  results = [cc.Result.from_dict(r) for r in d["results"]]
+  return cc.summary_table(results, topology, d["config"]).splitlines()[2:]
+
+
+@pytest.mark.parametrize("path", COMPILE_CHECK_FILES, ids=os.path.basename)
+def test_compile_check_rows_are_its_results_files(path):
+  """Every row `python -m dfm_jax.compile_check --json` wrote is in docs/compile_check.md."""
+  doc = read("docs/compile_check.md")
+  for row in compile_check_rows(path):
+    assert row in doc, (os.path.basename(path), row)
+
+
+def test_compile_check_document_has_no_row_without_a_results_file():
+  rows = [
+    line
+    for line in read("docs/compile_check.md").splitlines()
+    if re.match(r"\| [^|]+ \| v\d\w*-\d+ \(\d+\) \|", line)
+  ]
+  assert len(rows) >= 25
+  quoted_rows = {row for path in COMPILE_CHECK_FILES for row in compile_check_rows(path)}
+  assert set(rows) <= quoted_rows, sorted(set(rows) - quoted_rows)
