@@ -65,8 +65,8 @@ def get_config(arg: str = "dfm"):
   # 80.0 vs 67.0 raw).
   c.flow.stage_probs = (0.7, 0.3)
   # Preconditioning (the paper's per-stage EDM scaling, on by default) off: at this budget it
-  # costs both methods about 4 FID points (docs/benchmarks.md section 11, 4,000 steps, cfg 1.0):
-  # DFM p_q 0.7 63.8 +- 0.6 without against 68.0 +- 0.5 with, flow matching 62.3 +- 0.1 against
+  # costs both methods 5-6 FID points (docs/benchmarks.md section 11, 4,000 steps, cfg 1.0):
+  # DFM p_q 0.7 63.1 +- 1.3 without against 68.0 +- 0.5 with, flow matching 62.4 +- 0.1 against
   # 68.4 +- 1.6 (two or three seeds each).
   c.model.precondition = False
 
