@@ -60,7 +60,11 @@ def _ncthw_to_ours(x):
 def test_preprocess_matches_torch_interpolate(reference):
   video = reference["pre_video"]  # [2, 3, 40, 48, 3]
   _close(i3d.preprocess(video, (16, 20)), _ncthw_to_ours(reference["pre_down"]), PREPROCESS_REL_TOL)
-  _close(i3d.preprocess(video[:, :, :8, :10], (30, 28)), _ncthw_to_ours(reference["pre_up"]), PREPROCESS_REL_TOL)
+  _close(
+    i3d.preprocess(video[:, :, :8, :10], (30, 28)),
+    _ncthw_to_ours(reference["pre_up"]),
+    PREPROCESS_REL_TOL,
+  )
   grey = i3d.preprocess(video[..., :1], (16, 20))
   assert grey.shape == (2, 3, 16, 20, 3)
   np.testing.assert_array_equal(grey[..., 0], grey[..., 2])

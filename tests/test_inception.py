@@ -73,7 +73,9 @@ def test_preprocessing_matches_pytorch_fid(parity):
     x = np.asarray(fid_features.preprocess(fid_features.to_rgb_uint8(img[None])))
     assert x.shape == (1, 299, 299, 3)
     got = x[0].reshape(-1)[parity[f"pre_idx_{i}"]]
-    np.testing.assert_allclose(got, parity[f"pre_val_{i}"], atol=PREPROCESS_ATOL, err_msg=f"image {i}")
+    np.testing.assert_allclose(
+      got, parity[f"pre_val_{i}"], atol=PREPROCESS_ATOL, err_msg=f"image {i}"
+    )
 
 
 def test_pool3_matches_torchscript_reference(parity, jax_outputs):
