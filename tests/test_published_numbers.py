@@ -260,3 +260,26 @@ def test_compile_check_document_has_no_row_without_a_results_file():
   assert len(rows) >= 25
   quoted_rows = {row for path in COMPILE_CHECK_FILES for row in compile_check_rows(path)}
   assert set(rows) <= quoted_rows, sorted(set(rows) - quoted_rows)
+
+
+def test_earlier_run_tables_are_its_results_file():
+  """Section 5's earlier run (FID against training steps, and the sampler sweeps) quotes
+  docs/quality_results.json."""
+  d = results("quality_results.json")
+  curve = {(e["variant"], e["steps"], e["cfg"]): e for e in d["curve"]}
+  lines = []
+  for steps, cfg in sorted({(s, c) for _, s, c in curve}):
+    dfm, fm = curve["dfm", steps, cfg], curve["fm", steps, cfg]
+    lines.append(
+      f"| {steps} | {cfg:g} | {dfm['fid']:.1f} / {fm['fid']:.1f} | "
+      f"{dfm['classifier_fd']:.1f} / {fm['classifier_fd']:.1f} | "
+      f"{100 * dfm['classifier_accuracy']:.1f}% / {100 * fm['classifier_accuracy']:.1f}% |"
+    )
+  lines += [f"| {e['tau']} | {e['fid']:.1f} | {e['classifier_fd']:.1f} |" for e in d["tau_sweep"]]
+  lines += [
+    f"| {e['steps_per_stage']} | {e['fid']:.1f} | {e['classifier_fd']:.1f} |"
+    for e in d["split_sweep"]
+  ]
+  doc = read("docs/benchmarks.md").splitlines()
+  for line in lines:
+    assert line in doc, line
