@@ -514,7 +514,11 @@ def summary_table(results: Sequence[Result], topology: Topology, config_name: st
 def config_name(config_path: str, argv: Sequence[str]) -> str:
   """The config's label with the command line's config overrides: ``imagenet512
   model.remat_policy=none``."""
-  overrides = [a[len("--config.") :] for a in argv if a.startswith("--config.")]
+  overrides = []
+  for i, a in enumerate(argv):
+    if a.startswith("--config."):
+      value = "" if "=" in a or i + 1 == len(argv) else "=" + argv[i + 1]
+      overrides.append(a[len("--config.") :] + value)
   return " ".join([config_label(config_path)] + overrides)
 
 

@@ -5,6 +5,7 @@ devices stand in for the chips, and JAX itself runs on the CPU.
 """
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -84,6 +85,10 @@ def test_does_not_fit_lines():
   assert "DOES NOT FIT" in cc.format_result(refused, topology)
   assert "**NO**" in cc.summary_table([big, refused], topology, "x")
   assert cc.config_label("configs/imagenet512.py:fm") == "imagenet512:fm"
+  argv = ["--topology=v4-8", "--config.model.remat_policy=none", "--config.batch_size", "64"]
+  assert cc.config_name("configs/imagenet512.py", argv) == (
+    "imagenet512 model.remat_policy=none batch_size=64"
+  )
 
 
 def test_mesh_splits_torus_axes_where_no_whole_axis_fits():
@@ -169,3 +174,33 @@ def test_sampler_batch_that_does_not_divide_is_noted_and_unsplit():
     notes[batch] = [s for s in logs if "does not divide" in s]
   assert len(notes[6]) == 1 and "sampler batch 6" in notes[6][0] and not notes[8]
   assert temps[6] > temps[8]
+
+
+@pytest.mark.integration
+def test_cli_json_records_provenance_and_reprints_its_table(tmp_path):
+  """`--json` keeps what the table printed (docs/compile_check.md is checked against such files)
+  plus the command that made it."""
+  out = tmp_path / "check.json"
+  args = [
+    "--config=configs/default.py",
+    "--topology=v4-8",
+    "--mesh=fsdp",
+    "--nosampler",
+    "--config.model.hidden_size=32",
+    "--config.model.depth=2",
+    "--config.model.num_heads=2",
+    "--config.batch_size=8",
+    f"--json={out}",
+  ]
+  proc = _compile_check_cli(*args)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  d = json.loads(out.read_text())
+  assert d["provenance"]["command"] == "python -m dfm_jax.compile_check " + " ".join(args)
+  assert d["provenance"]["versions"]["jax"]
+  assert d["config"] == "default model.hidden_size=32 model.depth=2 model.num_heads=2 batch_size=8"
+  topology = cc.Topology(
+    **{k: tuple(v) if isinstance(v, list) else v for k, v in d["topology"].items()}
+  )
+  table = cc.summary_table([cc.Result.from_dict(r) for r in d["results"]], topology, d["config"])
+  assert table in proc.stdout
+  assert "| v4-8 (4) | fsdp 1x4x1 | train step | 8 |" in table
