@@ -511,6 +511,13 @@ def summary_table(results: Sequence[Result], topology: Topology, config_name: st
   return "\n".join([SUMMARY_HEAD] + rows)
 
 
+def summary_of_json(d: dict) -> str:
+  """The table a ``--json`` file's run printed, from the file."""
+  fields = {k: tuple(v) if isinstance(v, list) else v for k, v in d["topology"].items()}
+  results = [Result.from_dict(r) for r in d["results"]]
+  return summary_table(results, Topology(**fields), d["config"])
+
+
 def config_name(config_path: str, argv: Sequence[str]) -> str:
   """The config's label with the command line's config overrides: ``imagenet512
   model.remat_policy=none``."""
@@ -575,7 +582,13 @@ def main(argv) -> int:
     for m in f.mesh:
       with_mesh(f.config, m)
     devices = topology_devices(topology, f.num_slices)
-  except CompileCheckError as e:
+    if f.json:  # before the compiles, not after them
+      from etils import epath  # pylint: disable=g-import-not-at-top
+
+      from dfm_jax import storage  # pylint: disable=g-import-not-at-top
+
+      storage.check_writable(epath.Path(f.json).parent, "--json results")
+  except (CompileCheckError, OSError) as e:
     print(f"compile_check: {e}", file=sys.stderr)
     return 2
   name = config_name(config_flags.get_config_filename(f["config"]), sys.argv[1:])

@@ -393,27 +393,6 @@ def save_samples_npz(
     np.savez_compressed(f, **arrays)
 
 
-def check_writable(folder) -> None:
-  """Creates ``folder`` and writes and deletes a probe file in it.
-
-  Raises:
-    OSError: one line naming the folder and the reason.
-  """
-  folder = epath.Path(folder)
-  probe = folder / f".write_check.{jax.process_index()}"
-  try:
-    folder.mkdir(parents=True, exist_ok=True)
-    probe.write_text("")
-    probe.unlink()
-  except OSError as e:
-    reason = (
-      "a file is in the way"
-      if isinstance(e, (FileExistsError, NotADirectoryError))
-      else e.strerror or str(e)
-    )
-    raise OSError(f"cannot write samples to {folder}: {reason}") from e
-
-
 def free_base(folder: epath.Path, stem: str) -> epath.Path:
   """``folder/stem``, or ``folder/stem_2``, ``_3``, ... : the first whose ``.json`` (written last
   by every sample run) and ``.npz`` do not exist, so a second run never overwrites a first."""
@@ -432,7 +411,7 @@ def sample_mode(config: ml_collections.ConfigDict, workdir: str) -> str:
   overwritten."""
   run, ema, step = restore_ema(config, workdir, int(config.sampler.checkpoint_step))
   if jax.process_index() == 0:
-    check_writable(epath.Path(workdir) / "samples")  # before the sampling, not after it
+    storage.check_writable(epath.Path(workdir) / "samples", "samples")  # before sampling
   display_autoencoder(config)  # its weights too
   s = config.sampler
   samples, labels = sample_images(run, ema, int(s.num_samples), int(s.batch_size), config.seed + 1)

@@ -16,6 +16,7 @@ import json
 import os
 import re
 import shutil
+import socket
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -113,6 +114,30 @@ def atomic_path(path) -> Iterator[Any]:
     with contextlib.suppress(OSError):
       tmp.unlink()
     raise
+
+
+def check_writable(folder, what: str) -> None:
+  """Creates ``folder`` (local or ``gs://``) and writes and deletes a probe file in it, so a run
+  that will write ``what`` there fails before its work, not after it.
+
+  Raises:
+    OSError: one line naming ``what``, the folder and the reason.
+  """
+  from etils import epath  # pylint: disable=g-import-not-at-top
+
+  folder = epath.Path(folder)
+  probe = folder / f".write_check.{socket.gethostname()}.{os.getpid()}"  # hosts may share it
+  try:
+    folder.mkdir(parents=True, exist_ok=True)
+    probe.write_text("")
+    probe.unlink()
+  except OSError as e:
+    reason = (
+      "a file is in the way"
+      if isinstance(e, (FileExistsError, NotADirectoryError))
+      else e.strerror or str(e)
+    )
+    raise OSError(f"cannot write {what} to {folder}: {reason}") from e
 
 
 def write_text(path, text: str) -> None:

@@ -115,6 +115,18 @@ def _compile_check_cli(*args: str) -> subprocess.CompletedProcess:
   )
 
 
+def test_cli_unwritable_json_path_exits_before_compiling(tmp_path):
+  (tmp_path / "file").write_text("")
+  proc = _compile_check_cli(
+    "--config=configs/default.py", "--topology=v4-8", f"--json={tmp_path}/file/out.json"
+  )
+  assert proc.returncode == 2
+  assert f"compile_check: cannot write --json results to {tmp_path}/file: a file is in the way" in (
+    proc.stderr
+  )
+  assert "Traceback" not in proc.stderr and "compiled in" not in proc.stdout
+
+
 def test_cli_unknown_topology_exits_without_traceback():
   proc = _compile_check_cli("--config=configs/default.py", "--topology=v9-8")
   assert proc.returncode == 2
@@ -198,9 +210,6 @@ def test_cli_json_records_provenance_and_reprints_its_table(tmp_path):
   assert d["provenance"]["command"] == "python -m dfm_jax.compile_check " + " ".join(args)
   assert d["provenance"]["versions"]["jax"]
   assert d["config"] == "default model.hidden_size=32 model.depth=2 model.num_heads=2 batch_size=8"
-  topology = cc.Topology(
-    **{k: tuple(v) if isinstance(v, list) else v for k, v in d["topology"].items()}
-  )
-  table = cc.summary_table([cc.Result.from_dict(r) for r in d["results"]], topology, d["config"])
+  table = cc.summary_of_json(d)
   assert table in proc.stdout
   assert "| v4-8 (4) | fsdp 1x4x1 | train step | 8 |" in table

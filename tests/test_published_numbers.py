@@ -236,11 +236,7 @@ def compile_check_rows(path: str) -> list[str]:
   with open(path) as f:
     d = json.load(f)
   assert d["provenance"]["command"].startswith("python -m dfm_jax.compile_check --config=")
-  topology = cc.Topology(
-    **{k: tuple(v) if isinstance(v, list) else v for k, v in d["topology"].items()}
-  )
-  results = [cc.Result.from_dict(r) for r in d["results"]]
-  return cc.summary_table(results, topology, d["config"]).splitlines()[2:]
+  return cc.summary_of_json(d).splitlines()[2:]
 
 
 @pytest.mark.parametrize("path", COMPILE_CHECK_FILES, ids=os.path.basename)
