@@ -61,6 +61,15 @@ class Report:
 
   def __init__(self, out: str = ""):
     self.out = out
+    if out:  # an unwritable --out fails now, not after the measurements
+      from etils import epath  # pylint: disable=g-import-not-at-top
+
+      from dfm_jax import storage  # pylint: disable=g-import-not-at-top
+
+      try:
+        storage.check_writable(epath.Path(out).parent, "--out results")
+      except OSError as e:
+        raise SystemExit(f"{os.path.basename(sys.argv[0])}: {e}") from None
     self.lines: list[str] = []
     self.tables: list[dict[str, Any]] = []
     self.records: dict[str, Any] = {}  # raw figures kept beside the tables

@@ -279,3 +279,20 @@ def test_earlier_run_tables_are_its_results_file():
   doc = read("docs/benchmarks.md").splitlines()
   for line in lines:
     assert line in doc, line
+
+
+def test_benchmark_results_file_round_trip_and_unwritable_out(tmp_path):
+  """``Report`` writes what it printed, with provenance; an unwritable ``--out`` stops the
+  benchmark before it measures anything."""
+  out = tmp_path / "bench.json"
+  report = common.Report(str(out))
+  report.table("t", ["a", "b"], [[1, 2.5]])
+  report.finish("headline: 1.0")
+  d = json.loads(out.read_text())
+  assert d["headline"] == "headline: 1.0" and d["tables"][0]["rows"] == [["1", "2.5"]]
+  assert d["provenance"]["versions"]["jax"]
+  (tmp_path / "file").write_text("")
+  with pytest.raises(
+    SystemExit, match="cannot write --out results to .*file: a file is in the way"
+  ):
+    common.Report(str(tmp_path / "file" / "bench.json"))
